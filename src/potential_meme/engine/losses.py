@@ -1,0 +1,187 @@
+"""Knowledge-distillation loss, computed chunk by chunk over tokens.
+
+    loss = alpha * CE(student, labels) + (1 - alpha) * T^2 * D(p_teacher^T, p_student^T)
+
+alpha weighs hard labels (the corpus' next tokens) against soft labels (the teacher's
+distribution softened by temperature T): alpha = 1 is plain fine-tuning, alpha = 0 pure
+imitation of the teacher. T^2 keeps the soft term's gradient scale independent of T (Hinton
+et al., 2015). D is one of
+
+    forwardKL  KL(p_t || p_s)   mean-seeking: the student covers every mode of the teacher
+    reverseKL  KL(p_s || p_t)   mode-seeking: the student commits to the teacher's main modes
+    jsd        beta * KL(p_t || m) + (1 - beta) * KL(p_s || m),  m = beta * p_t + (1 - beta) * p_s
+
+Full-vocabulary logits of a batch are the largest tensors of a KD step (8 x 1024 tokens x
+49,152 words in fp32 is 1.6 GB, twice: teacher and student, plus softmaxes). `ChunkedKDLoss`
+never materializes them: it projects `chunk_size` tokens through both lm-heads at a time,
+computes the loss and its gradient for that chunk at once, and keeps only the gradients for the
+hidden states and the lm-head weight, so backward needs no second projection. Peak memory is a
+few chunks of logits plus one lm-head gradient, whatever the batch and sequence length.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+DIVERGENCES = ("forwardKL", "reverseKL", "jsd")
+
+
+def _upcast(tensor: torch.Tensor) -> torch.Tensor:
+    """Softmaxes run in at least fp32, whatever the autocast dtype of the projection."""
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+
+
+def token_divergence(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    divergence: str,
+    temperature: float,
+    beta: float = 0.5,
+) -> torch.Tensor:
+    """Per-token divergence between the temperature-softened distributions, shape [tokens]."""
+    student_logp = F.log_softmax(_upcast(student_logits) / temperature, dim=-1)
+    teacher_logp = F.log_softmax(_upcast(teacher_logits) / temperature, dim=-1)
+    if divergence == "forwardKL":
+        return (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1)
+    if divergence == "reverseKL":
+        return (student_logp.exp() * (student_logp - teacher_logp)).sum(-1)
+    if divergence == "jsd":
+        mixture_logp = torch.logsumexp(
+            torch.stack([teacher_logp + math.log(beta), student_logp + math.log(1 - beta)]), dim=0
+        )
+        to_teacher = (teacher_logp.exp() * (teacher_logp - mixture_logp)).sum(-1)
+        to_student = (student_logp.exp() * (student_logp - mixture_logp)).sum(-1)
+        return beta * to_teacher + (1 - beta) * to_student
+    raise ValueError(f"divergence {divergence!r}: accepted {', '.join(DIVERGENCES)}")
+
+
+def _chunk_loss_sums(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | None,
+    labels: torch.Tensor,
+    alpha: float,
+    temperature: float,
+    divergence: str,
+    beta: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sums over the valid tokens of one chunk: (cross-entropy, T^2-scaled divergence)."""
+    valid = labels != IGNORE_INDEX
+    ce = F.cross_entropy(_upcast(student_logits), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    if teacher_logits is None or alpha == 1:
+        return ce, ce.new_zeros(())
+    per_token = token_divergence(student_logits, teacher_logits, divergence, temperature, beta)
+    return ce, temperature**2 * per_token[valid].sum()
+
+
+class ChunkedKDLoss(torch.autograd.Function):
+    """Fused lm-head projection + KD loss; returns (loss, ce, kd), the last two detached."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        student_hidden: torch.Tensor,  # [N, H]
+        student_weight: torch.Tensor,  # [V, H]
+        teacher_hidden: torch.Tensor | None,  # [N, Ht]
+        teacher_weight: torch.Tensor | None,  # [V, Ht]
+        labels: torch.Tensor,  # [N], IGNORE_INDEX where no loss
+        alpha: float,
+        temperature: float,
+        divergence: str,
+        beta: float,
+        chunk_size: int,
+    ):
+        valid_tokens = max(int((labels != IGNORE_INDEX).sum()), 1)
+        grad_hidden = torch.zeros_like(student_hidden)
+        accumulate = torch.promote_types(student_weight.dtype, torch.float32)
+        grad_weight = torch.zeros_like(student_weight, dtype=accumulate)
+        total_ce = torch.zeros((), dtype=accumulate, device=student_hidden.device)
+        total_kd = torch.zeros_like(total_ce)
+        weight = student_weight.detach()
+        for start in range(0, labels.shape[0], chunk_size):
+            chunk_labels = labels[start : start + chunk_size]
+            if not bool((chunk_labels != IGNORE_INDEX).any()):
+                continue
+            hidden = student_hidden[start : start + chunk_size].detach()
+            teacher_logits = None
+            if teacher_hidden is not None and alpha < 1:
+                teacher_logits = teacher_hidden[start : start + chunk_size] @ teacher_weight.detach().T
+            with torch.enable_grad():
+                logits = _upcast(hidden @ weight.T).requires_grad_()
+                ce, kd = _chunk_loss_sums(logits, teacher_logits, chunk_labels, alpha, temperature, divergence, beta)
+                chunk_loss = (alpha * ce + (1 - alpha) * kd) / valid_tokens
+                (grad_logits,) = torch.autograd.grad(chunk_loss, logits)
+            grad_logits = grad_logits.to(weight.dtype)
+            grad_hidden[start : start + chunk_size] = grad_logits @ weight
+            grad_weight.addmm_(grad_logits.T.to(accumulate), hidden.to(accumulate))
+            total_ce += ce.detach()
+            total_kd += kd.detach()
+        ctx.save_for_backward(grad_hidden, grad_weight.to(student_weight.dtype))
+        ce_mean, kd_mean = total_ce / valid_tokens, total_kd / valid_tokens
+        ctx.mark_non_differentiable(ce_mean, kd_mean)
+        return alpha * ce_mean + (1 - alpha) * kd_mean, ce_mean, kd_mean
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_ce, _grad_kd):  # type: ignore[override]
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None, None, None, None, None, None, None
+
+
+def chunked_kd_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor | None,
+    teacher_weight: torch.Tensor | None,
+    labels: torch.Tensor,
+    *,
+    alpha: float,
+    temperature: float = 1.0,
+    divergence: str = "forwardKL",
+    beta: float = 0.5,
+    chunk_size: int = 256,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, mean CE, mean scaled divergence) over valid tokens; hidden states are [N, H]."""
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence {divergence!r}: accepted {', '.join(DIVERGENCES)}")
+    if teacher_weight is not None and teacher_weight.shape[0] != student_weight.shape[0]:
+        raise ValueError(
+            f"teacher vocabulary ({teacher_weight.shape[0]}) differs from the student's "
+            f"({student_weight.shape[0]}): logit distillation needs a shared tokenizer"
+        )
+    return ChunkedKDLoss.apply(
+        student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
+        alpha, temperature, divergence, beta, chunk_size,
+    )
+
+
+def reference_kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    alpha: float,
+    temperature: float = 1.0,
+    divergence: str = "forwardKL",
+    beta: float = 0.5,
+) -> torch.Tensor:
+    """The same loss on full logits, written plainly: the yardstick for tests and benchmarks."""
+    valid = labels != IGNORE_INDEX
+    ce = F.cross_entropy(_upcast(student_logits), labels, ignore_index=IGNORE_INDEX)
+    per_token = token_divergence(student_logits, teacher_logits, divergence, temperature, beta)
+    kd = temperature**2 * per_token[valid].mean()
+    return alpha * ce + (1 - alpha) * kd
+
+
+@torch.no_grad()
+def chunked_nll(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int = 256):
+    """(sum of token negative log-likelihoods, token count) without materializing all logits."""
+    total = torch.zeros((), dtype=torch.float64, device=hidden.device)
+    for start in range(0, labels.shape[0], chunk_size):
+        logits = _upcast(hidden[start : start + chunk_size] @ weight.T)
+        total += F.cross_entropy(
+            logits, labels[start : start + chunk_size], ignore_index=IGNORE_INDEX, reduction="sum"
+        ).double()
+    return total, int((labels != IGNORE_INDEX).sum())

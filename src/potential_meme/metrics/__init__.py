@@ -1,0 +1,1 @@
+"""Prometheus metrics of the trainer (and, later, the operator)."""

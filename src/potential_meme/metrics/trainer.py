@@ -1,0 +1,43 @@
+"""Trainer metrics, `potential_meme_trainer_*`, served on /metrics when a port is given.
+
+A pod runs one stage of one job, so the `job` and `stage` labels have one value per process.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from prometheus_client import Counter, Gauge, start_http_server
+
+log = logging.getLogger(__name__)
+
+_LABELS = ("job", "stage")
+
+STEPS = Counter("potential_meme_trainer_steps", "Optimizer steps taken", _LABELS)
+TOKENS = Counter("potential_meme_trainer_tokens", "Training tokens processed (all processes)", _LABELS)
+LOSS = Gauge("potential_meme_trainer_loss", "Loss of the latest optimizer step", (*_LABELS, "component"))
+TOKENS_PER_SECOND = Gauge("potential_meme_trainer_tokens_per_second", "Training throughput (all processes)", _LABELS)
+CHECKPOINT_WRITES = Counter("potential_meme_trainer_checkpoint_writes", "Checkpoints written", _LABELS)
+CURRENT_STEP = Gauge("potential_meme_trainer_step", "Optimizer step reached (survives resume)", _LABELS)
+TOTAL_STEPS = Gauge("potential_meme_trainer_planned_steps", "Optimizer steps planned for the stage", _LABELS)
+STAGE_INDEX = Gauge("potential_meme_trainer_stage_index", "0-based index of the running stage in the plan", ("job",))
+STAGE_INFO = Gauge("potential_meme_trainer_stage_info", "1 for the stage this process runs", _LABELS)
+VALIDATION_PERPLEXITY = Gauge(
+    "potential_meme_trainer_validation_perplexity", "Held-out perplexity", (*_LABELS, "model", "when")
+)
+
+_served_ports: set[int] = set()
+
+
+def serve(port: int, address: str = "127.0.0.1") -> bool:
+    """Start the /metrics endpoint once per port; a busy port is reported, not fatal."""
+    if port in _served_ports:
+        return True
+    try:
+        start_http_server(port, addr=address)
+    except OSError as exc:
+        log.warning("metrics endpoint not started on %s:%d: %s", address, port, exc)
+        return False
+    _served_ports.add(port)
+    log.info("metrics on http://%s:%d/metrics", address, port)
+    return True

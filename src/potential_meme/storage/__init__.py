@@ -1,0 +1,182 @@
+"""Artifact stores: a local folder (file:// or a plain path) or S3 (s3://bucket/prefix).
+
+Keys are '/'-separated paths relative to the store's root URI. S3 honours the standard AWS
+environment (credentials, region) and `AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL` /
+`S3_ENDPOINT_URL` for MinIO-style stores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import urlparse
+
+
+class ArtifactStore(Protocol):
+    uri: str
+
+    def exists(self, key: str) -> bool: ...
+    def list(self, prefix: str = "") -> list[str]: ...
+    def upload_file(self, local: Path, key: str) -> None: ...
+    def download_file(self, key: str, local: Path) -> None: ...
+    def write_bytes(self, key: str, data: bytes) -> None: ...
+    def read_bytes(self, key: str) -> bytes: ...
+    def delete_prefix(self, prefix: str) -> None: ...
+
+
+class LocalStore:
+    def __init__(self, root: str | Path):
+        self.root = Path(root).resolve()
+        self.uri = self.root.as_uri() + "/"
+
+    def _path(self, key: str) -> Path:
+        return self.root / key
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).exists()
+
+    def list(self, prefix: str = "") -> list[str]:
+        base = self._path(prefix)
+        if base.is_file():
+            return [prefix]
+        if not base.is_dir():
+            return []
+        return sorted(str(path.relative_to(self.root)) for path in base.rglob("*") if path.is_file())
+
+    def upload_file(self, local: Path, key: str) -> None:
+        target = self._path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if Path(local).resolve() != target:
+            tmp = target.with_name(target.name + ".partial")
+            shutil.copyfile(local, tmp)
+            os.replace(tmp, target)
+
+    def download_file(self, key: str, local: Path) -> None:
+        local.parent.mkdir(parents=True, exist_ok=True)
+        if self._path(key).resolve() != Path(local).resolve():
+            shutil.copyfile(self._path(key), local)
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        target = self._path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + ".partial")
+        tmp.write_bytes(data)
+        os.replace(tmp, target)  # readers never see half a file
+
+    def read_bytes(self, key: str) -> bytes:
+        return self._path(key).read_bytes()
+
+    def delete_prefix(self, prefix: str) -> None:
+        path = self._path(prefix)
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def s3_client() -> Any:
+    import boto3
+
+    endpoint = (
+        os.environ.get("AWS_ENDPOINT_URL_S3")
+        or os.environ.get("AWS_ENDPOINT_URL")
+        or os.environ.get("S3_ENDPOINT_URL")
+    )
+    return boto3.client("s3", endpoint_url=endpoint)
+
+
+class S3Store:
+    def __init__(self, bucket: str, prefix: str):
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.uri = f"s3://{bucket}/{self.prefix + '/' if self.prefix else ''}"
+        self.client = s3_client()
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def exists(self, key: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+            return True
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise
+
+    def list(self, prefix: str = "") -> list[str]:
+        paginator = self.client.get_paginator("list_objects_v2")
+        full = self._key(prefix)
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        keys = []
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
+            keys.extend(item["Key"][strip:] for item in page.get("Contents", []))
+        return sorted(keys)
+
+    def upload_file(self, local: Path, key: str) -> None:
+        self.client.upload_file(str(local), self.bucket, self._key(key))
+
+    def download_file(self, key: str, local: Path) -> None:
+        local.parent.mkdir(parents=True, exist_ok=True)
+        self.client.download_file(self.bucket, self._key(key), str(local))
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+
+    def read_bytes(self, key: str) -> bytes:
+        return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+
+    def delete_prefix(self, prefix: str) -> None:
+        keys = self.list(prefix)
+        for start in range(0, len(keys), 1000):
+            batch = [{"Key": self._key(key)} for key in keys[start : start + 1000]]
+            self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch})
+
+
+def open_store(uri: str) -> ArtifactStore:
+    """The store rooted at `uri`: s3://bucket/prefix, file:///path, or a plain local path."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "s3":
+        if not parsed.netloc:
+            raise ValueError(f"{uri!r}: an s3 URI needs a bucket, e.g. s3://my-bucket/runs")
+        return S3Store(parsed.netloc, parsed.path)
+    if parsed.scheme == "file":
+        # file://./runs is relative (netloc '.'), file:///abs is absolute.
+        return LocalStore((parsed.netloc + parsed.path) if parsed.netloc else parsed.path)
+    if not parsed.scheme:
+        return LocalStore(uri)
+    raise ValueError(f"{uri!r}: unsupported scheme {parsed.scheme!r}; use a path, file:// or s3://")
+
+
+def sync_down(store: ArtifactStore, prefix: str, local_dir: Path) -> Path:
+    """Copy every object under `prefix` into `local_dir`, keeping relative paths."""
+    prefix = prefix.rstrip("/") + "/" if prefix else ""
+    keys = store.list(prefix)
+    if not keys:
+        raise FileNotFoundError(f"nothing stored under {store.uri}{prefix}")
+    for key in keys:
+        store.download_file(key, local_dir / key[len(prefix) :])
+    return local_dir
+
+
+def sync_up(store: ArtifactStore, local_dir: Path, prefix: str) -> list[str]:
+    prefix = prefix.rstrip("/") + "/" if prefix else ""
+    keys = []
+    for path in sorted(p for p in Path(local_dir).rglob("*") if p.is_file()):
+        key = prefix + str(path.relative_to(local_dir))
+        store.upload_file(path, key)
+        keys.append(key)
+    return keys
+
+
+def read_json(store: ArtifactStore, key: str) -> Any:
+    return json.loads(store.read_bytes(key))
+
+
+def write_json(store: ArtifactStore, key: str, value: Any) -> None:
+    store.write_bytes(key, json.dumps(value, indent=2, sort_keys=True).encode())

@@ -1,0 +1,99 @@
+"""Shared fixtures: a tiny Llama teacher with its own BPE tokenizer, a small corpus, job files."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+CORPUS_MODULES = ["json", "csv", "argparse", "pathlib", "logging", "textwrap", "heapq", "bisect", "shlex", "fractions"]
+
+
+def _corpus_texts() -> dict[str, str]:
+    import importlib
+    import pydoc
+
+    return {name: pydoc.render_doc(importlib.import_module(name), renderer=pydoc.plaintext) for name in CORPUS_MODULES}
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory) -> Path:
+    """One .jsonl file a module: the split unit is the file."""
+    root = tmp_path_factory.mktemp("corpus")
+    for name, text in _corpus_texts().items():
+        paragraphs = [p for p in text.split("\n\n") if p.strip()]
+        with open(root / f"{name}.jsonl", "w") as handle:
+            for paragraph in paragraphs:
+                handle.write(json.dumps({"text": paragraph}) + "\n")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_dir(tmp_path_factory) -> Path:
+    """A 4-layer Llama (hidden 64) with a 512-word byte-level BPE trained on the corpus."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    root = tmp_path_factory.mktemp("tiny-teacher")
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(_corpus_texts().values(), trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    tokenizer.save_pretrained(root)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(root)
+    return root
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def job_file(tmp_path, tiny_teacher_dir, corpus_dir):
+    """Write a tiny DistillationJob; keyword overrides are merged into `spec`."""
+
+    def write(name: str = "tiny", **spec_overrides) -> Path:
+        spec = {
+            "teacher": {"model": str(tiny_teacher_dir)},
+            "student": {"fromTeacher": {"numLayers": 2}},
+            "dataset": {"source": str(corpus_dir), "validationFraction": 0.3, "maxValidationSequences": 8},
+            "method": {"knowledge": {"temperature": 2.0, "alpha": 0.5, "chunkSize": 64}},
+            "training": {"batchSize": 4, "maxSteps": 6, "maxSeqLength": 64, "learningRate": 1e-3, "logEverySteps": 1},
+            "checkpoint": {"everySteps": 2},
+            "output": {"uri": str(tmp_path / "runs")},
+        }
+        for key, value in spec_overrides.items():
+            spec[key] = {**spec[key], **value} if isinstance(value, dict) and isinstance(spec.get(key), dict) else value
+        document = {"apiVersion": "distill.potential-meme.io/v1alpha1", "kind": "DistillationJob",
+                    "metadata": {"name": name}, "spec": spec}
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(document, sort_keys=False))
+        return path
+
+    return write
+
+
+def cli_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("WORLD_SIZE", None)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env

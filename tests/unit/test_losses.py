@@ -1,0 +1,69 @@
+import pytest
+import torch
+
+from potential_meme.engine.losses import IGNORE_INDEX, chunked_kd_loss, chunked_nll, reference_kd_loss
+
+
+def _inputs(seed=0, tokens=37, hidden=16, teacher_hidden=24, vocab=50):
+    generator = torch.Generator().manual_seed(seed)
+    student_hidden = torch.randn(tokens, hidden, generator=generator, dtype=torch.float64)
+    student_weight = torch.randn(vocab, hidden, generator=generator, dtype=torch.float64) * 0.5
+    teacher_h = torch.randn(tokens, teacher_hidden, generator=generator, dtype=torch.float64)
+    teacher_weight = torch.randn(vocab, teacher_hidden, generator=generator, dtype=torch.float64) * 0.5
+    labels = torch.randint(0, vocab, (tokens,), generator=generator)
+    labels[::5] = IGNORE_INDEX
+    return student_hidden, student_weight, teacher_h, teacher_weight, labels
+
+
+def _reference(sh, sw, th, tw, labels, **kw):
+    return reference_kd_loss(sh @ sw.T, th @ tw.T, labels, **kw)
+
+
+@pytest.mark.parametrize("divergence", ["forwardKL", "reverseKL", "jsd"])
+@pytest.mark.parametrize("chunk_size", [1, 8, 64])
+@pytest.mark.parametrize("alpha,temperature,beta", [(0.5, 2.0, 0.5), (0.0, 1.0, 0.1), (0.9, 4.0, 0.9)])
+def test_chunked_matches_reference_values_and_gradients(divergence, chunk_size, alpha, temperature, beta):
+    sh, sw, th, tw, labels = _inputs()
+    kw = dict(alpha=alpha, temperature=temperature, divergence=divergence, beta=beta)
+
+    ref_sh, ref_sw = sh.clone().requires_grad_(), sw.clone().requires_grad_()
+    expected = _reference(ref_sh, ref_sw, th, tw, labels, **kw)
+    expected.backward()
+
+    got_sh, got_sw = sh.clone().requires_grad_(), sw.clone().requires_grad_()
+    loss, ce, kd = chunked_kd_loss(got_sh, got_sw, th, tw, labels, chunk_size=chunk_size, **kw)
+    (loss * 3).backward()  # a non-unit upstream gradient must scale the result
+
+    torch.testing.assert_close(loss, expected.to(loss.dtype), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(alpha * ce + (1 - alpha) * kd, loss.detach())
+    torch.testing.assert_close(got_sh.grad, 3 * ref_sh.grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(got_sw.grad, 3 * ref_sw.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_divergences_are_distinct_and_zero_when_teacher_equals_student():
+    sh, sw, th, tw, labels = _inputs()
+    values = {}
+    for divergence in ("forwardKL", "reverseKL", "jsd"):
+        _, _, kd = chunked_kd_loss(sh, sw, th, tw, labels, alpha=0.0, temperature=2.0, divergence=divergence)
+        _, _, same = chunked_kd_loss(sh, sw, sh, sw, labels, alpha=0.0, temperature=2.0, divergence=divergence)
+        values[divergence] = float(kd)
+        assert float(same) == pytest.approx(0.0, abs=1e-10)
+        assert float(kd) > 0
+    assert len({round(v, 6) for v in values.values()}) == 3
+
+
+def test_alpha_one_is_plain_cross_entropy():
+    sh, sw, _, _, labels = _inputs()
+    loss, ce, kd = chunked_kd_loss(sh, sw, None, None, labels, alpha=1.0)
+    expected = torch.nn.functional.cross_entropy(sh @ sw.T, labels, ignore_index=IGNORE_INDEX)
+    torch.testing.assert_close(loss, expected)
+    assert float(kd) == 0.0
+    total, count = chunked_nll(sh, sw, labels, chunk_size=7)
+    assert count == int((labels != IGNORE_INDEX).sum())
+    assert float(total) / count == pytest.approx(float(expected))
+
+
+def test_vocabulary_mismatch_is_refused():
+    sh, sw, th, tw, labels = _inputs()
+    with pytest.raises(ValueError, match="shared tokenizer"):
+        chunked_kd_loss(sh, sw, th, tw[:-1], labels, alpha=0.5)
