@@ -43,7 +43,6 @@ def _structural(node: Any) -> Any:
     if not isinstance(node, dict):
         return node
     node = dict(node)
-    node.pop("title", None)
     if isinstance(node.get("description"), str):
         node["description"] = " ".join(node["description"].split())
     variants = node.pop("anyOf", None)
@@ -54,6 +53,7 @@ def _structural(node: Any) -> Any:
         node = {**concrete[0], **node}
         if len(concrete) < len(variants):
             node["nullable"] = True
+    node.pop("title", None)
     if "const" in node:
         node["enum"] = [node.pop("const")]
     for bound, flag in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):

@@ -1,0 +1,68 @@
+import json
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from potential_meme.spec import parse_job
+from potential_meme.spec.crd import RESOURCES, crd_filename, render_crd
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("kind", sorted(RESOURCES))
+def test_checked_in_crd_matches_a_fresh_generation(kind):
+    checked_in = (REPO / "crds" / crd_filename(kind)).read_text()
+    assert checked_in == render_crd(kind), "crds/ is stale: run `potential-meme crds`"
+
+
+def _version(kind):
+    return yaml.safe_load(render_crd(kind))["spec"]["versions"][0]
+
+
+@pytest.mark.parametrize("kind", sorted(RESOURCES))
+def test_crd_has_status_subresource_printer_columns_and_a_structural_schema(kind):
+    version = _version(kind)
+    assert version["subresources"] == {"status": {}}
+    columns = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"]}
+    assert columns == {"Phase": ".status.phase", "Stage": ".status.currentStage", "Age": ".metadata.creationTimestamp"}
+    text = json.dumps(version["schema"])
+    for forbidden in ('"$ref"', '"anyOf"', '"$defs"', '"title"', '"const"'):
+        assert forbidden not in text
+
+    def check(node, path="root"):
+        if isinstance(node, dict):
+            if "properties" in node:
+                assert node.get("type") == "object", path
+                assert "additionalProperties" not in node, path
+            for key, value in node.items():
+                check(value, f"{path}.{key}")
+
+    check(version["schema"]["openAPIV3Schema"])
+
+
+def _validator(kind):
+    return jsonschema.Draft4Validator(_version(kind)["schema"]["openAPIV3Schema"])
+
+
+def test_examples_validate_against_the_crd_and_the_models():
+    for path in sorted((REPO / "examples").glob("*.yaml")):
+        document = yaml.safe_load(path.read_text())
+        errors = list(_validator(document["kind"]).iter_errors(document))
+        assert not errors, f"{path.name}: {errors[0].message}"
+        parse_job(document)
+
+
+def test_crd_schema_refuses_what_the_models_refuse():
+    document = yaml.safe_load((REPO / "examples" / "kd-smollm2.yaml").read_text())
+    document["spec"]["method"]["knowledge"]["alpha"] = 1.5
+    assert any("alpha" in list(e.path) for e in _validator("DistillationJob").iter_errors(document))
+    document["spec"]["method"] = {"knowledge": {}, "response": {}}
+    assert list(_validator("DistillationJob").iter_errors(document))
+
+
+def test_crd_carries_cel_rule_for_student_source():
+    spec = _version("DistillationJob")["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    rules = spec["properties"]["student"]["x-kubernetes-validations"]
+    assert rules[0]["rule"] == "has(self.model) != has(self.fromTeacher)"

