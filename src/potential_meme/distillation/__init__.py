@@ -9,10 +9,16 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
+from pydantic.alias_generators import to_camel
 
 from ..spec import DistillationJob, SpecError, parse_job
 from ..spec.models import KnowledgeMethod
 from ..storage import open_store, sync_down, sync_up
+
+
+def _camel(fields: dict[str, Any]) -> dict[str, Any]:
+    """Python keyword names to the spec's YAML names, so errors name the field as the CRD does."""
+    return {to_camel(key): value for key, value in fields.items()}
 
 
 def _student_spec(student_model: str | int | dict) -> dict[str, Any]:
@@ -112,7 +118,7 @@ class KnowledgeDistiller(_Distiller):
             "student": self.student,
             "dataset": {"source": dataset},
             "method": {"knowledge": self.method.to_yaml_dict()},
-            "training": {"batch_size": batch_size, "epochs": epochs, "learning_rate": learning_rate, **training},
+            "training": _camel({"batch_size": batch_size, "epochs": epochs, "learning_rate": learning_rate, **training}),
         }
         return self._run(self._job(spec, "kd"), metrics_port)
 

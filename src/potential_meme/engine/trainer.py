@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..metrics import trainer as metrics
-from ..spec.errors import StageConflict
+from ..spec.errors import SpecError, StageConflict
 from ..spec.models import DistillationJob, KnowledgeMethod
 from ..spec.plan import Stage, plan_stages
 from ..storage import ArtifactStore, open_store, read_json, sync_up, write_json
@@ -406,8 +406,6 @@ def finished_manifest(job: DistillationJob, stage: Stage) -> dict[str, Any] | No
 
 def preflight(job: DistillationJob) -> None:
     """Check the local inputs a stage reads before any model loads; SpecError names the field."""
-    from ..spec.errors import SpecError
-
     references = [("spec.teacher.model", job.spec.teacher.model)]
     if job.spec.student.model is not None:
         references.append(("spec.student.model", job.spec.student.model))
@@ -436,12 +434,11 @@ def run_stage(job: DistillationJob, stage: Stage, metrics_port: int | None = Non
     runtime = start_runtime(job.spec.training.precision)
     if metrics_port is not None and runtime.is_main:
         metrics.serve(metrics_port)
-    metrics.STAGE_INDEX.labels(job=job.metadata.name).set(stage.index)
-    metrics.STAGE_INFO.labels(job=job.metadata.name, stage=stage.name).set(1)
+    metrics.stage_started(job.metadata.name, stage.name, stage.index)
     try:
         return STAGE_RUNNERS[stage.kind](job, stage, runtime)
     finally:
-        metrics.STAGE_INFO.labels(job=job.metadata.name, stage=stage.name).set(0)
+        metrics.stage_finished(job.metadata.name, stage.name)
 
 
 def run_job(job: DistillationJob, metrics_port: int | None = None) -> list[dict[str, Any]]:
@@ -454,7 +451,8 @@ def find_stage(job: DistillationJob, name: str) -> Stage:
     for stage in stages:
         if stage.name == name:
             return stage
-    raise ValueError(f"--stage {name!r}: the plan of {job.metadata.name} has {', '.join(s.name for s in stages)}")
+    raise SpecError([("--stage", f"{name!r} is not in the plan; {job.metadata.name} has {', '.join(s.name for s in stages)}")],
+                    job.metadata.name)
 
 
 def student_uri(job: DistillationJob) -> str:

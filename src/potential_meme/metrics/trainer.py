@@ -41,3 +41,15 @@ def serve(port: int, address: str = "127.0.0.1") -> bool:
     _served_ports.add(port)
     log.info("metrics on http://%s:%d/metrics", address, port)
     return True
+
+
+def stage_started(job: str, stage: str, index: int) -> None:
+    """Mark the stage as running and export its counters at 0, so rates work from the first scrape."""
+    STAGE_INDEX.labels(job=job).set(index)
+    STAGE_INFO.labels(job=job, stage=stage).set(1)
+    for counter in (STEPS, TOKENS, CHECKPOINT_WRITES):
+        counter.labels(job=job, stage=stage)
+
+
+def stage_finished(job: str, stage: str) -> None:
+    STAGE_INFO.labels(job=job, stage=stage).set(0)

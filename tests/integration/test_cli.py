@@ -1,0 +1,77 @@
+"""`potential-meme run` / `train` end to end on a tiny teacher, in a subprocess like a user runs it."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+from transformers import AutoModelForCausalLM
+
+from conftest import cli_env
+
+
+def cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "potential_meme.cli", *args], capture_output=True, text=True,
+                          env=cli_env(), timeout=timeout)
+
+
+def test_run_distills_saves_a_loadable_student_and_skips_when_rerun(job_file, tmp_path):
+    path = job_file(training={"maxSteps": 12})
+    result = cli("run", str(path), "--metrics-port", "0")
+    assert result.returncode == 0, result.stderr
+    stage = tmp_path / "runs" / "tiny" / "distill"
+    manifest = json.loads((stage / "manifest.json").read_text())
+    metrics = manifest["metrics"]
+    assert metrics["steps"] == 12 and metrics["tokens"] == 12 * 4 * 64
+    assert metrics["studentPerplexityAfter"] < metrics["studentPerplexityBefore"]
+    assert "student perplexity after" in result.stdout and "teacher perplexity" in result.stdout
+    # Every file of the student is listed with its hash, and the folder loads with plain transformers.
+    listed = {f["path"] for f in manifest["files"]}
+    assert {"student/config.json", "student/model.safetensors", "student/tokenizer.json"} <= listed
+    student = AutoModelForCausalLM.from_pretrained(stage / "student")
+    assert student.config.num_hidden_layers == 2
+    assert not list((stage / "checkpoints").glob("step-*"))  # cleaned once the student is saved
+
+    again = cli("run", str(path), "--metrics-port", "0")
+    assert again.returncode == 0
+    assert "skipped" in again.stderr
+    assert json.loads((stage / "manifest.json").read_text()) == manifest
+
+
+def test_a_changed_spec_does_not_silently_reuse_a_finished_stage(job_file, tmp_path):
+    assert cli("run", str(job_file(training={"maxSteps": 2})), "--metrics-port", "0").returncode == 0
+    changed = cli("run", str(job_file(training={"maxSteps": 3})), "--metrics-port", "0")
+    assert changed.returncode == 1
+    assert "different spec" in changed.stderr and "Traceback" not in changed.stderr
+
+
+@pytest.mark.parametrize(
+    "change,fragment",
+    [
+        ({"method": {"knowledge": {"alpha": 1.5}}}, "spec.method.knowledge.alpha: Input should be less than or equal to 1"),
+        ({"method": {"distil": {}}}, "spec.method: unknown method 'distil'; accepted methods: knowledge"),
+        ({"training": {"batchSize": "eight"}}, "spec.training.batchSize"),
+        ({"training": {"batchsize": 8}}, "spec.training.batchsize: unknown field; accepted fields: batchSize"),
+        ({"teacher": {"model": "./no/such/dir"}}, "spec.teacher.model: ./no/such/dir: no such model directory"),
+        ({"dataset": {"source": "./no/such/data"}}, "spec.dataset.source: ./no/such/data does not exist"),
+    ],
+)
+def test_invalid_job_exits_2_with_the_field_path_and_no_traceback(job_file, tmp_path, change, fragment):
+    path = job_file()
+    document = yaml.safe_load(path.read_text())
+    document["spec"].update(change)
+    path.write_text(yaml.safe_dump(document))
+    result = cli("run", str(path))
+    assert result.returncode == 2
+    assert fragment in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "runs").exists()  # nothing ran
+
+
+def test_train_runs_one_named_stage_and_refuses_unknown_ones(job_file, tmp_path):
+    path = job_file(training={"maxSteps": 2})
+    unknown = cli("train", "--job", str(path), "--stage", "quantize")
+    assert unknown.returncode == 2 and "has distill" in unknown.stderr
+    assert cli("train", "--job", str(path), "--stage", "distill").returncode == 0
+    assert (tmp_path / "runs" / "tiny" / "distill" / "manifest.json").exists()

@@ -1,0 +1,64 @@
+"""Teacher, data and output on a real S3 server (moto's server mode) on 127.0.0.1, over HTTP."""
+
+import json
+import subprocess
+import sys
+
+import boto3
+import pytest
+from moto.server import ThreadedMotoServer
+
+from conftest import cli_env, free_port
+from potential_meme.engine.models import load_model
+from potential_meme.storage import open_store, sync_up
+
+
+@pytest.fixture
+def s3_endpoint(monkeypatch):
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL_S3": endpoint}.items():
+        monkeypatch.setenv(key, value)
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="models")
+    yield endpoint
+    server.stop()
+
+
+def test_store_round_trip(s3_endpoint, tmp_path):
+    store = open_store("s3://models/some/prefix")
+    store.write_bytes("a/b.json", b"{}")
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "f.txt").write_text("hello")
+    sync_up(store, tmp_path / "x", "dir")
+    assert store.list() == ["a/b.json", "dir/f.txt"]
+    assert store.exists("dir/f.txt") and not store.exists("dir/nope")
+    assert store.read_bytes("dir/f.txt") == b"hello"
+    store.delete_prefix("dir/")
+    assert store.list() == ["a/b.json"]
+    # The objects really are on the server, under the prefix.
+    keys = [o["Key"] for o in boto3.client("s3", endpoint_url=s3_endpoint).list_objects_v2(Bucket="models")["Contents"]]
+    assert keys == ["some/prefix/a/b.json"]
+
+
+def test_job_reads_teacher_and_data_from_s3_and_publishes_the_student_there(s3_endpoint, job_file, tiny_teacher_dir, corpus_dir):
+    sync_up(open_store("s3://models/teachers/tiny"), tiny_teacher_dir, "")
+    sync_up(open_store("s3://models/corpora/stdlib"), corpus_dir, "")
+    path = job_file(
+        teacher={"model": "s3://models/teachers/tiny"},
+        dataset={"source": "s3://models/corpora/stdlib"},
+        training={"maxSteps": 4},
+        output={"uri": "s3://models/runs"},
+    )
+    result = subprocess.run([sys.executable, "-m", "potential_meme.cli", "run", str(path), "--metrics-port", "0"],
+                            capture_output=True, text=True, env=cli_env(), timeout=300)
+    assert result.returncode == 0, result.stderr
+    store = open_store("s3://models/runs/tiny/distill")
+    manifest = json.loads(store.read_bytes("manifest.json"))
+    assert manifest["metrics"]["steps"] == 4
+    for entry in manifest["files"]:
+        assert store.exists(entry["path"])
+    student = load_model("s3://models/runs/tiny/distill/student/")
+    assert student.config.num_hidden_layers == 2
