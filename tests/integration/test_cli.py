@@ -75,3 +75,39 @@ def test_train_runs_one_named_stage_and_refuses_unknown_ones(job_file, tmp_path)
     assert unknown.returncode == 2 and "has distill" in unknown.stderr
     assert cli("train", "--job", str(path), "--stage", "distill").returncode == 0
     assert (tmp_path / "runs" / "tiny" / "distill" / "manifest.json").exists()
+
+
+def test_bf16_autocast_and_gradient_checkpointing_run(job_file, tmp_path):
+    path = job_file(training={"maxSteps": 3, "precision": "bf16", "gradientCheckpointing": True})
+    result = cli("run", str(path), "--metrics-port", "0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "runs/tiny/distill/manifest.json").read_text())["metrics"]
+    assert metrics["steps"] == 3 and metrics["finalLoss"] > 0
+
+
+def test_progress_bar_on_a_terminal_and_log_lines_elsewhere(job_file):
+    import fcntl
+    import os
+    import pty
+    import struct
+    import termios
+
+    path = job_file(training={"maxSteps": 3})
+    controller, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))  # rows, columns
+    process = subprocess.Popen([sys.executable, "-m", "potential_meme.cli", "run", str(path), "--metrics-port", "0"],
+                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=terminal, env=cli_env())
+    os.close(terminal)
+    screen = b""
+    while True:
+        try:
+            chunk = os.read(controller, 4096)
+        except OSError:  # the terminal closed: the process is done
+            break
+        if not chunk:
+            break
+        screen += chunk
+    assert process.wait(timeout=120) == 0
+    text = screen.decode(errors="replace")
+    assert "tiny/distill" in text and "3/3" in text and "tok_s=" in text and "loss=" in text
+    assert "step 3/3 loss" not in text  # the bar replaces the log lines

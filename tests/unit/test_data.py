@@ -3,7 +3,7 @@ import json
 import pandas as pd
 import pytest
 
-from potential_meme.engine.data import epoch_order, load_documents, pack, shifted_labels
+from potential_meme.engine.data import Document, epoch_order, load_documents, pack, shifted_labels, split_documents
 from potential_meme.engine.losses import IGNORE_INDEX
 from potential_meme.engine.models import load_tokenizer
 from potential_meme.spec.models import DatasetSpec
@@ -61,3 +61,11 @@ def test_epoch_order_depends_only_on_seed_and_epoch():
     assert epoch_order(50, 3, 7).tolist() == epoch_order(50, 3, 7).tolist()
     assert epoch_order(50, 3, 7).tolist() != epoch_order(50, 4, 7).tolist()
     assert sorted(epoch_order(50, 0, 7).tolist()) == list(range(50))
+
+
+def test_small_sources_still_get_one_validation_group():
+    documents = [Document(group=f"file{i}.jsonl", text=f"text {i}") for i in range(3)]
+    train, validation = split_documents(documents, 0.01)
+    assert len(validation) == 1 and len(train) == 2
+    assert split_documents(documents, 0.01) == (train, validation)
+    assert split_documents(documents[:1], 0.5)[1] == []  # one group cannot be split: load_documents says so

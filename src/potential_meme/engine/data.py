@@ -36,9 +36,18 @@ class Document:
     text: str
 
 
-def _in_validation(group: str, fraction: float) -> bool:
-    digest = hashlib.sha256(group.encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+def _position(group: str) -> float:
+    """Where a group falls in [0, 1): a hash, so the split is the same on every machine and run."""
+    return int.from_bytes(hashlib.sha256(group.encode()).digest()[:8], "big") / 2**64
+
+
+def split_documents(documents: list[Document], fraction: float) -> tuple[list[Document], list[Document]]:
+    """(train, validation) by group; a small source still gets one validation group."""
+    groups = sorted({d.group for d in documents}, key=_position)
+    held_out = {g for g in groups if _position(g) < fraction}
+    if not held_out and len(groups) > 1:
+        held_out = {groups[0]}
+    return [d for d in documents if d.group not in held_out], [d for d in documents if d.group in held_out]
 
 
 def _stdlib_module_names() -> list[str]:
@@ -75,11 +84,13 @@ def stdlib_documents() -> list[Document]:
     return documents
 
 
-def _file_documents(paths: list[Path], spec: DatasetSpec) -> list[Document]:
+def _file_documents(root: Path, spec: DatasetSpec) -> list[Document]:
     import datasets
 
+    paths = _local_files(root)
     documents = []
     for path in paths:
+        name = str(path.relative_to(root)) if root.is_dir() else path.name  # stable across machines
         builder = TEXT_SUFFIXES[path.suffix]
         kwargs = {"sample_by": "document"} if builder == "text" else {}
         table = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
@@ -91,7 +102,7 @@ def _file_documents(paths: list[Path], spec: DatasetSpec) -> list[Document]:
         # Files are the split unit when there are several; otherwise rows are.
         for row, text in enumerate(table[column]):
             if text and text.strip():
-                documents.append(Document(group=str(path) if len(paths) > 1 else f"{path}:{row}", text=text))
+                documents.append(Document(group=name if len(paths) > 1 else f"{name}:{row}", text=text))
     return documents
 
 
@@ -119,9 +130,9 @@ def load_documents(spec: DatasetSpec) -> tuple[list[Document], list[Document]]:
             local = store.root
         else:
             local = sync_down(store, "", Path(tempfile.mkdtemp(prefix="potential-meme-data-")))
-        documents = _file_documents(_local_files(local), spec)
+        documents = _file_documents(local, spec)
     elif Path(source).expanduser().exists():
-        documents = _file_documents(_local_files(Path(source).expanduser()), spec)
+        documents = _file_documents(Path(source).expanduser(), spec)
     elif source.startswith("builtin:"):
         raise ValueError(f"dataset.source: unknown builtin {source!r}; accepted: {BUILTIN_STDLIB}")
     elif source.startswith((".", "/", "~")):
@@ -131,8 +142,7 @@ def load_documents(spec: DatasetSpec) -> tuple[list[Document], list[Document]]:
 
         table = datasets.load_dataset(source, split="train")
         documents = [Document(group=str(i), text=t) for i, t in enumerate(table[spec.text_field]) if t]
-    train = [d for d in documents if not _in_validation(d.group, spec.validation_fraction)]
-    validation = [d for d in documents if _in_validation(d.group, spec.validation_fraction)]
+    train, validation = split_documents(documents, spec.validation_fraction)
     if not train or not validation:
         raise ValueError(
             f"dataset.source: {len(documents)} documents give an empty "

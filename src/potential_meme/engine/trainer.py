@@ -431,6 +431,10 @@ def run_stage(job: DistillationJob, stage: Stage, metrics_port: int | None = Non
     if done is not None:
         log.info("stage %s of %s is done (manifest.json exists): skipped", stage.name, job.metadata.name)
         return done
+    if not sys.stderr.isatty():
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # carriage-return bars garble pod logs; ours logs lines instead
     runtime = start_runtime(job.spec.training.precision)
     if metrics_port is not None and runtime.is_main:
         metrics.serve(metrics_port)
@@ -439,6 +443,8 @@ def run_stage(job: DistillationJob, stage: Stage, metrics_port: int | None = Non
         return STAGE_RUNNERS[stage.kind](job, stage, runtime)
     finally:
         metrics.stage_finished(job.metadata.name, stage.name)
+        if runtime.world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def run_job(job: DistillationJob, metrics_port: int | None = None) -> list[dict[str, Any]]:

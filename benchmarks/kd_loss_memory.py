@@ -1,0 +1,107 @@
+"""Chunked KD loss vs a naive full-logit implementation: peak memory and time, forward + backward.
+
+Each variant runs in a fresh process so peaks do not mix. On CPU the peak is the process'
+resident-set high-water mark above the inputs (VmHWM, reset through /proc/self/clear_refs); on
+CUDA it is torch.cuda.max_memory_allocated above the inputs.
+
+    python benchmarks/kd_loss_memory.py [--tokens 8192] [--vocab 49152] [--hidden 576]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field):
+                return int(line.split()[1])
+    raise RuntimeError(field)
+
+
+def measure(variant: str, tokens: int, vocab: int, hidden: int, chunk: int, repeats: int) -> dict:
+    import torch
+
+    from potential_meme.engine.losses import chunked_kd_loss, reference_kd_loss
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    student_hidden = torch.randn(tokens, hidden, generator=generator).to(device).requires_grad_()
+    student_weight = (torch.randn(vocab, hidden, generator=generator) * 0.02).to(device).requires_grad_()
+    teacher_hidden = torch.randn(tokens, hidden, generator=generator).to(device)
+    teacher_weight = (torch.randn(vocab, hidden, generator=generator) * 0.02).to(device)
+    labels = torch.randint(0, vocab, (tokens,), generator=generator).to(device)
+    kwargs = dict(alpha=0.5, temperature=2.0, divergence="forwardKL")
+
+    def step():
+        if variant == "naive":
+            loss = reference_kd_loss(student_hidden @ student_weight.T, teacher_hidden @ teacher_weight.T, labels, **kwargs)
+        else:
+            loss = chunked_kd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
+                                   chunk_size=chunk, **kwargs)[0]
+        loss.backward()
+        student_hidden.grad = student_weight.grad = None
+        return float(loss)
+
+    step()  # warm-up: allocator pools, kernels
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = _rss_kib("VmRSS:") * 1024
+        with open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")  # reset VmHWM to the current RSS
+    loss = step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = _rss_kib("VmHWM:") * 1024 - base
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - started)
+    return {"variant": variant, "peak_bytes": peak, "seconds": min(times), "loss": loss, "device": device.type}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=8 * 1024, help="batch x sequence length")
+    parser.add_argument("--vocab", type=int, default=49152)
+    parser.add_argument("--hidden", type=int, default=576)
+    parser.add_argument("--chunk", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--variant", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.variant:
+        print(json.dumps(measure(args.variant, args.tokens, args.vocab, args.hidden, args.chunk, args.repeats)))
+        return
+    results = {}
+    for variant in ("naive", "chunked"):
+        out = subprocess.run([sys.executable, __file__, "--variant", variant, *sys.argv[1:]],
+                             capture_output=True, text=True, check=True).stdout
+        results[variant] = json.loads(out.strip().splitlines()[-1])
+    naive, chunked = results["naive"], results["chunked"]
+    print(f"KD loss forward+backward, {args.tokens} tokens x vocab {args.vocab}, hidden {args.hidden}, "
+          f"chunk {args.chunk}, fp32, {naive['device']}")
+    print(f"{'':10}{'peak MiB':>12}{'seconds':>10}{'loss':>12}")
+    for name, row in results.items():
+        print(f"{name:10}{row['peak_bytes'] / 2**20:12.0f}{row['seconds']:10.3f}{row['loss']:12.5f}")
+    memory_ratio = chunked["peak_bytes"] / naive["peak_bytes"]
+    time_ratio = chunked["seconds"] / naive["seconds"]
+    print(f"chunked/naive peak memory: {memory_ratio:.1%}   (target <= 25%)")
+    print(f"chunked/naive time:        {time_ratio:.2f}x   (target <= 1.10x)")
+    print(f"loss difference:           {abs(chunked['loss'] - naive['loss']):.2e}")
+
+
+if __name__ == "__main__":
+    main()
