@@ -40,7 +40,8 @@ def measure(variant: str, tokens: int, vocab: int, hidden: int, chunk: int, repe
 
     def step():
         if variant == "naive":
-            loss = reference_kd_loss(student_hidden @ student_weight.T, teacher_hidden @ teacher_weight.T, labels, **kwargs)
+            student_logits = student_hidden @ student_weight.T
+            loss = reference_kd_loss(student_logits, teacher_hidden @ teacher_weight.T, labels, **kwargs)
         else:
             loss = chunked_kd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
                                    chunk_size=chunk, **kwargs)[0]

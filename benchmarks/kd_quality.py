@@ -58,8 +58,8 @@ def main() -> None:
     print(f"\n{args.steps} steps x {args.batch_size} x {args.seq_length} tokens, student = {args.layers} layers "
           f"of the teacher (held-out perplexity; teacher {kd['teacherPerplexity']:.2f})")
     print(f"{'':28}{'before':>14}{'after':>12}")
-    print(f"{f'KD (alpha={args.alpha}, T={args.temperature})':28}{kd['studentPerplexityBefore']:14,.1f}{kd['studentPerplexityAfter']:12,.1f}")
-    print(f"{'CE only (alpha=1)':28}{ce['studentPerplexityBefore']:14,.1f}{ce['studentPerplexityAfter']:12,.1f}")
+    for label, row in ((f"KD (alpha={args.alpha}, T={args.temperature})", kd), ("CE only (alpha=1)", ce)):
+        print(f"{label:28}{row['studentPerplexityBefore']:14,.1f}{row['studentPerplexityAfter']:12,.1f}")
     ratio = kd["studentPerplexityAfter"] / ce["studentPerplexityAfter"]
     print(f"KD / CE-only held-out perplexity: {ratio:.3f} ({'KD better' if ratio < 1 else 'KD not better'})")
 

@@ -6,9 +6,8 @@ import sys
 
 import pytest
 import yaml
-from transformers import AutoModelForCausalLM
-
 from conftest import cli_env
+from transformers import AutoModelForCausalLM
 
 
 def cli(*args, timeout=300):

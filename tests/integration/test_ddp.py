@@ -5,9 +5,8 @@ import subprocess
 import sys
 
 import torch
-from safetensors.torch import load_file
-
 from conftest import cli_env, free_port
+from safetensors.torch import load_file
 
 
 def test_two_process_ddp_matches_one_process_with_the_same_global_batch(job_file, tmp_path):

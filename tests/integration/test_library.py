@@ -3,10 +3,10 @@
 import urllib.request
 
 import pytest
+from conftest import free_port
 from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoModelForCausalLM
 
-from conftest import free_port
 from potential_meme.distillation import KnowledgeDistiller
 from potential_meme.spec import SpecError
 

@@ -6,9 +6,9 @@ import sys
 
 import boto3
 import pytest
+from conftest import cli_env, free_port
 from moto.server import ThreadedMotoServer
 
-from conftest import cli_env, free_port
 from potential_meme.engine.models import load_model
 from potential_meme.storage import open_store, sync_up
 

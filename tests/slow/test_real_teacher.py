@@ -9,9 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
 from conftest import cli_env
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 pytestmark = [
     pytest.mark.slow,

@@ -41,7 +41,7 @@ def test_txt_jsonl_and_parquet_files_all_load(tmp_path):
 def test_missing_text_field_is_named(tmp_path):
     (tmp_path / "a.jsonl").write_text(json.dumps({"content": "x"}) + "\n")
     (tmp_path / "b.jsonl").write_text(json.dumps({"content": "y"}) + "\n")
-    with pytest.raises(ValueError, match="dataset.textField: a.jsonl has no column 'text'; columns: content"):
+    with pytest.raises(ValueError, match="spec.dataset.textField: a.jsonl has no column 'text'; columns: content"):
         load_documents(DatasetSpec(source=str(tmp_path)))
 
 

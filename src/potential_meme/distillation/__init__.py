@@ -118,7 +118,9 @@ class KnowledgeDistiller(_Distiller):
             "student": self.student,
             "dataset": {"source": dataset},
             "method": {"knowledge": self.method.to_yaml_dict()},
-            "training": _camel({"batch_size": batch_size, "epochs": epochs, "learning_rate": learning_rate, **training}),
+            "training": _camel(
+                {"batch_size": batch_size, "epochs": epochs, "learning_rate": learning_rate, **training}
+            ),
         }
         return self._run(self._job(spec, "kd"), metrics_port)
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ..spec.errors import SpecError
 from ..spec.models import DatasetSpec
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,10 @@ TEXT_SUFFIXES = {".txt": "text", ".md": "text", ".jsonl": "json", ".json": "json
 # Modules whose import has side effects (a browser, a window, printing) or that are test suites.
 _SKIPPED_MODULES = {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "test", "pydoc_data",
                     "lib2to3", "ensurepip", "venv", "__main__", "__phello__"}
+
+
+def _problem(field: str, message: str) -> SpecError:
+    return SpecError([(f"spec.dataset.{field}", message)], "dataset")
 
 
 @dataclass(frozen=True)
@@ -58,9 +63,10 @@ def _stdlib_module_names() -> list[str]:
         names.add(name)
         spec = importlib.util.find_spec(name)
         if spec is not None and spec.submodule_search_locations:
-            for info in pkgutil.walk_packages(spec.submodule_search_locations, prefix=f"{name}.", onerror=lambda _: None):
+            submodules = pkgutil.walk_packages(spec.submodule_search_locations, f"{name}.", onerror=lambda _: None)
+            for info in submodules:
                 parts = info.name.split(".")
-                if not any(part.startswith("_") or part in _SKIPPED_MODULES or part.startswith("test") for part in parts):
+                if not any(p.startswith(("_", "test")) or p in _SKIPPED_MODULES for p in parts):
                     names.add(info.name)
     return sorted(names)
 
@@ -96,9 +102,8 @@ def _file_documents(root: Path, spec: DatasetSpec) -> list[Document]:
         table = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
         column = "text" if builder == "text" else spec.text_field
         if column not in table.column_names:
-            raise ValueError(
-                f"dataset.textField: {path.name} has no column {column!r}; columns: {', '.join(table.column_names)}"
-            )
+            columns = ", ".join(table.column_names)
+            raise _problem("textField", f"{path.name} has no column {column!r}; columns: {columns}")
         # Files are the split unit when there are several; otherwise rows are.
         for row, text in enumerate(table[column]):
             if text and text.strip():
@@ -109,11 +114,11 @@ def _file_documents(root: Path, spec: DatasetSpec) -> list[Document]:
 def _local_files(root: Path) -> list[Path]:
     if root.is_file():
         if root.suffix not in TEXT_SUFFIXES:
-            raise ValueError(f"dataset.source: {root} is not one of {', '.join(sorted(TEXT_SUFFIXES))}")
+            raise _problem("source", f"{root} is not one of {', '.join(sorted(TEXT_SUFFIXES))}")
         return [root]
     files = sorted(path for path in root.rglob("*") if path.is_file() and path.suffix in TEXT_SUFFIXES)
     if not files:
-        raise ValueError(f"dataset.source: no {', '.join(sorted(TEXT_SUFFIXES))} files under {root}")
+        raise _problem("source", f"no {', '.join(sorted(TEXT_SUFFIXES))} files under {root}")
     return files
 
 
@@ -134,9 +139,9 @@ def load_documents(spec: DatasetSpec) -> tuple[list[Document], list[Document]]:
     elif Path(source).expanduser().exists():
         documents = _file_documents(Path(source).expanduser(), spec)
     elif source.startswith("builtin:"):
-        raise ValueError(f"dataset.source: unknown builtin {source!r}; accepted: {BUILTIN_STDLIB}")
+        raise _problem("source", f"unknown builtin {source!r}; accepted: {BUILTIN_STDLIB}")
     elif source.startswith((".", "/", "~")):
-        raise ValueError(f"dataset.source: {source} does not exist")
+        raise _problem("source", f"{source} does not exist")
     else:
         import datasets
 
@@ -144,10 +149,8 @@ def load_documents(spec: DatasetSpec) -> tuple[list[Document], list[Document]]:
         documents = [Document(group=str(i), text=t) for i, t in enumerate(table[spec.text_field]) if t]
     train, validation = split_documents(documents, spec.validation_fraction)
     if not train or not validation:
-        raise ValueError(
-            f"dataset.source: {len(documents)} documents give an empty "
-            f"{'training' if not train else 'validation'} split; add data or change dataset.validationFraction"
-        )
+        raise _problem("source", f"{len(documents)} documents give an empty "
+                       f"{'training' if not train else 'validation'} split; add data or change validationFraction")
     return train, validation
 
 
@@ -160,10 +163,8 @@ def pack(documents: list[Document], tokenizer, sequence_length: int) -> torch.Te
         stream.append(eos)
     rows = len(stream) // sequence_length
     if rows == 0:
-        raise ValueError(
-            f"dataset: {len(stream)} tokens make no sequence of training.maxSeqLength={sequence_length}; "
-            "add data or lower maxSeqLength"
-        )
+        raise SpecError([("spec.training.maxSeqLength", f"{len(stream)} tokens make no sequence of "
+                                                         f"{sequence_length}; add data or lower maxSeqLength")])
     return torch.tensor(stream[: rows * sequence_length], dtype=torch.long).view(rows, sequence_length)
 
 

@@ -196,6 +196,56 @@ class Progress:
 
 
 # ---------------------------------------------------------------- the distill stage
+class Batches:
+    """Which rows each process reads at each step: a pure function of (step, rank), so resume replays it.
+
+    A step takes `rows_per_step` rows of the epoch's permutation; micro-batch m of rank r reads
+    the m * world_size + r-th slice of them, so N processes read exactly what one process with
+    N times the batch would.
+    """
+
+    def __init__(self, rows: torch.Tensor, batch_size: int, accumulation: int, world_size: int, seed: int):
+        self.rows, self.batch_size, self.accumulation, self.seed = rows, batch_size, accumulation, seed
+        self.world_size = world_size
+        self.rows_per_step = batch_size * accumulation * world_size
+        self.steps_per_epoch = rows.shape[0] // self.rows_per_step
+        if self.steps_per_epoch == 0:
+            raise SpecError([("spec.training.batchSize", (
+                f"{rows.shape[0]} training sequences cannot fill one step of {self.rows_per_step} "
+                "(batchSize x gradientAccumulationSteps x processes); lower batchSize or add data"))])
+
+    def step_batches(self, step: int, runtime: Runtime) -> list[torch.Tensor]:
+        epoch, position = divmod(step, self.steps_per_epoch)
+        order = epoch_order(self.rows.shape[0], epoch, self.seed)
+        first = position * self.rows_per_step
+        batches = []
+        for micro in range(self.accumulation):
+            offset = first + (micro * self.world_size + runtime.rank) * self.batch_size
+            batches.append(self.rows[order[offset : offset + self.batch_size]].to(runtime.device))
+        return batches
+
+
+def _accumulate_gradients(model, teacher, teacher_weight, batches, runtime: Runtime) -> tuple[float, float, float]:
+    """Forward and backward every micro-batch of one step; returns its mean (loss, ce, kd) over processes."""
+    totals = [0.0, 0.0, 0.0]
+    for micro, batch in enumerate(batches):
+        last = micro == len(batches) - 1
+        # DDP all-reduces gradients only after the last micro-batch of a step.
+        skip_sync = model.no_sync() if runtime.world_size > 1 and not last else contextlib.nullcontext()
+        with skip_sync, runtime.autocast():
+            teacher_hidden = None
+            if teacher_weight is not None:
+                with torch.inference_mode():
+                    teacher_hidden = hidden_states(teacher, batch)
+                teacher_hidden = teacher_hidden.clone()  # leave inference mode before autograd sees it
+            loss, ce, kd = model(batch, shifted_labels(batch), teacher_hidden, teacher_weight)
+            (loss / len(batches)).backward()
+        for index, value in enumerate((loss.detach(), ce, kd)):
+            totals[index] += float(value) / len(batches)
+    loss, ce, kd = (value / runtime.world_size for value in runtime.all_sum(totals))
+    return loss, ce, kd
+
+
 
 
 def _load_models(job: DistillationJob, runtime: Runtime):
@@ -234,21 +284,16 @@ def run_distill_stage(job: DistillationJob, stage: Stage, runtime: Runtime) -> d
     labels = {"job": job.metadata.name, "stage": stage.name}
     torch.manual_seed(training.seed)
 
+    train_docs, validation_docs = load_documents(spec.dataset)  # before the models: data errors come fast
     tokenizer, teacher, student = _load_models(job, runtime)
     if training.gradient_checkpointing:
         student.gradient_checkpointing_enable()
-    train_docs, validation_docs = load_documents(spec.dataset)
     train_rows = pack(train_docs, tokenizer, training.max_seq_length)
     validation_rows = pack(validation_docs, tokenizer, training.max_seq_length)[: spec.dataset.max_validation_sequences]
 
-    rows_per_step = training.batch_size * training.gradient_accumulation_steps * runtime.world_size
-    steps_per_epoch = train_rows.shape[0] // rows_per_step
-    if steps_per_epoch == 0:
-        raise ValueError(
-            f"training: {train_rows.shape[0]} sequences cannot fill one step of {rows_per_step} "
-            "(batchSize x gradientAccumulationSteps x processes); lower batchSize or add data"
-        )
-    total_steps = training.max_steps or training.epochs * steps_per_epoch
+    batches = Batches(train_rows, training.batch_size, training.gradient_accumulation_steps, runtime.world_size,
+                      training.seed)
+    total_steps = training.max_steps or training.epochs * batches.steps_per_epoch
     warmup_steps = int(training.warmup_ratio * total_steps)
 
     objective = DistillationObjective(student, method)
@@ -293,47 +338,23 @@ def run_distill_stage(job: DistillationJob, stage: Stage, runtime: Runtime) -> d
     metrics.TOTAL_STEPS.labels(**labels).set(total_steps)
     metrics.CURRENT_STEP.labels(**labels).set(step)
     teacher_weight = teacher.get_output_embeddings().weight if method.alpha < 1 else None
-    tokens_per_step = rows_per_step * training.max_seq_length
+    tokens_per_step = batches.rows_per_step * training.max_seq_length
     progress = Progress(runtime, total_steps, step, training.log_every_steps, f"{job.metadata.name}/{stage.name}")
     started, losses = time.monotonic(), []
     student.train()
     while step < total_steps:
         step_started = time.monotonic()
-        epoch, position = divmod(step, steps_per_epoch)
-        order = epoch_order(train_rows.shape[0], epoch, training.seed)
-        first_row = position * rows_per_step
-        step_loss = step_ce = step_kd = 0.0
-        for micro in range(training.gradient_accumulation_steps):
-            offset = first_row + (micro * runtime.world_size + runtime.rank) * training.batch_size
-            batch = train_rows[order[offset : offset + training.batch_size]].to(runtime.device)
-            sync = micro == training.gradient_accumulation_steps - 1 or runtime.world_size == 1
-            with (model.no_sync() if not sync else contextlib.nullcontext()), runtime.autocast():
-                teacher_hidden = None
-                if teacher_weight is not None:
-                    with torch.inference_mode():
-                        teacher_hidden = hidden_states(teacher, batch)
-                    teacher_hidden = teacher_hidden.clone()  # leave inference mode before autograd sees it
-                loss, ce, kd = model(batch, shifted_labels(batch), teacher_hidden, teacher_weight)
-                (loss / training.gradient_accumulation_steps).backward()
-            step_loss += float(loss.detach()) / training.gradient_accumulation_steps
-            step_ce += float(ce) / training.gradient_accumulation_steps
-            step_kd += float(kd) / training.gradient_accumulation_steps
+        step_loss, step_ce, step_kd = _accumulate_gradients(
+            model, teacher, teacher_weight, batches.step_batches(step, runtime), runtime)
         if training.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(student.parameters(), training.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-
-        step_loss, step_ce, step_kd = (value / runtime.world_size for value in runtime.all_sum([step_loss, step_ce, step_kd]))
         losses.append(step_loss)
         tokens_per_second = tokens_per_step / (time.monotonic() - step_started)
-        metrics.STEPS.labels(**labels).inc()
-        metrics.TOKENS.labels(**labels).inc(tokens_per_step)
-        metrics.CURRENT_STEP.labels(**labels).set(step)
-        metrics.TOKENS_PER_SECOND.labels(**labels).set(tokens_per_second)
-        for component, value in (("total", step_loss), ("ce", step_ce), ("kd", step_kd)):
-            metrics.LOSS.labels(**labels, component=component).set(value)
+        metrics.step_done(labels, step, tokens_per_step, tokens_per_second, total=step_loss, ce=step_ce, kd=step_kd)
         progress.update(step, step_loss, tokens_per_second)
 
         if step % spec.checkpoint.every_steps == 0 and step < total_steps:
@@ -378,9 +399,7 @@ def run_distill_stage(job: DistillationJob, stage: Stage, runtime: Runtime) -> d
     if runtime.is_main:
         manifest["files"] = _save_student(student, tokenizer, store)
         write_json(store, MANIFEST, manifest)  # last: its presence marks the stage done
-        checkpoint_steps = checkpoint.complete_steps(store)
-        for old in checkpoint_steps:
-            store.delete_prefix(f"{checkpoint.PREFIX}step-{old:08d}/")
+        store.delete_prefix(checkpoint.PREFIX)  # the student supersedes them
     runtime.barrier()
     return manifest
 
@@ -405,7 +424,7 @@ def finished_manifest(job: DistillationJob, stage: Stage) -> dict[str, Any] | No
 
 
 def preflight(job: DistillationJob) -> None:
-    """Check the local inputs a stage reads before any model loads; SpecError names the field."""
+    """Check the local model references before anything loads; SpecError names the field."""
     references = [("spec.teacher.model", job.spec.teacher.model)]
     if job.spec.student.model is not None:
         references.append(("spec.student.model", job.spec.student.model))
@@ -417,9 +436,6 @@ def preflight(job: DistillationJob) -> None:
             resolve(reference)
         except (FileNotFoundError, ValueError) as exc:
             problems.append((field, str(exc)))
-    source = job.spec.dataset.source
-    if source.startswith((".", "/", "~")) and not Path(source).expanduser().exists():
-        problems.append(("spec.dataset.source", f"{source} does not exist"))
     if problems:
         raise SpecError(problems, job.metadata.name)
 
@@ -457,8 +473,8 @@ def find_stage(job: DistillationJob, name: str) -> Stage:
     for stage in stages:
         if stage.name == name:
             return stage
-    raise SpecError([("--stage", f"{name!r} is not in the plan; {job.metadata.name} has {', '.join(s.name for s in stages)}")],
-                    job.metadata.name)
+    planned = ", ".join(stage.name for stage in stages)
+    raise SpecError([("--stage", f"{name!r} is not in the plan; {job.metadata.name} has {planned}")], job.metadata.name)
 
 
 def student_uri(job: DistillationJob) -> str:

@@ -53,3 +53,12 @@ def stage_started(job: str, stage: str, index: int) -> None:
 
 def stage_finished(job: str, stage: str) -> None:
     STAGE_INFO.labels(job=job, stage=stage).set(0)
+
+
+def step_done(labels: dict[str, str], step: int, tokens: int, tokens_per_second: float, **losses: float) -> None:
+    STEPS.labels(**labels).inc()
+    TOKENS.labels(**labels).inc(tokens)
+    CURRENT_STEP.labels(**labels).set(step)
+    TOKENS_PER_SECOND.labels(**labels).set(tokens_per_second)
+    for component, value in losses.items():
+        LOSS.labels(**labels, component=component).set(value)

@@ -60,7 +60,10 @@ class StudentSpec(Model):
     model_config = ConfigDict(
         json_schema_extra={
             "x-kubernetes-validations": [
-                {"rule": "has(self.model) != has(self.fromTeacher)", "message": "set exactly one of model or fromTeacher"}
+                {
+                    "rule": "has(self.model) != has(self.fromTeacher)",
+                    "message": "set exactly one of model or fromTeacher",
+                }
             ]
         }
     )
