@@ -43,8 +43,9 @@ def measure(variant: str, tokens: int, vocab: int, hidden: int, chunk: int, repe
             student_logits = student_hidden @ student_weight.T
             loss = reference_kd_loss(student_logits, teacher_hidden @ teacher_weight.T, labels, **kwargs)
         else:
-            loss = chunked_kd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
-                                   chunk_size=chunk, **kwargs)[0]
+            loss = chunked_kd_loss(
+                student_hidden, student_weight, teacher_hidden, teacher_weight, labels, chunk_size=chunk, **kwargs
+            )[0]
         loss.backward()
         student_hidden.grad = student_weight.grad = None
         return float(loss)
@@ -88,12 +89,15 @@ def main() -> None:
         return
     results = {}
     for variant in ("naive", "chunked"):
-        out = subprocess.run([sys.executable, __file__, "--variant", variant, *sys.argv[1:]],
-                             capture_output=True, text=True, check=True).stdout
+        out = subprocess.run(
+            [sys.executable, __file__, "--variant", variant, *sys.argv[1:]], capture_output=True, text=True, check=True
+        ).stdout
         results[variant] = json.loads(out.strip().splitlines()[-1])
     naive, chunked = results["naive"], results["chunked"]
-    print(f"KD loss forward+backward, {args.tokens} tokens x vocab {args.vocab}, hidden {args.hidden}, "
-          f"chunk {args.chunk}, fp32, {naive['device']}")
+    print(
+        f"KD loss forward+backward, {args.tokens} tokens x vocab {args.vocab}, hidden {args.hidden}, "
+        f"chunk {args.chunk}, fp32, {naive['device']}"
+    )
     print(f"{'':10}{'peak MiB':>12}{'seconds':>10}{'loss':>12}")
     for name, row in results.items():
         print(f"{name:10}{row['peak_bytes'] / 2**20:12.0f}{row['seconds']:10.3f}{row['loss']:12.5f}")

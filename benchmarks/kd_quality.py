@@ -17,21 +17,29 @@ from potential_meme.spec import parse_job
 
 
 def job(name: str, alpha: float, args: argparse.Namespace, output: str):
-    return parse_job({
-        "apiVersion": "distill.potential-meme.io/v1alpha1",
-        "kind": "DistillationJob",
-        "metadata": {"name": name},
-        "spec": {
-            "teacher": {"model": args.teacher},
-            "student": {"fromTeacher": {"numLayers": args.layers}},
-            "dataset": {"source": "builtin:python-stdlib", "maxValidationSequences": args.validation_sequences},
-            "method": {"knowledge": {"alpha": alpha, "temperature": args.temperature}},
-            "training": {"batchSize": args.batch_size, "maxSteps": args.steps, "maxSeqLength": args.seq_length,
-                         "learningRate": args.learning_rate, "warmupRatio": 0.1, "logEverySteps": 10},
-            "checkpoint": {"everySteps": 10_000},
-            "output": {"uri": output},
-        },
-    })
+    return parse_job(
+        {
+            "apiVersion": "distill.potential-meme.io/v1alpha1",
+            "kind": "DistillationJob",
+            "metadata": {"name": name},
+            "spec": {
+                "teacher": {"model": args.teacher},
+                "student": {"fromTeacher": {"numLayers": args.layers}},
+                "dataset": {"source": "builtin:python-stdlib", "maxValidationSequences": args.validation_sequences},
+                "method": {"knowledge": {"alpha": alpha, "temperature": args.temperature}},
+                "training": {
+                    "batchSize": args.batch_size,
+                    "maxSteps": args.steps,
+                    "maxSeqLength": args.seq_length,
+                    "learningRate": args.learning_rate,
+                    "warmupRatio": 0.1,
+                    "logEverySteps": 10,
+                },
+                "checkpoint": {"everySteps": 10_000},
+                "output": {"uri": output},
+            },
+        }
+    )
 
 
 def main() -> None:
@@ -55,8 +63,10 @@ def main() -> None:
         output = args.output or tmp
         kd = run_job(job("kd", args.alpha, args, output))[-1]["metrics"]
         ce = run_job(job("ce-only", 1.0, args, output))[-1]["metrics"]
-    print(f"\n{args.steps} steps x {args.batch_size} x {args.seq_length} tokens, student = {args.layers} layers "
-          f"of the teacher (held-out perplexity; teacher {kd['teacherPerplexity']:.2f})")
+    print(
+        f"\n{args.steps} steps x {args.batch_size} x {args.seq_length} tokens, student = {args.layers} layers "
+        f"of the teacher (held-out perplexity; teacher {kd['teacherPerplexity']:.2f})"
+    )
     print(f"{'':28}{'before':>14}{'after':>12}")
     for label, row in ((f"KD (alpha={args.alpha}, T={args.temperature})", kd), ("CE only (alpha=1)", ce)):
         print(f"{label:28}{row['studentPerplexityBefore']:14,.1f}{row['studentPerplexityAfter']:12,.1f}")

@@ -46,16 +46,24 @@ def tiny_teacher_dir(tmp_path_factory) -> Path:
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=512, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     bpe.train_from_iterator(_corpus_texts().values(), trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
     tokenizer.save_pretrained(root)
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.eos_token_id,
     )
     LlamaForCausalLM(config).save_pretrained(root)
     return root
@@ -83,8 +91,12 @@ def job_file(tmp_path, tiny_teacher_dir, corpus_dir):
         }
         for key, value in spec_overrides.items():
             spec[key] = {**spec[key], **value} if isinstance(value, dict) and isinstance(spec.get(key), dict) else value
-        document = {"apiVersion": "distill.potential-meme.io/v1alpha1", "kind": "DistillationJob",
-                    "metadata": {"name": name}, "spec": spec}
+        document = {
+            "apiVersion": "distill.potential-meme.io/v1alpha1",
+            "kind": "DistillationJob",
+            "metadata": {"name": name},
+            "spec": spec,
+        }
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump(document, sort_keys=False))
         return path

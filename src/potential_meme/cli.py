@@ -85,8 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="run every stage of a job in this process")
     run.add_argument("job", help="job file (YAML)")
-    run.add_argument("--metrics-port", type=int, default=DEFAULT_METRICS_PORT,
-                     help=f"serve Prometheus metrics on 127.0.0.1:PORT (default {DEFAULT_METRICS_PORT}; 0: off)")
+    run.add_argument(
+        "--metrics-port",
+        type=int,
+        default=DEFAULT_METRICS_PORT,
+        help=f"serve Prometheus metrics on 127.0.0.1:PORT (default {DEFAULT_METRICS_PORT}; 0: off)",
+    )
     run.set_defaults(handler=cmd_run)
 
     train = commands.add_parser("train", help="run one stage (what a trainer pod runs, under torchrun)")

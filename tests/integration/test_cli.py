@@ -11,8 +11,13 @@ from transformers import AutoModelForCausalLM
 
 
 def cli(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "potential_meme.cli", *args], capture_output=True, text=True,
-                          env=cli_env(), timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "potential_meme.cli", *args],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        timeout=timeout,
+    )
 
 
 def test_run_distills_saves_a_loadable_student_and_skips_when_rerun(job_file, tmp_path):
@@ -48,7 +53,10 @@ def test_a_changed_spec_does_not_silently_reuse_a_finished_stage(job_file, tmp_p
 @pytest.mark.parametrize(
     "change,fragment",
     [
-        ({"method": {"knowledge": {"alpha": 1.5}}}, "spec.method.knowledge.alpha: Input should be less than or equal to 1"),
+        (
+            {"method": {"knowledge": {"alpha": 1.5}}},
+            "spec.method.knowledge.alpha: Input should be less than or equal to 1",
+        ),
         ({"method": {"distil": {}}}, "spec.method: unknown method 'distil'; accepted methods: knowledge"),
         ({"training": {"batchSize": "eight"}}, "spec.training.batchSize"),
         ({"training": {"batchsize": 8}}, "spec.training.batchsize: unknown field; accepted fields: batchSize"),
@@ -94,8 +102,13 @@ def test_progress_bar_on_a_terminal_and_log_lines_elsewhere(job_file):
     path = job_file(training={"maxSteps": 3})
     controller, terminal = pty.openpty()
     fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))  # rows, columns
-    process = subprocess.Popen([sys.executable, "-m", "potential_meme.cli", "run", str(path), "--metrics-port", "0"],
-                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=terminal, env=cli_env())
+    process = subprocess.Popen(
+        [sys.executable, "-m", "potential_meme.cli", "run", str(path), "--metrics-port", "0"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=terminal,
+        env=cli_env(),
+    )
     os.close(terminal)
     screen = b""
     while True:

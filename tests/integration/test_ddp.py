@@ -11,16 +11,36 @@ from safetensors.torch import load_file
 
 def test_two_process_ddp_matches_one_process_with_the_same_global_batch(job_file, tmp_path):
     # 2 processes x batch 2 take exactly the rows that 1 process x batch 4 takes at each step.
-    ddp_job = job_file("ddp", training={"batchSize": 2, "maxSteps": 4, "maxGradNorm": None},
-                       resources={"nodes": 1, "gpusPerNode": 2})
+    ddp_job = job_file(
+        "ddp", training={"batchSize": 2, "maxSteps": 4, "maxGradNorm": None}, resources={"nodes": 1, "gpusPerNode": 2}
+    )
     single_job = job_file("single", training={"batchSize": 4, "maxSteps": 4, "maxGradNorm": None})
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
-    ddp = subprocess.run([*torchrun, "-m", "potential_meme.cli", "train", "--job", str(ddp_job), "--stage", "distill"],
-                         capture_output=True, text=True, env=cli_env(), timeout=600)
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+    ]
+    ddp = subprocess.run(
+        [*torchrun, "-m", "potential_meme.cli", "train", "--job", str(ddp_job), "--stage", "distill"],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        timeout=600,
+    )
     assert ddp.returncode == 0, ddp.stderr[-4000:]
-    single = subprocess.run([sys.executable, "-m", "potential_meme.cli", "train", "--job", str(single_job),
-                             "--stage", "distill"], capture_output=True, text=True, env=cli_env(), timeout=600)
+    single = subprocess.run(
+        [sys.executable, "-m", "potential_meme.cli", "train", "--job", str(single_job), "--stage", "distill"],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        timeout=600,
+    )
     assert single.returncode == 0, single.stderr[-4000:]
 
     runs = tmp_path / "runs"

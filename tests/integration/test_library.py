@@ -21,11 +21,24 @@ def _samples(port):
 
 
 def test_knowledge_distiller_distills_saves_and_serves_metrics(tiny_teacher_dir, corpus_dir, tmp_path):
-    distiller = KnowledgeDistiller(teacher_model=str(tiny_teacher_dir), student_model=2, temperature=2.0, alpha=0.5,
-                                   output_uri=str(tmp_path / "runs"), job_name="lib")
+    distiller = KnowledgeDistiller(
+        teacher_model=str(tiny_teacher_dir),
+        student_model=2,
+        temperature=2.0,
+        alpha=0.5,
+        output_uri=str(tmp_path / "runs"),
+        job_name="lib",
+    )
     port = free_port()
-    result = distiller.distill(dataset=str(corpus_dir), batch_size=4, epochs=1, learning_rate=1e-3,
-                               max_steps=5, max_seq_length=64, metrics_port=port)
+    result = distiller.distill(
+        dataset=str(corpus_dir),
+        batch_size=4,
+        epochs=1,
+        learning_rate=1e-3,
+        max_steps=5,
+        max_seq_length=64,
+        metrics_port=port,
+    )
     assert result["steps"] == 5
     assert result["studentPerplexityAfter"] < result["studentPerplexityBefore"]
     assert distiller.job.spec.method.knowledge.temperature == 2.0
@@ -42,8 +55,12 @@ def test_knowledge_distiller_distills_saves_and_serves_metrics(tiny_teacher_dir,
     assert samples[("potential_meme_trainer_tokens_per_second", labels)] > 0
     assert samples[("potential_meme_trainer_loss", (("component", "total"), *labels))] > 0
     assert samples[("potential_meme_trainer_stage_index", (("job", "lib"),))] == 0
-    after = samples[("potential_meme_trainer_validation_perplexity", (("job", "lib"), ("model", "student"),
-                                                                      ("stage", "distill"), ("when", "after")))]
+    after = samples[
+        (
+            "potential_meme_trainer_validation_perplexity",
+            (("job", "lib"), ("model", "student"), ("stage", "distill"), ("when", "after")),
+        )
+    ]
     assert after == pytest.approx(result["studentPerplexityAfter"])
 
 
@@ -60,9 +77,11 @@ def test_default_job_name_follows_the_spec(tiny_teacher_dir, corpus_dir, tmp_pat
 
 @pytest.mark.parametrize(
     "kwargs,fragment",
-    [({"alpha": 2.0}, "alpha: Input should be less than or equal to 1"),
-     ({"temperature": 0}, "temperature: Input should be greater than 0"),
-     ({"divergence": "kl"}, "divergence: Input should be 'forwardKL', 'reverseKL' or 'jsd'")],
+    [
+        ({"alpha": 2.0}, "alpha: Input should be less than or equal to 1"),
+        ({"temperature": 0}, "temperature: Input should be greater than 0"),
+        ({"divergence": "kl"}, "divergence: Input should be 'forwardKL', 'reverseKL' or 'jsd'"),
+    ],
 )
 def test_bad_arguments_raise_a_value_error_before_anything_loads(kwargs, fragment):
     with pytest.raises(ValueError, match=fragment) as caught:

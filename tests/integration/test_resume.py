@@ -14,8 +14,13 @@ STEPS = 240
 
 
 def _start(path):
-    return subprocess.Popen([sys.executable, "-m", "potential_meme.cli", "run", str(path), "--metrics-port", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=cli_env())
+    return subprocess.Popen(
+        [sys.executable, "-m", "potential_meme.cli", "run", str(path), "--metrics-port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=cli_env(),
+    )
 
 
 def _weights_digest(stage):
@@ -52,4 +57,6 @@ def test_sigkill_after_a_checkpoint_resumes_there_and_matches_an_uninterrupted_r
     # Optimizer, schedule, RNG and data position were restored: the result is the uninterrupted one.
     straight = tmp_path / "runs" / "straight" / "distill"
     assert _weights_digest(stage) == _weights_digest(straight)
-    assert manifest["metrics"]["finalLoss"] == json.loads((straight / "manifest.json").read_text())["metrics"]["finalLoss"]
+    assert (
+        manifest["metrics"]["finalLoss"] == json.loads((straight / "manifest.json").read_text())["metrics"]["finalLoss"]
+    )

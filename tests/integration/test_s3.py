@@ -19,8 +19,12 @@ def s3_endpoint(monkeypatch):
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
-    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL_S3": endpoint}.items():
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL_S3": endpoint,
+    }.items():
         monkeypatch.setenv(key, value)
     boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="models")
     yield endpoint
@@ -43,7 +47,9 @@ def test_store_round_trip(s3_endpoint, tmp_path):
     assert keys == ["some/prefix/a/b.json"]
 
 
-def test_job_reads_teacher_and_data_from_s3_and_publishes_the_student_there(s3_endpoint, job_file, tiny_teacher_dir, corpus_dir):
+def test_job_reads_teacher_and_data_from_s3_and_publishes_the_student_there(
+    s3_endpoint, job_file, tiny_teacher_dir, corpus_dir
+):
     sync_up(open_store("s3://models/teachers/tiny"), tiny_teacher_dir, "")
     sync_up(open_store("s3://models/corpora/stdlib"), corpus_dir, "")
     path = job_file(
@@ -52,8 +58,13 @@ def test_job_reads_teacher_and_data_from_s3_and_publishes_the_student_there(s3_e
         training={"maxSteps": 4},
         output={"uri": "s3://models/runs"},
     )
-    result = subprocess.run([sys.executable, "-m", "potential_meme.cli", "run", str(path), "--metrics-port", "0"],
-                            capture_output=True, text=True, env=cli_env(), timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "potential_meme.cli", "run", str(path), "--metrics-port", "0"],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     store = open_store("s3://models/runs/tiny/distill")
     manifest = json.loads(store.read_bytes("manifest.json"))

@@ -27,8 +27,13 @@ def test_example_job_distills_the_gguf_teacher_into_a_loadable_student(tmp_path)
     spec["output"]["uri"] = str(tmp_path / "runs")
     job = tmp_path / "job.yaml"
     job.write_text(yaml.safe_dump(document))
-    result = subprocess.run([sys.executable, "-m", "potential_meme.cli", "run", str(job), "--metrics-port", "0"],
-                            capture_output=True, text=True, env=cli_env(), timeout=900)
+    result = subprocess.run(
+        [sys.executable, "-m", "potential_meme.cli", "run", str(job), "--metrics-port", "0"],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        timeout=900,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
 
     stage = tmp_path / "runs" / "kd-smollm2" / "distill"
@@ -42,8 +47,12 @@ def test_example_job_distills_the_gguf_teacher_into_a_loadable_student(tmp_path)
     student = AutoModelForCausalLM.from_pretrained(stage / "student")
     tokenizer = AutoTokenizer.from_pretrained(stage / "student")
     assert student.config.num_hidden_layers == 10 and not hasattr(student.config, "quantization_config")
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is Python?"}],
-                                           add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is Python?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
     with torch.no_grad():
         generated = student.generate(**prompt, max_new_tokens=5, do_sample=False)
     assert generated.shape[1] == prompt["input_ids"].shape[1] + 5

@@ -21,8 +21,9 @@ def test_derived_student_copies_the_chosen_layers_and_shares_embeddings(tiny_tea
     assert student.config.num_hidden_layers == 2
     assert student.config.vocab_size == teacher.config.vocab_size
     for new, old in enumerate([0, 3]):
-        for (name, value), (_, expected) in zip(student.model.layers[new].state_dict().items(),
-                                                teacher.model.layers[old].state_dict().items(), strict=True):
+        for (name, value), (_, expected) in zip(
+            student.model.layers[new].state_dict().items(), teacher.model.layers[old].state_dict().items(), strict=True
+        ):
             assert torch.equal(value, expected), name
     assert torch.equal(student.model.embed_tokens.weight, teacher.model.embed_tokens.weight)
     assert torch.equal(student.model.norm.weight, teacher.model.norm.weight)

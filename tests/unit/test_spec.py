@@ -42,13 +42,33 @@ def test_camel_case_yaml_maps_to_snake_case_python_and_back():
 @pytest.mark.parametrize(
     "mutate,path,fragment",
     [
-        (lambda d: d["spec"]["method"]["knowledge"].update(alpha=1.5), "spec.method.knowledge.alpha", "less than or equal to 1 (got 1.5)"),
-        (lambda d: d["spec"]["method"]["knowledge"].update(alpha=-0.1), "spec.method.knowledge.alpha", "greater than or equal to 0"),
-        (lambda d: d["spec"].update(method={"distill": {}}), "spec.method", "unknown method 'distill'; accepted methods: knowledge"),
+        (
+            lambda d: d["spec"]["method"]["knowledge"].update(alpha=1.5),
+            "spec.method.knowledge.alpha",
+            "less than or equal to 1 (got 1.5)",
+        ),
+        (
+            lambda d: d["spec"]["method"]["knowledge"].update(alpha=-0.1),
+            "spec.method.knowledge.alpha",
+            "greater than or equal to 0",
+        ),
+        (
+            lambda d: d["spec"].update(method={"distill": {}}),
+            "spec.method",
+            "unknown method 'distill'; accepted methods: knowledge",
+        ),
         (lambda d: d["spec"].update(method={}), "spec.method", "set exactly one method"),
-        (lambda d: d["spec"]["dataset"].update(sourc="x"), "spec.dataset.sourc", "unknown field; accepted fields: maxValidationSequences, source"),
+        (
+            lambda d: d["spec"]["dataset"].update(sourc="x"),
+            "spec.dataset.sourc",
+            "unknown field; accepted fields: maxValidationSequences, source",
+        ),
         (lambda d: d["spec"]["training"].update(batchSize="four"), "spec.training.batchSize", "valid integer"),
-        (lambda d: d["spec"]["method"]["knowledge"].update(divergence="kl"), "spec.method.knowledge.divergence", "'forwardKL', 'reverseKL' or 'jsd'"),
+        (
+            lambda d: d["spec"]["method"]["knowledge"].update(divergence="kl"),
+            "spec.method.knowledge.divergence",
+            "'forwardKL', 'reverseKL' or 'jsd'",
+        ),
         (lambda d: d["spec"]["student"].update(model="x"), "spec.student", "exactly one of 'model' or 'fromTeacher'"),
         (lambda d: d["spec"].pop("teacher"), "spec.teacher", "required field is missing"),
         (lambda d: d["metadata"].update(name="Bad_Name"), "metadata.name", "DNS label"),
@@ -83,8 +103,12 @@ def test_plan_of_a_knowledge_job_is_one_deterministic_stage():
 
 
 def test_evaluation_job_needs_something_to_evaluate():
-    document = {"apiVersion": "distill.potential-meme.io/v1alpha1", "kind": "EvaluationJob",
-                "metadata": {"name": "e"}, "spec": {"teacher": "x"}}
+    document = {
+        "apiVersion": "distill.potential-meme.io/v1alpha1",
+        "kind": "EvaluationJob",
+        "metadata": {"name": "e"},
+        "spec": {"teacher": "x"},
+    }
     with pytest.raises(SpecError, match="set 'student' or 'distillationJob'"):
         parse_job(document)
     document["spec"]["distillationJob"] = "demo"
@@ -92,7 +116,9 @@ def test_evaluation_job_needs_something_to_evaluate():
 
 
 def test_spec_package_and_cli_do_not_import_torch():
-    code = ("import sys, potential_meme.spec, potential_meme.spec.crd, potential_meme.cli;"
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')))")
+    code = (
+        "import sys, potential_meme.spec, potential_meme.spec.crd, potential_meme.cli;"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -8,17 +8,25 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from pydantic.alias_generators import to_camel
 
 from ..spec import DistillationJob, SpecError, parse_job
-from ..spec.models import KnowledgeMethod
+from ..spec.models import KnowledgeMethod, LayerwiseMethod, ProgressiveMethod
 from ..storage import open_store, sync_down, sync_up
 
 
 def _camel(fields: dict[str, Any]) -> dict[str, Any]:
     """Python keyword names to the spec's YAML names, so errors name the field as the CRD does."""
     return {to_camel(key): value for key, value in fields.items()}
+
+
+def _validated(model: type[BaseModel], fields: dict[str, Any], source: str) -> Any:
+    """Check constructor arguments at once, before anything loads."""
+    try:
+        return model.model_validate(fields)
+    except ValidationError as exc:
+        raise SpecError.from_validation(model, exc, source) from None
 
 
 def _student_spec(student_model: str | int | dict) -> dict[str, Any]:
@@ -45,8 +53,12 @@ class _Distiller:
         spec = {**spec, "output": {"uri": self.output_uri}}
         # Same spec, same name: a rerun resumes or skips instead of starting over.
         name = self.job_name or f"{prefix}-{hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]}"
-        document = {"apiVersion": "distill.potential-meme.io/v1alpha1", "kind": "DistillationJob",
-                    "metadata": {"name": name}, "spec": spec}
+        document = {
+            "apiVersion": "distill.potential-meme.io/v1alpha1",
+            "kind": "DistillationJob",
+            "metadata": {"name": name},
+            "spec": spec,
+        }
         return parse_job(document, source=name)  # type: ignore[return-value]  # kind is DistillationJob
 
     def _run(self, job: DistillationJob, metrics_port: int | None) -> dict[str, Any]:
@@ -92,10 +104,11 @@ class KnowledgeDistiller(_Distiller):
         job_name: str | None = None,
     ):
         super().__init__(output_uri, job_name)
-        try:
-            self.method = KnowledgeMethod(temperature=temperature, alpha=alpha, divergence=divergence, beta=beta)
-        except ValidationError as exc:
-            raise SpecError.from_validation(KnowledgeMethod, exc, "KnowledgeDistiller") from None
+        self.method = _validated(
+            KnowledgeMethod,
+            {"temperature": temperature, "alpha": alpha, "divergence": divergence, "beta": beta},
+            "KnowledgeDistiller",
+        )
         self.teacher_model = teacher_model
         self.student = _student_spec(student_model)
 
@@ -125,4 +138,128 @@ class KnowledgeDistiller(_Distiller):
         return self._run(self._job(spec, "kd"), metrics_port)
 
 
-__all__ = ["KnowledgeDistiller"]
+class LayerwiseDistiller(_Distiller):
+    """Intermediate-representation distillation: the student's hidden states learn the teacher's.
+
+    Layer index 0 is the embedding output and i the output of decoder layer i, so
+    teacher_layers=[0, 8, 16, 24, 32] with student_layers=[0, 4, 8, 12, 16] matches every 8th
+    teacher layer to every 4th student layer. Where hidden sizes differ a learned linear projection
+    maps the student's state to the teacher's width; it is trained with the student and not
+    exported. The logit-KD loss (temperature, alpha) is added as in KnowledgeDistiller.
+    """
+
+    def __init__(
+        self,
+        teacher_model: str,
+        student_model: str | int | dict,
+        teacher_layers: list[int],
+        student_layers: list[int],
+        *,
+        temperature: float = 2.0,
+        alpha: float = 0.5,
+        layer_loss: str = "mse",
+        output_uri: str = "file://./runs",
+        job_name: str | None = None,
+    ):
+        super().__init__(output_uri, job_name)
+        self.teacher_model = teacher_model
+        self.student = _student_spec(student_model)
+        self.method = {
+            "temperature": temperature,
+            "alpha": alpha,
+            "layerLoss": layer_loss,
+            "teacherLayers": list(teacher_layers),
+            "studentLayers": list(student_layers),
+        }
+        _validated(LayerwiseMethod, self.method, "LayerwiseDistiller")
+
+    def distill(
+        self,
+        dataset: str,
+        batch_size: int = 8,
+        epochs: int = 1,
+        layer_loss_weights: list[float] | None = None,
+        *,
+        learning_rate: float = 5e-5,
+        metrics_port: int | None = None,
+        **training: Any,
+    ) -> dict[str, Any]:
+        """Run the distillation; returns the final metrics. Extra keywords are training fields."""
+        method = {**self.method, "layerLossWeights": layer_loss_weights}
+        spec = {
+            "teacher": {"model": self.teacher_model},
+            "student": self.student,
+            "dataset": {"source": dataset},
+            "method": {"layerwise": {k: v for k, v in method.items() if v is not None}},
+            "training": _camel(
+                {"batch_size": batch_size, "epochs": epochs, "learning_rate": learning_rate, **training}
+            ),
+        }
+        return self._run(self._job(spec, "layerwise"), metrics_port)
+
+
+class ProgressiveDistiller(_Distiller):
+    """A chain of students of decreasing size, each pruned from the previous model and distilled from it.
+
+    Sizes are parameter counts: "30B", "13B", 7e9, "60M" or ints, from largest to smallest.
+    """
+
+    def __init__(
+        self,
+        teacher_model: str,
+        intermediate_sizes: list[str | int | float],
+        final_size: str | int | float,
+        *,
+        temperature: float = 2.0,
+        alpha: float = 0.5,
+        output_uri: str = "file://./runs",
+        job_name: str | None = None,
+    ):
+        super().__init__(output_uri, job_name)
+        self.teacher_model = teacher_model
+        self.method = {
+            "temperature": temperature,
+            "alpha": alpha,
+            "intermediateSizes": list(intermediate_sizes),
+            "finalSize": final_size,
+        }
+        _validated(ProgressiveMethod, self.method, "ProgressiveDistiller")
+
+    def distill_progressively(
+        self,
+        dataset: str,
+        steps_per_stage: int = 1000,
+        patience: int | None = 3,
+        *,
+        eval_every_steps: int | None = None,
+        batch_size: int = 8,
+        learning_rate: float = 5e-5,
+        metrics_port: int | None = None,
+        **training: Any,
+    ) -> list[dict[str, Any]]:
+        """Run every stage; returns each stage's metrics, in order.
+
+        Evaluates every `eval_every_steps` (default: a tenth of a stage) and stops a stage after
+        `patience` evaluations without improvement, keeping its best student.
+        """
+        every = eval_every_steps or max(1, steps_per_stage // 10)
+        spec = {
+            "teacher": {"model": self.teacher_model},
+            "dataset": {"source": dataset},
+            "method": {"progressive": self.method},
+            "training": _camel(
+                {
+                    "max_steps": steps_per_stage,
+                    "eval_every_steps": every,
+                    "early_stopping_patience": patience,
+                    "batch_size": batch_size,
+                    "learning_rate": learning_rate,
+                    **training,
+                }
+            ),
+        }
+        self._run(self._job(spec, "progressive"), metrics_port)
+        return [result["metrics"] for result in self.results]
+
+
+__all__ = ["KnowledgeDistiller", "LayerwiseDistiller", "ProgressiveDistiller"]

@@ -27,8 +27,21 @@ BUILTIN_STDLIB = "builtin:python-stdlib"
 TEXT_SUFFIXES = {".txt": "text", ".md": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 # Modules whose import has side effects (a browser, a window, printing) or that are test suites.
-_SKIPPED_MODULES = {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "test", "pydoc_data",
-                    "lib2to3", "ensurepip", "venv", "__main__", "__phello__"}
+_SKIPPED_MODULES = {
+    "antigravity",
+    "this",
+    "idlelib",
+    "tkinter",
+    "turtle",
+    "turtledemo",
+    "test",
+    "pydoc_data",
+    "lib2to3",
+    "ensurepip",
+    "venv",
+    "__main__",
+    "__phello__",
+}
 
 
 def _problem(field: str, message: str) -> SpecError:
@@ -149,8 +162,11 @@ def load_documents(spec: DatasetSpec) -> tuple[list[Document], list[Document]]:
         documents = [Document(group=str(i), text=t) for i, t in enumerate(table[spec.text_field]) if t]
     train, validation = split_documents(documents, spec.validation_fraction)
     if not train or not validation:
-        raise _problem("source", f"{len(documents)} documents give an empty "
-                       f"{'training' if not train else 'validation'} split; add data or change validationFraction")
+        raise _problem(
+            "source",
+            f"{len(documents)} documents give an empty "
+            f"{'training' if not train else 'validation'} split; add data or change validationFraction",
+        )
     return train, validation
 
 
@@ -163,8 +179,14 @@ def pack(documents: list[Document], tokenizer, sequence_length: int) -> torch.Te
         stream.append(eos)
     rows = len(stream) // sequence_length
     if rows == 0:
-        raise SpecError([("spec.training.maxSeqLength", f"{len(stream)} tokens make no sequence of "
-                                                         f"{sequence_length}; add data or lower maxSeqLength")])
+        raise SpecError(
+            [
+                (
+                    "spec.training.maxSeqLength",
+                    f"{len(stream)} tokens make no sequence of {sequence_length}; add data or lower maxSeqLength",
+                )
+            ]
+        )
     return torch.tensor(stream[: rows * sequence_length], dtype=torch.long).view(rows, sequence_length)
 
 

@@ -152,8 +152,16 @@ def chunked_kd_loss(
             f"({student_weight.shape[0]}): logit distillation needs a shared tokenizer"
         )
     return ChunkedKDLoss.apply(
-        student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
-        alpha, temperature, divergence, beta, chunk_size,
+        student_hidden,
+        student_weight,
+        teacher_hidden,
+        teacher_weight,
+        labels,
+        alpha,
+        temperature,
+        divergence,
+        beta,
+        chunk_size,
     )
 
 

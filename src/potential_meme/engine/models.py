@@ -86,9 +86,7 @@ def load_model(reference: str | ResolvedModel, dtype: torch.dtype = torch.float3
     resolved = reference if isinstance(reference, ResolvedModel) else resolve(reference)
     if resolved.gguf_file is None:
         return AutoModelForCausalLM.from_pretrained(resolved.directory, dtype=dtype)
-    gguf_model = AutoModelForCausalLM.from_pretrained(
-        resolved.directory, gguf_file=resolved.gguf_file, dtype=dtype
-    )
+    gguf_model = AutoModelForCausalLM.from_pretrained(resolved.directory, gguf_file=resolved.gguf_file, dtype=dtype)
     config = gguf_model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -110,34 +108,43 @@ def evenly_spaced_layers(total: int, keep: int) -> list[int]:
     return [round(i * (total - 1) / (keep - 1)) for i in range(keep)]
 
 
+def keep_layers(model: PreTrainedModel, kept: list[int]) -> PreTrainedModel:
+    """A new model with only the decoder layers `kept` (in order), every other weight copied."""
+    config = AutoConfig.for_model(**model.config.to_dict())
+    config.num_hidden_layers = len(kept)
+    if getattr(config, "layer_types", None):
+        config.layer_types = [model.config.layer_types[i] for i in kept]
+    smaller = AutoModelForCausalLM.from_config(config, dtype=model.dtype)
+    new_index = {old: new for new, old in enumerate(kept)}
+    state = {}
+    for key, value in model.state_dict().items():
+        match = _LAYER_KEY.match(key)
+        if match is None:
+            state[key] = value
+        elif int(match.group(2)) in new_index:
+            state[f"{match.group(1)}{new_index[int(match.group(2))]}{match.group(3)}"] = value
+    load_exactly(smaller, state)
+    return smaller
+
+
+def load_exactly(model: PreTrainedModel, state: dict[str, torch.Tensor]) -> None:
+    """load_state_dict that allows only a tied lm-head to be absent."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    untied = [key for key in missing if not (model.config.tie_word_embeddings and key.startswith("lm_head."))]
+    if unexpected or untied:
+        raise RuntimeError(f"weights do not fit the architecture: missing={untied} unexpected={unexpected}")
+
+
 def derive_student(teacher: PreTrainedModel, num_layers: int) -> PreTrainedModel:
-    """A student that keeps `num_layers` of the teacher's decoder layers, weights copied.
+    """A student that keeps `num_layers` of the teacher's decoder layers, evenly spaced, weights copied.
 
     Embeddings, final norm and lm-head are copied too, so the student speaks the teacher's
     tokenizer from the first step.
     """
     total = teacher.config.num_hidden_layers
     kept = evenly_spaced_layers(total, num_layers)
-    config = AutoConfig.for_model(**teacher.config.to_dict())
-    config.num_hidden_layers = num_layers
-    if getattr(config, "layer_types", None):
-        config.layer_types = [teacher.config.layer_types[i] for i in kept]
-    student = AutoModelForCausalLM.from_config(config, dtype=teacher.dtype)
-    new_index = {old: new for new, old in enumerate(kept)}
-    state = {}
-    for key, value in teacher.state_dict().items():
-        match = _LAYER_KEY.match(key)
-        if match is None:
-            state[key] = value
-        elif int(match.group(2)) in new_index:
-            state[f"{match.group(1)}{new_index[int(match.group(2))]}{match.group(3)}"] = value
-    missing, unexpected = student.load_state_dict(state, strict=False)
-    # A tied lm-head may be absent from the state dict; any other gap is a bug.
-    untied = [key for key in missing if not (config.tie_word_embeddings and key.startswith("lm_head."))]
-    if unexpected or untied:
-        raise RuntimeError(f"deriving the student left missing={untied} unexpected={unexpected}")
     log.info("student keeps teacher layers %s (%d of %d)", kept, num_layers, total)
-    return student
+    return keep_layers(teacher, kept)
 
 
 def parameter_count(model: torch.nn.Module) -> int:

@@ -26,13 +26,15 @@ from torch import nn
 
 from ..metrics import trainer as metrics
 from ..spec.errors import SpecError, StageConflict
-from ..spec.models import DistillationJob, KnowledgeMethod
+from ..spec.models import DistillationJob
 from ..spec.plan import Stage, plan_stages
 from ..storage import ArtifactStore, open_store, read_json, sync_up, write_json
 from . import checkpoint
 from .data import epoch_order, load_documents, pack, shifted_labels
-from .losses import chunked_kd_loss, chunked_nll
+from .losses import chunked_nll
 from .models import derive_student, load_model, load_tokenizer, parameter_count, resolve
+from .objective import DistillationObjective, HiddenStateTap, check_layer_indices, hidden_states
+from .pruning import prune_to
 
 log = logging.getLogger(__name__)
 
@@ -96,35 +98,6 @@ def start_runtime(precision: str) -> Runtime:
 # ---------------------------------------------------------------- loss module
 
 
-def hidden_states(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    """Final (normed) hidden states [B, L, H], without computing the lm-head."""
-    return model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
-
-
-class DistillationObjective(nn.Module):
-    """Student forward + chunked KD loss in one module, so DDP sees every parameter it uses."""
-
-    def __init__(self, student: nn.Module, method: KnowledgeMethod):
-        super().__init__()
-        self.student = student
-        self.method = method
-
-    def forward(self, input_ids, labels, teacher_hidden, teacher_weight):
-        hidden = hidden_states(self.student, input_ids)
-        return chunked_kd_loss(
-            hidden.reshape(-1, hidden.shape[-1]),
-            self.student.get_output_embeddings().weight,
-            None if teacher_hidden is None else teacher_hidden.reshape(-1, teacher_hidden.shape[-1]),
-            teacher_weight,
-            labels.reshape(-1),
-            alpha=self.method.alpha,
-            temperature=self.method.temperature,
-            divergence=self.method.divergence,
-            beta=self.method.beta,
-            chunk_size=self.method.chunk_size,
-        )
-
-
 @torch.no_grad()
 def perplexity(model: nn.Module, sequences: torch.Tensor, runtime: Runtime, batch_size: int, chunk_size: int) -> float:
     """Held-out perplexity; the processes of a DDP run each take a share of the sequences."""
@@ -137,13 +110,15 @@ def perplexity(model: nn.Module, sequences: torch.Tensor, runtime: Runtime, batc
         batch = shard[start : start + batch_size].to(runtime.device)
         with runtime.autocast():
             hidden = hidden_states(model, batch)
-        nll, tokens = chunked_nll(hidden.reshape(-1, hidden.shape[-1]).to(weight.dtype), weight,
-                                  shifted_labels(batch).reshape(-1), chunk_size)
+        nll, tokens = chunked_nll(
+            hidden.reshape(-1, hidden.shape[-1]).to(weight.dtype), weight, shifted_labels(batch).reshape(-1), chunk_size
+        )
         total += float(nll)
         count += tokens
     total, count = runtime.all_sum([total, float(count)])
     model.train(was_training)
-    return math.exp(total / max(count, 1))
+    mean_nll = total / max(count, 1)
+    return math.exp(mean_nll) if mean_nll < 700 else math.inf  # a diverged model, not a crash
 
 
 # ---------------------------------------------------------------- schedule and progress
@@ -196,6 +171,8 @@ class Progress:
 
 
 # ---------------------------------------------------------------- the distill stage
+
+
 class Batches:
     """Which rows each process reads at each step: a pure function of (step, rank), so resume replays it.
 
@@ -210,9 +187,17 @@ class Batches:
         self.rows_per_step = batch_size * accumulation * world_size
         self.steps_per_epoch = rows.shape[0] // self.rows_per_step
         if self.steps_per_epoch == 0:
-            raise SpecError([("spec.training.batchSize", (
-                f"{rows.shape[0]} training sequences cannot fill one step of {self.rows_per_step} "
-                "(batchSize x gradientAccumulationSteps x processes); lower batchSize or add data"))])
+            raise SpecError(
+                [
+                    (
+                        "spec.training.batchSize",
+                        (
+                            f"{rows.shape[0]} training sequences cannot fill one step of {self.rows_per_step} "
+                            "(batchSize x gradientAccumulationSteps x processes); lower batchSize or add data"
+                        ),
+                    )
+                ]
+            )
 
     def step_batches(self, step: int, runtime: Runtime) -> list[torch.Tensor]:
         epoch, position = divmod(step, self.steps_per_epoch)
@@ -225,41 +210,64 @@ class Batches:
         return batches
 
 
-def _accumulate_gradients(model, teacher, teacher_weight, batches, runtime: Runtime) -> tuple[float, float, float]:
-    """Forward and backward every micro-batch of one step; returns its mean (loss, ce, kd) over processes."""
-    totals = [0.0, 0.0, 0.0]
+@dataclass
+class Teacher:
+    model: nn.Module
+    tap: HiddenStateTap | None  # layerwise: the teacher states the student matches
+
+    def forward(self, batch: torch.Tensor) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        with torch.inference_mode():
+            hidden = hidden_states(self.model, batch)
+            states = self.tap.take() if self.tap else {}
+        # Clones leave inference mode, so autograd may save them for backward.
+        return hidden.clone(), {index: state.clone() for index, state in states.items()}
+
+
+def _accumulate_gradients(model, teacher: Teacher, teacher_weight, batches, runtime: Runtime) -> dict[str, float]:
+    """Forward and backward every micro-batch of one step; returns its mean losses over processes."""
+    totals = [0.0, 0.0, 0.0, 0.0]
     for micro, batch in enumerate(batches):
         last = micro == len(batches) - 1
         # DDP all-reduces gradients only after the last micro-batch of a step.
         skip_sync = model.no_sync() if runtime.world_size > 1 and not last else contextlib.nullcontext()
         with skip_sync, runtime.autocast():
-            teacher_hidden = None
-            if teacher_weight is not None:
-                with torch.inference_mode():
-                    teacher_hidden = hidden_states(teacher, batch)
-                teacher_hidden = teacher_hidden.clone()  # leave inference mode before autograd sees it
-            loss, ce, kd = model(batch, shifted_labels(batch), teacher_hidden, teacher_weight)
+            teacher_hidden, teacher_states = teacher.forward(batch) if teacher_weight is not None else (None, None)
+            loss, *components = model(batch, shifted_labels(batch), teacher_hidden, teacher_weight, teacher_states)
             (loss / len(batches)).backward()
-        for index, value in enumerate((loss.detach(), ce, kd)):
+        for index, value in enumerate((loss.detach(), *components)):
             totals[index] += float(value) / len(batches)
-    loss, ce, kd = (value / runtime.world_size for value in runtime.all_sum(totals))
-    return loss, ce, kd
+    means = [value / runtime.world_size for value in runtime.all_sum(totals)]
+    return dict(zip(("total", "ce", "kd", "layers"), means, strict=True))
 
 
-
-
-def _load_models(job: DistillationJob, runtime: Runtime):
+def _load_models(job: DistillationJob, stage: Stage, train_docs, runtime: Runtime):
+    """(tokenizer, teacher, student, stage facts) for a stage; progressive stages prune their student."""
     teacher_ref = resolve(job.spec.teacher.model)
     tokenizer = load_tokenizer(teacher_ref)
-    teacher_dtype = runtime.autocast_dtype or torch.float32
-    teacher = load_model(teacher_ref, dtype=teacher_dtype)
-    student_spec = job.spec.student
-    if student_spec.from_teacher is not None:
-        student = derive_student(teacher, student_spec.from_teacher.num_layers).float()
+    dtype = runtime.autocast_dtype or torch.float32
+    facts: dict[str, Any] = {}
+    if stage.kind == "progressive":
+        previous = plan_stages(job)[stage.index - 1] if stage.index else None
+        # Each stage learns from the model the stage before produced; the first from the teacher.
+        teacher = load_model(resolve(previous.output_uri + STUDENT_DIR) if previous else teacher_ref, dtype=dtype)
+        method = job.spec.method.progressive
+        calibration = pack(train_docs, tokenizer, job.spec.training.max_seq_length)[: method.calibration_sequences]
+        try:
+            student, report = prune_to(teacher.float(), stage.target_parameters, calibration)
+        except ValueError as exc:
+            last = stage.index == len(method.sizes) - 1
+            field = "finalSize" if last else f"intermediateSizes.{stage.index}"
+            raise SpecError([(f"spec.method.progressive.{field}", str(exc))], job.metadata.name) from None
+        teacher = teacher.to(dtype)
+        facts = report.as_metrics()
+    elif job.spec.student.from_teacher is not None:
+        teacher = load_model(teacher_ref, dtype=dtype)
+        student = derive_student(teacher, job.spec.student.from_teacher.num_layers)
     else:
-        student = load_model(resolve(student_spec.model))
+        teacher = load_model(teacher_ref, dtype=dtype)
+        student = load_model(resolve(job.spec.student.model))
     teacher.to(runtime.device).eval().requires_grad_(False)
-    return tokenizer, teacher, student.to(runtime.device)
+    return tokenizer, teacher, student.float().to(runtime.device), facts
 
 
 def _save_student(student: nn.Module, tokenizer, store: ArtifactStore) -> list[dict[str, Any]]:
@@ -270,99 +278,163 @@ def _save_student(student: nn.Module, tokenizer, store: ArtifactStore) -> list[d
         for path in sorted(Path(tmp).rglob("*")):
             if path.is_file():
                 digest = hashlib.sha256(path.read_bytes()).hexdigest()
-                files.append({"path": STUDENT_DIR + str(path.relative_to(tmp)), "sha256": digest,
-                              "bytes": path.stat().st_size})
+                files.append(
+                    {"path": STUDENT_DIR + str(path.relative_to(tmp)), "sha256": digest, "bytes": path.stat().st_size}
+                )
         sync_up(store, Path(tmp), STUDENT_DIR)
     return files
 
 
+@dataclass
+class EarlyStopping:
+    """Held-out perplexity every N steps; keeps the best student and stops after `patience` misses."""
+
+    patience: int | None
+    best: float = math.inf
+    best_step: int = 0
+    best_state: dict[str, torch.Tensor] | None = None
+    misses: int = 0
+
+    def observe(self, step: int, value: float, student: nn.Module) -> bool:
+        """Record an evaluation; True when training should stop."""
+        if value < self.best:
+            self.best, self.best_step, self.misses = value, step, 0
+            self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in student.state_dict().items()}
+        else:
+            self.misses += 1
+        return self.patience is not None and self.misses >= self.patience
+
+    def state(self) -> dict[str, Any]:
+        return {"best": self.best, "best_step": self.best_step, "best_state": self.best_state, "misses": self.misses}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.best, self.best_step = state["best"], state["best_step"]
+        self.best_state, self.misses = state["best_state"], state["misses"]
+
+
 def run_distill_stage(job: DistillationJob, stage: Stage, runtime: Runtime) -> dict[str, Any]:
     spec = job.spec
-    method = spec.method.knowledge
+    method = spec.method.selected
     training = spec.training
     store = open_store(stage.output_uri)
     labels = {"job": job.metadata.name, "stage": stage.name}
     torch.manual_seed(training.seed)
 
     train_docs, validation_docs = load_documents(spec.dataset)  # before the models: data errors come fast
-    tokenizer, teacher, student = _load_models(job, runtime)
+    tokenizer, teacher_model, student, stage_facts = _load_models(job, stage, train_docs, runtime)
     if training.gradient_checkpointing:
         student.gradient_checkpointing_enable()
+    layerwise = spec.method.layerwise
+    if layerwise is not None:
+        check_layer_indices(layerwise, teacher_model.config.num_hidden_layers, student.config.num_hidden_layers)
+    teacher = Teacher(teacher_model, HiddenStateTap(teacher_model, layerwise.teacher_layers) if layerwise else None)
     train_rows = pack(train_docs, tokenizer, training.max_seq_length)
     validation_rows = pack(validation_docs, tokenizer, training.max_seq_length)[: spec.dataset.max_validation_sequences]
-
-    batches = Batches(train_rows, training.batch_size, training.gradient_accumulation_steps, runtime.world_size,
-                      training.seed)
+    batches = Batches(
+        train_rows, training.batch_size, training.gradient_accumulation_steps, runtime.world_size, training.seed
+    )
     total_steps = training.max_steps or training.epochs * batches.steps_per_epoch
     warmup_steps = int(training.warmup_ratio * total_steps)
 
-    objective = DistillationObjective(student, method)
+    objective = DistillationObjective(student, method, teacher_model.config.hidden_size).to(runtime.device)
     model: nn.Module = objective
     if runtime.world_size > 1:
         model = nn.parallel.DistributedDataParallel(
             objective, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None
         )
     optimizer = torch.optim.AdamW(
-        student.parameters(), lr=training.learning_rate, weight_decay=training.weight_decay,
+        objective.parameters(),
+        lr=training.learning_rate,
+        weight_decay=training.weight_decay,
         fused=runtime.device.type == "cuda",
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(training.lr_scheduler, warmup_steps, total_steps)
     )
 
-    step, before, resumed_from = 0, {}, None
+    def evaluate(model_: nn.Module) -> float:
+        return perplexity(model_, validation_rows, runtime, training.batch_size, method.chunk_size)
+
+    early = EarlyStopping(training.early_stopping_patience)
+    step, before, resumed_from, stopped_early = 0, {}, None, False
     restored = checkpoint.load_newest(store)
     if restored is not None:
-        step, student_state, state = restored
+        step, objective_state, state = restored
         if state["spec_hash"] != spec_hash(job):
             raise StageConflict(
                 f"{stage.output_uri} holds checkpoints of a different spec; change metadata.name or "
                 "output.uri, or delete that folder to start over"
             )
-        student.load_state_dict(student_state)
+        objective.load_state_dict(objective_state)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         checkpoint.restore_rng(state["rng"])
+        early.restore(state["early_stopping"])
         before, resumed_from = state["before"], step
         log.info("resuming %s/%s from checkpoint at step %d", job.metadata.name, stage.name, step)
     else:
-        eval_batch = training.batch_size
-        before = {
-            "teacherPerplexity": perplexity(teacher, validation_rows, runtime, eval_batch, method.chunk_size),
-            "studentPerplexityBefore": perplexity(student, validation_rows, runtime, eval_batch, method.chunk_size),
-        }
+        before = {"teacherPerplexity": evaluate(teacher_model), "studentPerplexityBefore": evaluate(student)}
+        if training.eval_every_steps:
+            early.observe(0, before["studentPerplexityBefore"], student)  # training must beat the start
         if runtime.is_main:
-            log.info("validation perplexity: teacher %.2f, student before %.2f",
-                     before["teacherPerplexity"], before["studentPerplexityBefore"])
+            log.info(
+                "validation perplexity: teacher %.2f, student before %.2f",
+                before["teacherPerplexity"],
+                before["studentPerplexityBefore"],
+            )
 
     metrics.TOTAL_STEPS.labels(**labels).set(total_steps)
     metrics.CURRENT_STEP.labels(**labels).set(step)
-    teacher_weight = teacher.get_output_embeddings().weight if method.alpha < 1 else None
+    teacher_weight = teacher_model.get_output_embeddings().weight if method.alpha < 1 or layerwise else None
     tokens_per_step = batches.rows_per_step * training.max_seq_length
     progress = Progress(runtime, total_steps, step, training.log_every_steps, f"{job.metadata.name}/{stage.name}")
     started, losses = time.monotonic(), []
-    student.train()
+    objective.train()
     while step < total_steps:
         step_started = time.monotonic()
-        step_loss, step_ce, step_kd = _accumulate_gradients(
-            model, teacher, teacher_weight, batches.step_batches(step, runtime), runtime)
+        step_losses = _accumulate_gradients(
+            model, teacher, teacher_weight, batches.step_batches(step, runtime), runtime
+        )
         if training.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(student.parameters(), training.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(objective.parameters(), training.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        losses.append(step_loss)
+        losses.append(step_losses["total"])
         tokens_per_second = tokens_per_step / (time.monotonic() - step_started)
-        metrics.step_done(labels, step, tokens_per_step, tokens_per_second, total=step_loss, ce=step_ce, kd=step_kd)
-        progress.update(step, step_loss, tokens_per_second)
+        metrics.step_done(labels, step, tokens_per_step, tokens_per_second, **step_losses)
+        progress.update(step, step_losses["total"], tokens_per_second)
 
+        if training.eval_every_steps and step % training.eval_every_steps == 0:
+            value = evaluate(student)
+            stopped_early = early.observe(step, value, student)
+            if runtime.is_main:
+                log.info(
+                    "step %d: validation perplexity %.2f (best %.2f at step %d)",
+                    step,
+                    value,
+                    early.best,
+                    early.best_step,
+                )
+            if stopped_early:
+                log.info("early stop at step %d: %d evaluations without improvement", step, early.misses)
+                break
         if step % spec.checkpoint.every_steps == 0 and step < total_steps:
             if runtime.is_main:
                 checkpoint.save(
-                    store, step, student.state_dict(),
-                    {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "rng": checkpoint.rng_state(), "step": step, "spec_hash": spec_hash(job), "before": before},
+                    store,
+                    step,
+                    objective.state_dict(),
+                    {
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "rng": checkpoint.rng_state(),
+                        "step": step,
+                        "spec_hash": spec_hash(job),
+                        "before": before,
+                        "early_stopping": early.state(),
+                    },
                     keep=spec.checkpoint.keep,
                 )
                 metrics.CHECKPOINT_WRITES.labels(**labels).inc()
@@ -370,11 +442,15 @@ def run_distill_stage(job: DistillationJob, stage: Stage, runtime: Runtime) -> d
             runtime.barrier()
     progress.close()
     train_seconds = time.monotonic() - started
+    if early.best_state is not None:
+        student.load_state_dict(early.best_state)  # the best evaluated student, not the last
+    after = evaluate(student)
 
-    after = perplexity(student, validation_rows, runtime, training.batch_size, method.chunk_size)
-    for model_name, when, value in (("teacher", "before", before["teacherPerplexity"]),
-                                     ("student", "before", before["studentPerplexityBefore"]),
-                                     ("student", "after", after)):
+    for model_name, when, value in (
+        ("teacher", "before", before["teacherPerplexity"]),
+        ("student", "before", before["studentPerplexityBefore"]),
+        ("student", "after", after),
+    ):
         metrics.VALIDATION_PERPLEXITY.labels(**labels, model=model_name, when=when).set(value)
     steps_run = step - (resumed_from or 0)
     manifest = {
@@ -389,11 +465,14 @@ def run_distill_stage(job: DistillationJob, stage: Stage, runtime: Runtime) -> d
             "studentPerplexityAfter": after,
             "finalLoss": losses[-1] if losses else None,
             "steps": step,
+            "stoppedEarly": stopped_early,
+            "bestStep": early.best_step if training.eval_every_steps else step,
             "tokens": step * tokens_per_step,
             "trainSeconds": round(train_seconds, 2),
             "tokensPerSecond": round(steps_run * tokens_per_step / train_seconds, 1) if train_seconds else None,
-            "teacherParameters": parameter_count(teacher),
+            "teacherParameters": parameter_count(teacher_model),
             "studentParameters": parameter_count(student),
+            **stage_facts,
         },
     }
     if runtime.is_main:
@@ -406,7 +485,7 @@ def run_distill_stage(job: DistillationJob, stage: Stage, runtime: Runtime) -> d
 
 # ---------------------------------------------------------------- stages and jobs
 
-STAGE_RUNNERS = {"distill": run_distill_stage}
+STAGE_RUNNERS = {"distill": run_distill_stage, "progressive": run_distill_stage}
 
 
 def finished_manifest(job: DistillationJob, stage: Stage) -> dict[str, Any] | None:
@@ -426,7 +505,7 @@ def finished_manifest(job: DistillationJob, stage: Stage) -> dict[str, Any] | No
 def preflight(job: DistillationJob) -> None:
     """Check the local model references before anything loads; SpecError names the field."""
     references = [("spec.teacher.model", job.spec.teacher.model)]
-    if job.spec.student.model is not None:
+    if job.spec.student is not None and job.spec.student.model is not None:
         references.append(("spec.student.model", job.spec.student.model))
     problems = []
     for field, reference in references:

@@ -7,9 +7,10 @@ operator) validates through them. This package must not import torch.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, model_validator
 from pydantic.alias_generators import to_camel
 
 API_GROUP = "distill.potential-meme.io"
@@ -124,12 +125,120 @@ class KnowledgeMethod(Model):
         default="forwardKL",
         description="forwardKL = KL(teacher||student), reverseKL = KL(student||teacher), jsd = generalized JSD(beta).",
     )
-    beta: float = Field(
-        default=0.5, gt=0, lt=1, description="Mixture weight of the teacher in the generalized JSD."
+    beta: float = Field(default=0.5, gt=0, lt=1, description="Mixture weight of the teacher in the generalized JSD.")
+    chunk_size: int = Field(default=256, ge=1, description="Tokens per chunk of the lm-head projection and loss.")
+
+
+LayerIndex = Annotated[int, Field(ge=0)]
+NonNegative = Annotated[float, Field(ge=0)]
+
+
+class LayerwiseMethod(KnowledgeMethod):
+    """Hidden-state matching plus logit KD.
+
+    Layer index 0 is the embedding output and index i the output of decoder layer i (1-based), so
+    a 30-layer teacher has indices 0..30. Each (teacherLayers[k], studentLayers[k]) pair adds
+    layerLossWeights[k] * D(project(h_student), h_teacher), where project is a learned linear map
+    when the hidden sizes differ (trained with the student, not exported), to the logit KD loss.
+    """
+
+    teacher_layers: list[LayerIndex] = Field(min_length=1, description="Teacher layer of each pair (0: embeddings).")
+    student_layers: list[LayerIndex] = Field(min_length=1, description="Student layer of each pair (0: embeddings).")
+    layer_loss_weights: list[NonNegative] | None = Field(
+        default=None, description="Weight of each pair's loss; 1 each when unset."
     )
-    chunk_size: int = Field(
-        default=256, ge=1, description="Tokens per chunk of the lm-head projection and loss."
+    layer_loss: Literal["mse", "cosine"] = Field(
+        default="mse",
+        description=(
+            "mse: mean squared error relative to the teacher state's mean square; cosine: 1 - cosine similarity."
+        ),
     )
+
+    @model_validator(mode="after")
+    def _pairs_line_up(self) -> LayerwiseMethod:
+        if len(self.teacher_layers) != len(self.student_layers):
+            raise ValueError(
+                f"teacherLayers has {len(self.teacher_layers)} entries and studentLayers "
+                f"{len(self.student_layers)}: give one student layer per teacher layer"
+            )
+        if self.layer_loss_weights is not None and len(self.layer_loss_weights) != len(self.teacher_layers):
+            raise ValueError(
+                f"layerLossWeights has {len(self.layer_loss_weights)} entries for {len(self.teacher_layers)} "
+                "layer pairs: give one weight per pair"
+            )
+        return self
+
+    @property
+    def pair_weights(self) -> list[float]:
+        return self.layer_loss_weights or [1.0] * len(self.teacher_layers)
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?(?:e\d+)?)\s*([kKmMbBtT]?)\s*$")
+_UNITS = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "t": 10**12}
+
+
+def parse_parameter_count(value: Any) -> Any:
+    """'30B', '13b', '60M', 7e9 and plain ints all become a parameter count (int)."""
+    if isinstance(value, bool):
+        return value  # pydantic refuses it with its own message
+    if isinstance(value, (int, float)):
+        return int(value) if float(value).is_integer() else value
+    if isinstance(value, str):
+        match = _SIZE.match(value)
+        if match is None:
+            raise ValueError(f"{value!r} is not a parameter count; write e.g. 7e9, '13B', '350M' or 60000000")
+        return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    return value
+
+
+ParameterCount = Annotated[
+    int,
+    BeforeValidator(parse_parameter_count),
+    Field(gt=0),
+    WithJsonSchema({"x-kubernetes-int-or-string": True, "description": "Parameters: 7e9, '13B', '350M', 60000000."}),
+]
+
+
+def format_parameter_count(count: int) -> str:
+    """A DNS-label-safe short form: 13000000000 -> '13b', 1500000000 -> '1p5b', 67300000 -> '67p3m'."""
+    for unit, size in (("t", 10**12), ("b", 10**9), ("m", 10**6), ("k", 10**3)):
+        if count >= size:
+            text = f"{count / size:.3g}"
+            return text.replace(".", "p") + unit
+    return str(count)
+
+
+class ProgressiveMethod(KnowledgeMethod):
+    """A chain of ever smaller students: each made by pruning the previous model, then distilled from it.
+
+    Sizes are parameter counts. Each stage prunes depth first (drops the decoder layers whose
+    removal changes their hidden state least on calibration batches), then MLP width (the channels
+    with the least activation) to reach its size, and distills from the previous stage's model.
+    """
+
+    intermediate_sizes: list[ParameterCount] = Field(
+        default_factory=list, description="Sizes of the stages before the last."
+    )
+    final_size: ParameterCount = Field(description="Size of the final student.")
+    calibration_sequences: int = Field(
+        default=8, ge=1, description="Training sequences used to rank layers and channels."
+    )
+
+    @model_validator(mode="after")
+    def _strictly_decreasing(self) -> ProgressiveMethod:
+        sizes = [*self.intermediate_sizes, self.final_size]
+        for larger, smaller in zip(sizes, sizes[1:], strict=False):
+            if smaller >= larger:
+                raise ValueError(
+                    f"sizes must strictly decrease, got {format_parameter_count(larger)} then "
+                    f"{format_parameter_count(smaller)}: list intermediateSizes from largest to smallest, "
+                    "all above finalSize"
+                )
+        return self
+
+    @property
+    def sizes(self) -> list[int]:
+        return [*self.intermediate_sizes, self.final_size]
 
 
 class MethodSpec(Model):
@@ -138,6 +247,8 @@ class MethodSpec(Model):
     model_config = ConfigDict(json_schema_extra={"minProperties": 1, "maxProperties": 1})
 
     knowledge: KnowledgeMethod | None = None
+    layerwise: LayerwiseMethod | None = None
+    progressive: ProgressiveMethod | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -154,6 +265,11 @@ class MethodSpec(Model):
     @property
     def name(self) -> str:
         return next(name for name in type(self).model_fields if getattr(self, name) is not None)
+
+    @property
+    def selected(self) -> KnowledgeMethod:
+        """The chosen method; every method carries the logit-KD fields."""
+        return getattr(self, self.name)
 
 
 class TrainingSpec(Model):
@@ -172,7 +288,19 @@ class TrainingSpec(Model):
         default="auto", description="auto: bf16 autocast on GPUs that support it, fp32 otherwise."
     )
     gradient_checkpointing: bool = False
+    eval_every_steps: int | None = Field(
+        default=None, ge=1, description="Held-out perplexity every N steps; the best student is the one kept."
+    )
+    early_stopping_patience: int | None = Field(
+        default=None, ge=1, description="Stop after this many evaluations without improvement (needs evalEverySteps)."
+    )
     log_every_steps: int = Field(default=10, ge=1, description="Log line interval when not on a terminal.")
+
+    @model_validator(mode="after")
+    def _patience_needs_evaluations(self) -> TrainingSpec:
+        if self.early_stopping_patience is not None and self.eval_every_steps is None:
+            raise ValueError("earlyStoppingPatience needs evalEverySteps: set how often to evaluate")
+        return self
 
 
 class CheckpointSpec(Model):
@@ -200,7 +328,9 @@ class DistillationJobSpec(Model):
     """Distill a teacher LLM into a smaller student."""
 
     teacher: TeacherSpec
-    student: StudentSpec
+    student: StudentSpec | None = Field(
+        default=None, description="Required except for progressive, which prunes its own."
+    )
     dataset: DatasetSpec
     method: MethodSpec
     training: TrainingSpec = Field(default_factory=TrainingSpec)
@@ -208,6 +338,17 @@ class DistillationJobSpec(Model):
     output: OutputSpec = Field(default_factory=OutputSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     suspend: bool = False
+
+    @model_validator(mode="after")
+    def _student_matches_method(self) -> DistillationJobSpec:
+        progressive = self.method.progressive is not None
+        if progressive and self.student is not None:
+            raise ValueError(
+                "student: leave it out for progressive; each stage's student is pruned from the one before"
+            )
+        if not progressive and self.student is None:
+            raise ValueError("student: required; set student.model or student.fromTeacher")
+        return self
 
 
 class EvaluationJobSpec(Model):

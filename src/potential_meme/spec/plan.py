@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from .models import format_parameter_count
+
 if TYPE_CHECKING:
     from .models import DistillationJob
 
@@ -18,6 +20,7 @@ class Stage:
     kind: str  # what the engine does in this stage
     output_uri: str  # <output>/<job>/<stage>/
     inputs: tuple[str, ...] = ()  # names of earlier stages whose artifacts this one reads
+    target_parameters: int | None = None  # progressive: the size this stage prunes to
 
 
 def job_output_uri(job: DistillationJob) -> str:
@@ -27,6 +30,23 @@ def job_output_uri(job: DistillationJob) -> str:
 def plan_stages(job: DistillationJob) -> list[Stage]:
     method = job.spec.method.name
     root = job_output_uri(job)
-    if method == "knowledge":
+    if method in ("knowledge", "layerwise"):
         return [Stage(index=0, name="distill", kind="distill", output_uri=f"{root}distill/")]
+    if method == "progressive":
+        stages: list[Stage] = []
+        for index, size in enumerate(job.spec.method.progressive.sizes):
+            name = f"distill-{format_parameter_count(size)}"
+            if any(stage.name == name for stage in stages):  # sizes too close for the short form
+                name = f"distill-{size}"
+            stages.append(
+                Stage(
+                    index=index,
+                    name=name,
+                    kind="progressive",
+                    output_uri=f"{root}{name}/",
+                    inputs=(stages[-1].name,) if stages else (),
+                    target_parameters=size,
+                )
+            )
+        return stages
     raise NotImplementedError(f"no plan for method {method!r}")  # unreachable: the spec refuses it

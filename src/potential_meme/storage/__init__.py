@@ -81,9 +81,7 @@ def s3_client() -> Any:
     import boto3
 
     endpoint = (
-        os.environ.get("AWS_ENDPOINT_URL_S3")
-        or os.environ.get("AWS_ENDPOINT_URL")
-        or os.environ.get("S3_ENDPOINT_URL")
+        os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("S3_ENDPOINT_URL")
     )
     return boto3.client("s3", endpoint_url=endpoint)
 

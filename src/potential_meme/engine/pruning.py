@@ -1,0 +1,161 @@
+"""Structured pruning to a parameter budget: whole decoder layers first, then MLP channels.
+
+Depth: a layer whose output hidden state is nearly its input (cosine similarity close to 1 on
+calibration batches) changes the model's computation least, so it goes first (the "block
+influence" of Men et al., 2024, ShortGPT). Scores are measured again after every removal, because
+removing one layer changes what the others see.
+
+Width: when dropping one more layer would go below the budget, each layer keeps the MLP channels
+with the largest mean |act(gate(x)) * up(x)| on the calibration batches, the same number in every
+layer (Hugging Face configs have one intermediate size), just enough to fit the budget.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from .models import keep_layers, load_exactly, parameter_count
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PruningReport:
+    parameters_before: int
+    parameters_after: int = 0
+    layers_before: int = 0
+    kept_layers: list[int] = field(default_factory=list)
+    intermediate_size_before: int = 0
+    intermediate_size_after: int = 0
+
+    def as_metrics(self) -> dict:
+        return {
+            "parametersBefore": self.parameters_before,
+            "parametersAfter": self.parameters_after,
+            "layersBefore": self.layers_before,
+            "keptLayers": self.kept_layers,
+            "intermediateSizeBefore": self.intermediate_size_before,
+            "intermediateSizeAfter": self.intermediate_size_after,
+        }
+
+
+def decoder_layers(model: PreTrainedModel) -> torch.nn.ModuleList:
+    return model.base_model.layers
+
+
+@torch.no_grad()
+def layer_influence(model: PreTrainedModel, calibration: torch.Tensor, batch_size: int = 4) -> list[float]:
+    """1 - mean cosine(input, output) of every decoder layer's hidden state over the calibration tokens."""
+    layers = decoder_layers(model)
+    totals = [0.0] * len(layers)
+    count = 0
+
+    def hook(index):
+        def record(module, args, kwargs, output):
+            hidden_in = args[0] if args else kwargs["hidden_states"]
+            hidden_out = output[0] if isinstance(output, tuple) else output
+            totals[index] += float((1 - F.cosine_similarity(hidden_in.float(), hidden_out.float(), dim=-1)).sum())
+
+        return record
+
+    handles = [layer.register_forward_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        model.eval()
+        for start in range(0, calibration.shape[0], batch_size):
+            batch = calibration[start : start + batch_size]
+            model.base_model(input_ids=batch, use_cache=False)
+            count += batch.numel()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [total / count for total in totals]
+
+
+@torch.no_grad()
+def channel_importance(model: PreTrainedModel, calibration: torch.Tensor, batch_size: int = 4) -> list[torch.Tensor]:
+    """Mean |activation| of every MLP channel (the input of down_proj), per layer."""
+    layers = decoder_layers(model)
+    sums = [torch.zeros(layer.mlp.down_proj.in_features) for layer in layers]
+    count = 0
+
+    def hook(index):
+        def record(module, args):
+            sums[index] += args[0].detach().abs().float().sum(dim=(0, 1)).cpu()
+
+        return record
+
+    handles = [layer.mlp.down_proj.register_forward_pre_hook(hook(i)) for i, layer in enumerate(layers)]
+    try:
+        model.eval()
+        for start in range(0, calibration.shape[0], batch_size):
+            batch = calibration[start : start + batch_size]
+            model.base_model(input_ids=batch, use_cache=False)
+            count += batch.numel()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [total / count for total in sums]
+
+
+def keep_channels(model: PreTrainedModel, keep: int, importance: list[torch.Tensor]) -> PreTrainedModel:
+    """Every layer keeps its `keep` most important MLP channels (gate/up rows, down columns)."""
+    config = AutoConfig.for_model(**model.config.to_dict())
+    config.intermediate_size = keep
+    narrower = AutoModelForCausalLM.from_config(config, dtype=model.dtype)
+    state = dict(model.state_dict())
+    for index, scores in enumerate(importance):
+        channels = torch.topk(scores, keep).indices.sort().values
+        prefix = f"{model.base_model_prefix}.layers.{index}.mlp."
+        for name in ("gate_proj", "up_proj"):
+            state[f"{prefix}{name}.weight"] = state[f"{prefix}{name}.weight"][channels].clone()
+            if f"{prefix}{name}.bias" in state:
+                state[f"{prefix}{name}.bias"] = state[f"{prefix}{name}.bias"][channels].clone()
+        state[f"{prefix}down_proj.weight"] = state[f"{prefix}down_proj.weight"][:, channels].clone()
+    load_exactly(narrower, state)
+    return narrower
+
+
+def prune_to(model: PreTrainedModel, target: int, calibration: torch.Tensor) -> tuple[PreTrainedModel, PruningReport]:
+    """A copy of `model` with at most `target` parameters (depth first, then MLP width)."""
+    report = PruningReport(
+        parameters_before=parameter_count(model),
+        layers_before=model.config.num_hidden_layers,
+        intermediate_size_before=model.config.intermediate_size,
+    )
+    if target >= report.parameters_before:
+        raise ValueError(f"size {target:,} is not below the model's {report.parameters_before:,} parameters")
+    layers = decoder_layers(model)
+    per_layer = sum(p.numel() for p in layers[0].parameters())
+    fixed = report.parameters_before - per_layer * len(layers)  # embeddings, final norm, untied lm-head
+    smallest = fixed + per_layer - (model.config.intermediate_size - 1) * 3 * model.config.hidden_size
+    if target < smallest:
+        raise ValueError(
+            f"size {target:,} is below the smallest prunable model ({smallest:,}: embeddings and one layer)"
+        )
+
+    original_indices = list(range(len(layers)))
+    while len(original_indices) > 1 and fixed + per_layer * (len(original_indices) - 1) >= target:
+        influence = layer_influence(model, calibration)
+        drop = min(range(len(influence)), key=influence.__getitem__)
+        log.info("dropping layer %d (influence %.4f)", original_indices[drop], influence[drop])
+        keep = [i for i in range(len(influence)) if i != drop]
+        model = keep_layers(model, keep)
+        original_indices = [original_indices[i] for i in keep]
+
+    current = parameter_count(model)
+    if current > target:
+        per_channel = 3 * model.config.hidden_size * len(original_indices)
+        remove = math.ceil((current - target) / per_channel)
+        keep = model.config.intermediate_size - remove
+        log.info("keeping %d of %d MLP channels per layer", keep, model.config.intermediate_size)
+        model = keep_channels(model, keep, channel_importance(model, calibration))
+    report.kept_layers = original_indices
+    report.parameters_after = parameter_count(model)
+    report.intermediate_size_after = model.config.intermediate_size
+    return model, report
