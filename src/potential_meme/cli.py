@@ -39,18 +39,16 @@ def _distillation_job(path: str) -> DistillationJob:
 def _print_summary(job: DistillationJob, manifests: list[dict]) -> None:
     from .engine.trainer import student_uri
 
-    last = manifests[-1]["metrics"]
     first = manifests[0]["metrics"]
-    rows = [
-        ("teacher perplexity (held-out)", first.get("teacherPerplexity")),
-        ("student perplexity before", first.get("studentPerplexityBefore")),
-        ("student perplexity after", last.get("studentPerplexityAfter")),
-    ]
-    print(f"\n{job.metadata.name}: {len(manifests)} stage(s) done")
-    for label, value in rows:
-        if value is not None:
-            print(f"  {label:<32}{value:>14,.2f}")
-    print(f"  {'student':<32}{student_uri(job)}")
+    print(f"\n{job.metadata.name}: {len(manifests)} stage(s) done; held-out perplexity, teacher "
+          f"{first['teacherPerplexity']:,.2f}")
+    print(f"  {'stage':<18}{'student params':>16}{'before':>16}{'after':>12}{'steps':>7}")
+    for manifest in manifests:
+        row = manifest["metrics"]
+        stopped = " (early stop)" if row.get("stoppedEarly") else ""
+        print(f"  {manifest['stage']:<18}{row['studentParameters']:>16,}{row['studentPerplexityBefore']:>16,.2f}"
+              f"{row['studentPerplexityAfter']:>12,.2f}{row['steps']:>7}{stopped}")
+    print(f"  student: {student_uri(job)}")
 
 
 def cmd_run(args: argparse.Namespace) -> int:

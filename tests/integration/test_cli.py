@@ -29,7 +29,9 @@ def test_run_distills_saves_a_loadable_student_and_skips_when_rerun(job_file, tm
     metrics = manifest["metrics"]
     assert metrics["steps"] == 12 and metrics["tokens"] == 12 * 4 * 64
     assert metrics["studentPerplexityAfter"] < metrics["studentPerplexityBefore"]
-    assert "student perplexity after" in result.stdout and "teacher perplexity" in result.stdout
+    assert f"held-out perplexity, teacher {metrics['teacherPerplexity']:,.2f}" in result.stdout
+    assert f"{metrics['studentPerplexityBefore']:,.2f}" in result.stdout
+    assert f"{metrics['studentPerplexityAfter']:,.2f}" in result.stdout
     # Every file of the student is listed with its hash, and the folder loads with plain transformers.
     listed = {f["path"] for f in manifest["files"]}
     assert {"student/config.json", "student/model.safetensors", "student/tokenizer.json"} <= listed

