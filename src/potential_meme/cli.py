@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from .spec import DistillationJob, SpecError, load_job
-from .spec.errors import StageConflict
+from .spec.errors import StageError
 
 DEFAULT_METRICS_PORT = 9464
 
@@ -40,14 +40,18 @@ def _print_summary(job: DistillationJob, manifests: list[dict]) -> None:
     from .engine.trainer import student_uri
 
     first = manifests[0]["metrics"]
-    print(f"\n{job.metadata.name}: {len(manifests)} stage(s) done; held-out perplexity, teacher "
-          f"{first['teacherPerplexity']:,.2f}")
+    print(
+        f"\n{job.metadata.name}: {len(manifests)} stage(s) done; held-out perplexity, teacher "
+        f"{first['teacherPerplexity']:,.2f}"
+    )
     print(f"  {'stage':<18}{'student params':>16}{'before':>16}{'after':>12}{'steps':>7}")
     for manifest in manifests:
         row = manifest["metrics"]
         stopped = " (early stop)" if row.get("stoppedEarly") else ""
-        print(f"  {manifest['stage']:<18}{row['studentParameters']:>16,}{row['studentPerplexityBefore']:>16,.2f}"
-              f"{row['studentPerplexityAfter']:>12,.2f}{row['steps']:>7}{stopped}")
+        print(
+            f"  {manifest['stage']:<18}{row['studentParameters']:>16,}{row['studentPerplexityBefore']:>16,.2f}"
+            f"{row['studentPerplexityAfter']:>12,.2f}{row['steps']:>7}{stopped}"
+        )
     print(f"  student: {student_uri(job)}")
 
 
@@ -111,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     except SpecError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except StageConflict as exc:
+    except StageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

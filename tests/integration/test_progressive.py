@@ -207,3 +207,26 @@ def test_a_killed_chain_keeps_finished_stages_and_continues_with_the_next(tiny_t
     assert "resuming prog/distill-100k from checkpoint" in rerun.stderr
     assert (runs / "distill-150k" / "manifest.json").read_text() == first_manifest
     assert json.loads((runs / "distill-100k" / "manifest.json").read_text())["metrics"]["steps"] == 400
+
+
+def test_each_stage_runs_alone_once_the_one_before_is_done(tiny_teacher_dir, corpus_dir, tmp_path):
+    import yaml
+
+    path = tmp_path / "prog.yaml"
+    path.write_text(yaml.safe_dump(_document(tiny_teacher_dir, corpus_dir, tmp_path, maxSteps=2)))
+
+    def train(stage):
+        return subprocess.run(
+            [sys.executable, "-m", "potential_meme.cli", "train", "--job", str(path), "--stage", stage],
+            capture_output=True,
+            text=True,
+            env=cli_env(),
+            timeout=300,
+        )
+
+    early = train("distill-100k")
+    assert early.returncode == 1 and "Traceback" not in early.stderr
+    assert "distill-150k, which has not finished" in early.stderr
+    assert train("distill-150k").returncode == 0
+    assert train("distill-100k").returncode == 0
+    assert (tmp_path / "runs" / "prog" / "distill-100k" / "manifest.json").exists()

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..metrics import trainer as metrics
-from ..spec.errors import SpecError, StageConflict
+from ..spec.errors import SpecError, StageError
 from ..spec.models import DistillationJob
 from ..spec.plan import Stage, plan_stages
 from ..storage import ArtifactStore, open_store, read_json, sync_up, write_json
@@ -248,6 +248,11 @@ def _load_models(job: DistillationJob, stage: Stage, train_docs, runtime: Runtim
     facts: dict[str, Any] = {}
     if stage.kind == "progressive":
         previous = plan_stages(job)[stage.index - 1] if stage.index else None
+        if previous is not None and finished_manifest(job, previous) is None:
+            raise StageError(
+                f"stage {stage.name} distills the student of stage {previous.name}, which has not finished: "
+                f"run `potential-meme train --stage {previous.name}` first"
+            )
         # Each stage learns from the model the stage before produced; the first from the teacher.
         teacher = load_model(resolve(previous.output_uri + STUDENT_DIR) if previous else teacher_ref, dtype=dtype)
         method = job.spec.method.progressive
@@ -361,7 +366,7 @@ def run_distill_stage(job: DistillationJob, stage: Stage, runtime: Runtime) -> d
     if restored is not None:
         step, objective_state, state = restored
         if state["spec_hash"] != spec_hash(job):
-            raise StageConflict(
+            raise StageError(
                 f"{stage.output_uri} holds checkpoints of a different spec; change metadata.name or "
                 "output.uri, or delete that folder to start over"
             )
@@ -489,13 +494,13 @@ STAGE_RUNNERS = {"distill": run_distill_stage, "progressive": run_distill_stage}
 
 
 def finished_manifest(job: DistillationJob, stage: Stage) -> dict[str, Any] | None:
-    """The stage's manifest when it already finished for this spec; StageConflict for another spec."""
+    """The stage's manifest when it already finished for this spec; StageError when another spec's."""
     store = open_store(stage.output_uri)
     if not store.exists(MANIFEST):
         return None
     manifest = read_json(store, MANIFEST)
     if manifest.get("specHash") != spec_hash(job):
-        raise StageConflict(
+        raise StageError(
             f"{stage.output_uri} holds a finished stage of a different spec; change metadata.name or "
             "output.uri, or delete that folder to run again"
         )

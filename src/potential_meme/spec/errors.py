@@ -23,8 +23,8 @@ class SpecError(ValueError):
         return cls([_describe(root, error) for error in exc.errors()], source)
 
 
-class StageConflict(RuntimeError):
-    """A stage's output location holds work of a different spec."""
+class StageError(RuntimeError):
+    """A stage cannot run as asked: its output holds another spec's work, or its input is not ready."""
 
 
 def _unwrap(annotation: Any) -> Any:
