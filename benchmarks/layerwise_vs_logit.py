@@ -5,9 +5,9 @@ python benchmarks/layerwise_vs_logit.py [--steps 40] [--layers 10]
 
 from __future__ import annotations
 
-from common import arguments, run
-
 from potential_meme.engine.models import evenly_spaced_layers
+
+from common import arguments, run
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""potential-meme: run | train | crds."""
+"""potential-meme: run | train | render | crds."""
 
 from __future__ import annotations
 
@@ -72,6 +72,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_render(args: argparse.Namespace) -> int:
+    from .operator.render import Defaults, render_job, to_yaml_stream
+
+    job = _distillation_job(args.job)
+    if args.namespace:
+        job.metadata.namespace = args.namespace
+    defaults = Defaults(**{key: value for key, value in (("trainer_image", args.image),) if value})
+    sys.stdout.write(to_yaml_stream(render_job(job, defaults)))
+    return 0
+
+
 def cmd_crds(args: argparse.Namespace) -> int:
     from .spec.crd import write_crds
 
@@ -100,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--stage", required=True, help="stage name from the job's plan")
     train.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus metrics on PORT (0: off)")
     train.set_defaults(handler=cmd_train)
+
+    render = commands.add_parser("render", help="print every object the operator would create for a job (YAML stream)")
+    render.add_argument("job", help="job file (YAML)")
+    render.add_argument("--namespace", help="namespace of the objects (default: the job's, if any)")
+    render.add_argument("--image", help="trainer image when the job names none (default: the operator's)")
+    render.set_defaults(handler=cmd_render)
 
     crds = commands.add_parser("crds", help="write the CustomResourceDefinitions generated from the spec models")
     crds.add_argument("--output-dir", default="crds", type=Path)

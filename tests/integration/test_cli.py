@@ -6,8 +6,9 @@ import sys
 
 import pytest
 import yaml
-from conftest import cli_env
 from transformers import AutoModelForCausalLM
+
+from conftest import cli_env
 
 
 def cli(*args, timeout=300):

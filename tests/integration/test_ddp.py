@@ -5,8 +5,9 @@ import subprocess
 import sys
 
 import torch
-from conftest import cli_env, free_port
 from safetensors.torch import load_file
+
+from conftest import cli_env, free_port
 
 
 def test_two_process_ddp_matches_one_process_with_the_same_global_batch(job_file, tmp_path):

@@ -3,12 +3,13 @@
 import urllib.request
 
 import pytest
-from conftest import free_port
 from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoModelForCausalLM
 
 from potential_meme.distillation import KnowledgeDistiller
 from potential_meme.spec import SpecError
+
+from conftest import free_port
 
 
 def _samples(port):

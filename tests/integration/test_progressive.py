@@ -8,7 +8,6 @@ import time
 
 import pytest
 import torch
-from conftest import cli_env
 
 from potential_meme.distillation import ProgressiveDistiller
 from potential_meme.engine.data import load_documents, pack
@@ -17,6 +16,8 @@ from potential_meme.engine.pruning import layer_influence, prune_to
 from potential_meme.engine.trainer import EarlyStopping
 from potential_meme.spec import SpecError, parse_job, plan_stages
 from potential_meme.spec.models import DatasetSpec, format_parameter_count, parse_parameter_count
+
+from conftest import cli_env
 
 
 def test_sizes_parse_from_every_accepted_form():

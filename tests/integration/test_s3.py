@@ -6,11 +6,12 @@ import sys
 
 import boto3
 import pytest
-from conftest import cli_env, free_port
 from moto.server import ThreadedMotoServer
 
 from potential_meme.engine.models import load_model
 from potential_meme.storage import open_store, sync_up
+
+from conftest import cli_env, free_port
 
 
 @pytest.fixture

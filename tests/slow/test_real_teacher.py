@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import cli_env
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import cli_env
 
 pytestmark = [
     pytest.mark.slow,

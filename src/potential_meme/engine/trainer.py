@@ -43,8 +43,9 @@ STUDENT_DIR = "student/"
 
 
 def spec_hash(job: DistillationJob) -> str:
-    """Hash of what determines a stage's result; suspend and resources (placement) do not."""
-    relevant = job.spec.model_dump(mode="json", exclude={"suspend", "resources"})
+    """Hash of what determines a stage's result; placement, retries and suspension do not."""
+    placement = {"suspend": True, "resources": True, "run_policy": True, "output": {"credentials_secret", "endpoint"}}
+    relevant = job.spec.model_dump(mode="json", exclude=placement)
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 
 

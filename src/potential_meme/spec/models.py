@@ -314,14 +314,40 @@ class OutputSpec(Model):
         min_length=1,
         description="Everything the job writes goes under <uri>/<job name>/: file:// or a path, or s3://bucket/prefix.",
     )
+    credentials_secret: str | None = Field(
+        default=None,
+        description=(
+            "In the cluster: a Secret whose keys (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...) become the "
+            "trainer's environment. Only its name is in the job; the operator never reads it."
+        ),
+    )
+    endpoint: str | None = Field(default=None, description="S3 endpoint URL for MinIO-style stores.")
+
+
+Quantity = Annotated[str, Field(pattern=r"^[0-9]+(\.[0-9]+)?(m|k|Ki|Mi|Gi|Ti|M|G|T)?$")]
 
 
 class ResourcesSpec(Model):
-    nodes: int = Field(default=1, ge=1)
-    gpus_per_node: int = Field(default=0, ge=0)
+    """Where and how big the trainer pods are; changing it does not change the result."""
+
+    nodes: int = Field(default=1, ge=1, description="Pods: one Master, nodes - 1 Workers.")
+    gpus_per_node: int = Field(default=0, ge=0, description="nvidia.com/gpu per pod; also processes per pod.")
     image: str | None = Field(default=None, description="Trainer image; the operator's default when unset.")
-    cpu: str | None = None
-    memory: str | None = None
+    cpu: Quantity | None = None
+    memory: Quantity | None = None
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[dict[str, Any]] = Field(default_factory=list, description="corev1 tolerations, passed through.")
+    priority_class_name: str | None = None
+    service_account_name: str | None = None
+    queue_name: str | None = Field(default=None, description="Kueue LocalQueue (label kueue.x-k8s.io/queue-name).")
+
+
+class RunPolicySpec(Model):
+    """Passed to every PyTorchJob's runPolicy."""
+
+    backoff_limit: int = Field(default=3, ge=0, description="Pod restarts before the stage fails.")
+    active_deadline_seconds: int | None = Field(default=None, ge=1)
+    ttl_seconds_after_finished: int | None = Field(default=None, ge=0)
 
 
 class DistillationJobSpec(Model):
@@ -337,6 +363,7 @@ class DistillationJobSpec(Model):
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    run_policy: RunPolicySpec = Field(default_factory=RunPolicySpec)
     suspend: bool = False
 
     @model_validator(mode="after")

@@ -1,0 +1,190 @@
+"""Every object the operator creates for a job, as pure functions of the job (and the operator's defaults).
+
+`potential-meme render` prints the same objects, so what a user reviews or a GitOps tool diffs is
+exactly what the operator applies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from ..spec.models import API_VERSION, DistillationJob
+from ..spec.plan import Stage, plan_stages
+
+PYTORCHJOB_API = "kubeflow.org/v1"
+JOB_FILE_DIR = "/etc/potential-meme"
+JOB_FILE = "job.yaml"
+CONTAINER = "pytorch"  # Kubeflow's training operator looks for this container name
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+LABEL_JOB = "distill.potential-meme.io/job"
+LABEL_STAGE = "distill.potential-meme.io/stage"
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """What the operator's installation decides when a job does not."""
+
+    trainer_image: str = "ghcr.io/potential-meme/trainer:0.1.0"
+    s3_endpoint: str | None = None
+    credentials_secret: str | None = None
+    queue_name: str | None = None
+
+
+def configmap_name(job: DistillationJob) -> str:
+    return f"{job.metadata.name}-job"
+
+
+def pytorchjob_name(job: DistillationJob, stage: Stage) -> str:
+    """Deterministic, so a restarted operator finds the child it made instead of making another."""
+    return f"{job.metadata.name}-{stage.name}"[:63].rstrip("-")
+
+
+def owner_reference(job: DistillationJob) -> list[dict[str, Any]]:
+    uid = job.metadata.model_extra.get("uid") if job.metadata.model_extra else None
+    if not uid:
+        return []  # rendered offline: the API server has not given the job a uid yet
+    return [
+        {
+            "apiVersion": API_VERSION,
+            "kind": "DistillationJob",
+            "name": job.metadata.name,
+            "uid": uid,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+    ]
+
+
+def _metadata(job: DistillationJob, name: str, stage: Stage | None = None) -> dict[str, Any]:
+    labels = {LABEL_JOB: job.metadata.name, "app.kubernetes.io/managed-by": "potential-meme"}
+    if stage is not None:
+        labels[LABEL_STAGE] = stage.name
+    metadata: dict[str, Any] = {"name": name, "labels": labels}
+    if job.metadata.namespace:
+        metadata["namespace"] = job.metadata.namespace
+    owners = owner_reference(job)
+    if owners:
+        metadata["ownerReferences"] = owners
+    return metadata
+
+
+def render_configmap(job: DistillationJob) -> dict[str, Any]:
+    """The job spec as the pods read it: apiVersion, kind, name and spec, nothing cluster-specific."""
+    document = {
+        "apiVersion": job.api_version,
+        "kind": job.kind,
+        "metadata": {"name": job.metadata.name},
+        "spec": job.spec.to_yaml_dict(),
+    }
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(job, configmap_name(job)),
+        "data": {JOB_FILE: yaml.safe_dump(document, sort_keys=False)},
+    }
+
+
+def _container(job: DistillationJob, stage: Stage, defaults: Defaults) -> dict[str, Any]:
+    resources = job.spec.resources
+    processes = max(resources.gpus_per_node, 1)
+    command = [
+        "torchrun",
+        f"--nproc-per-node={processes}",
+        "--module",
+        "potential_meme.cli",
+        "train",
+        "--job",
+        f"{JOB_FILE_DIR}/{JOB_FILE}",
+        "--stage",
+        stage.name,
+        "--metrics-port",
+        "9400",
+    ]
+    limits: dict[str, Any] = {}
+    requests: dict[str, Any] = {}
+    if resources.gpus_per_node:
+        limits["nvidia.com/gpu"] = resources.gpus_per_node
+    for key, value in (("cpu", resources.cpu), ("memory", resources.memory)):
+        if value:
+            requests[key] = limits[key] = value
+    env = [{"name": "PYTHONUNBUFFERED", "value": "1"}]
+    endpoint = job.spec.output.endpoint or defaults.s3_endpoint
+    if endpoint:
+        env.append({"name": "AWS_ENDPOINT_URL_S3", "value": endpoint})
+    container: dict[str, Any] = {
+        "name": CONTAINER,
+        "image": resources.image or defaults.trainer_image,
+        "command": command,
+        "env": env,
+        "ports": [{"name": "metrics", "containerPort": 9400}],
+        "volumeMounts": [{"name": "job", "mountPath": JOB_FILE_DIR, "readOnly": True}],
+    }
+    secret = job.spec.output.credentials_secret or defaults.credentials_secret
+    if secret:
+        container["envFrom"] = [{"secretRef": {"name": secret}}]  # referenced, never copied
+    if limits:
+        container["resources"] = {"limits": limits, **({"requests": requests} if requests else {})}
+    return container
+
+
+def _replica(job: DistillationJob, stage: Stage, replicas: int, defaults: Defaults) -> dict[str, Any]:
+    resources = job.spec.resources
+    pod_spec: dict[str, Any] = {
+        "containers": [_container(job, stage, defaults)],
+        "volumes": [{"name": "job", "configMap": {"name": configmap_name(job)}}],
+    }
+    if resources.node_selector:
+        pod_spec["nodeSelector"] = dict(resources.node_selector)
+    if resources.tolerations:
+        pod_spec["tolerations"] = list(resources.tolerations)
+    if resources.priority_class_name:
+        pod_spec["priorityClassName"] = resources.priority_class_name
+    if resources.service_account_name:
+        pod_spec["serviceAccountName"] = resources.service_account_name
+    return {
+        "replicas": replicas,
+        "restartPolicy": "OnFailure",
+        "template": {"metadata": {"labels": {LABEL_JOB: job.metadata.name, LABEL_STAGE: stage.name}}, "spec": pod_spec},
+    }
+
+
+def render_pytorchjob(job: DistillationJob, stage: Stage, defaults: Defaults = Defaults()) -> dict[str, Any]:
+    resources = job.spec.resources
+    run_policy: dict[str, Any] = {
+        "backoffLimit": job.spec.run_policy.backoff_limit,
+        "suspend": job.spec.suspend,
+        "cleanPodPolicy": "None",
+    }
+    if job.spec.run_policy.active_deadline_seconds is not None:
+        run_policy["activeDeadlineSeconds"] = job.spec.run_policy.active_deadline_seconds
+    if job.spec.run_policy.ttl_seconds_after_finished is not None:
+        run_policy["ttlSecondsAfterFinished"] = job.spec.run_policy.ttl_seconds_after_finished
+    replica_specs = {"Master": _replica(job, stage, 1, defaults)}
+    if resources.nodes > 1:
+        replica_specs["Worker"] = _replica(job, stage, resources.nodes - 1, defaults)
+    metadata = _metadata(job, pytorchjob_name(job, stage), stage)
+    queue = resources.queue_name or defaults.queue_name
+    if queue:
+        metadata["labels"][QUEUE_LABEL] = queue
+    return {
+        "apiVersion": PYTORCHJOB_API,
+        "kind": "PyTorchJob",
+        "metadata": metadata,
+        "spec": {
+            "nprocPerNode": str(max(resources.gpus_per_node, 1)),
+            "runPolicy": run_policy,
+            "pytorchReplicaSpecs": replica_specs,
+        },
+    }
+
+
+def render_job(job: DistillationJob, defaults: Defaults = Defaults()) -> list[dict[str, Any]]:
+    """The ConfigMap, then one PyTorchJob per planned stage, in plan order."""
+    return [render_configmap(job), *(render_pytorchjob(job, stage, defaults) for stage in plan_stages(job))]
+
+
+def to_yaml_stream(objects: list[dict[str, Any]]) -> str:
+    return "".join("---\n" + yaml.safe_dump(item, sort_keys=False) for item in objects)

@@ -1,0 +1,167 @@
+"""Rendered PyTorchJobs, checked against the real Kubeflow CRD schema in ../shared/k8s."""
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from potential_meme.operator.render import Defaults, render_job, render_pytorchjob, to_yaml_stream
+from potential_meme.spec import parse_job, plan_stages
+
+from conftest import SHARED
+
+KUBEFLOW_CRD = SHARED / "k8s" / "kubeflow.org_pytorchjobs.yaml"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+@pytest.fixture(scope="module")
+def pytorchjob_validator():
+    if not KUBEFLOW_CRD.exists():
+        pytest.skip(f"{KUBEFLOW_CRD} is absent (a checkout outside the workplace)")
+    schema = yaml.safe_load(KUBEFLOW_CRD.read_text())["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+
+    # Kubernetes' int-or-string fields (quantities, ports) carry no `type`: teach jsonschema the rule.
+    def int_or_string(validator, value, instance, schema_node):
+        if value and not isinstance(instance, (int, str)):
+            yield jsonschema.ValidationError(f"{instance!r} is neither an integer nor a string")
+
+    validator_class = jsonschema.validators.extend(
+        jsonschema.Draft4Validator, {"x-kubernetes-int-or-string": int_or_string}
+    )
+    return validator_class(schema)
+
+
+def _job(**spec_changes):
+    document = yaml.safe_load((EXAMPLES / "progressive-smollm2.yaml").read_text())
+    document["metadata"].update(namespace="ml", uid="1234-abcd")
+    for key, value in spec_changes.items():
+        document["spec"][key] = value
+    return parse_job(document)
+
+
+def _assert_valid(validator, obj):
+    errors = sorted(validator.iter_errors(obj), key=lambda e: list(e.path))
+    assert not errors, f"{list(errors[0].path)}: {errors[0].message}"
+
+
+def test_every_stage_renders_a_valid_pytorchjob_with_deterministic_names(pytorchjob_validator):
+    job = _job()
+    objects = render_job(job)
+    assert [o["kind"] for o in objects] == ["ConfigMap", "PyTorchJob", "PyTorchJob"]
+    assert [o["metadata"]["name"] for o in objects] == [
+        "progressive-smollm2-job",
+        "progressive-smollm2-distill-100m",
+        "progressive-smollm2-distill-70m",
+    ]
+    assert render_job(job) == objects
+    for obj in objects[1:]:
+        _assert_valid(pytorchjob_validator, obj)
+        assert obj["metadata"]["ownerReferences"][0] == {
+            "apiVersion": "distill.potential-meme.io/v1alpha1",
+            "kind": "DistillationJob",
+            "name": "progressive-smollm2",
+            "uid": "1234-abcd",
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+        assert obj["metadata"]["namespace"] == "ml"
+    assert objects[0]["metadata"]["ownerReferences"][0]["uid"] == "1234-abcd"
+
+
+def test_configmap_carries_the_spec_the_pods_read():
+    job = _job()
+    configmap = render_job(job)[0]
+    carried = parse_job(yaml.safe_load(configmap["data"]["job.yaml"]))
+    assert carried.spec == job.spec
+    assert "uid" not in configmap["data"]["job.yaml"]
+
+
+def test_gpus_nodes_and_placement_reach_the_pods(pytorchjob_validator):
+    job = _job(
+        resources={
+            "nodes": 3,
+            "gpusPerNode": 8,
+            "image": "registry.example/trainer:1",
+            "cpu": "16",
+            "memory": "200Gi",
+            "nodeSelector": {"gpu": "h100"},
+            "tolerations": [{"key": "gpu", "operator": "Exists"}],
+            "priorityClassName": "high",
+            "serviceAccountName": "trainer",
+            "queueName": "team-a",
+        },
+        runPolicy={"backoffLimit": 1, "activeDeadlineSeconds": 3600, "ttlSecondsAfterFinished": 600},
+        output={"uri": "s3://bucket/runs", "credentialsSecret": "s3-creds", "endpoint": "http://minio:9000"},
+        suspend=True,
+    )
+    stage = plan_stages(job)[1]
+    rendered = render_pytorchjob(job, stage)
+    _assert_valid(pytorchjob_validator, rendered)
+    spec = rendered["spec"]
+    assert spec["nprocPerNode"] == "8"
+    assert spec["runPolicy"] == {
+        "backoffLimit": 1,
+        "suspend": True,
+        "cleanPodPolicy": "None",
+        "activeDeadlineSeconds": 3600,
+        "ttlSecondsAfterFinished": 600,
+    }
+    assert spec["pytorchReplicaSpecs"]["Master"]["replicas"] == 1
+    assert spec["pytorchReplicaSpecs"]["Worker"]["replicas"] == 2
+    assert rendered["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+    for replica in spec["pytorchReplicaSpecs"].values():
+        pod = replica["template"]["spec"]
+        (container,) = pod["containers"]
+        assert container["name"] == "pytorch" and container["image"] == "registry.example/trainer:1"
+        assert container["resources"]["limits"] == {"nvidia.com/gpu": 8, "cpu": "16", "memory": "200Gi"}
+        assert container["command"][:2] == ["torchrun", "--nproc-per-node=8"]
+        assert container["command"][-5:-2] == ["/etc/potential-meme/job.yaml", "--stage", "distill-70m"]
+        assert container["envFrom"] == [{"secretRef": {"name": "s3-creds"}}]
+        assert {"name": "AWS_ENDPOINT_URL_S3", "value": "http://minio:9000"} in container["env"]
+        assert pod["nodeSelector"] == {"gpu": "h100"} and pod["tolerations"] == [{"key": "gpu", "operator": "Exists"}]
+        assert pod["priorityClassName"] == "high" and pod["serviceAccountName"] == "trainer"
+        assert pod["volumes"] == [{"name": "job", "configMap": {"name": "progressive-smollm2-job"}}]
+
+
+def test_single_node_cpu_job_has_only_a_master_and_operator_defaults_fill_gaps(pytorchjob_validator):
+    job = _job()
+    rendered = render_pytorchjob(
+        job, plan_stages(job)[0], Defaults(trainer_image="img:2", credentials_secret="default-creds", queue_name="q")
+    )
+    _assert_valid(pytorchjob_validator, rendered)
+    assert list(rendered["spec"]["pytorchReplicaSpecs"]) == ["Master"]
+    container = rendered["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
+    assert container["image"] == "img:2" and "resources" not in container
+    assert container["envFrom"] == [{"secretRef": {"name": "default-creds"}}]
+    assert rendered["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "q"
+
+
+def test_the_schema_check_can_fail(pytorchjob_validator):
+    broken = copy.deepcopy(render_pytorchjob(_job(), plan_stages(_job())[0]))
+    broken["spec"]["pytorchReplicaSpecs"]["Master"]["replicas"] = "one"
+    assert list(pytorchjob_validator.iter_errors(broken))
+
+
+def test_render_command_prints_a_yaml_stream_without_importing_torch(tmp_path):
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text((EXAMPLES / "kd-smollm2.yaml").read_text())
+    code = (
+        "import sys, runpy; sys.argv = ['potential-meme', 'render', sys.argv[1], '--namespace', 'ml'];"
+        "from potential_meme.cli import main; code = main();"
+        "assert not [m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')], 'torch imported';"
+        "sys.exit(code)"
+    )
+    result = subprocess.run([sys.executable, "-c", code, str(job_file)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    documents = list(yaml.safe_load_all(result.stdout))
+    assert [d["kind"] for d in documents] == ["ConfigMap", "PyTorchJob"]
+    assert all(d["metadata"]["namespace"] == "ml" for d in documents)
+    assert result.stdout == to_yaml_stream(
+        render_job(
+            parse_job({**yaml.safe_load(job_file.read_text()), "metadata": {"name": "kd-smollm2", "namespace": "ml"}})
+        )
+    )
