@@ -27,7 +27,7 @@ from torch import nn
 from ..metrics import trainer as metrics
 from ..spec.errors import SpecError, StageError
 from ..spec.models import DistillationJob
-from ..spec.plan import Stage, plan_stages
+from ..spec.plan import MANIFEST, STUDENT_DIR, Stage, plan_stages
 from ..storage import ArtifactStore, open_store, read_json, sync_up, write_json
 from . import checkpoint
 from .data import epoch_order, load_documents, pack, shifted_labels
@@ -37,9 +37,6 @@ from .objective import DistillationObjective, HiddenStateTap, check_layer_indice
 from .pruning import prune_to
 
 log = logging.getLogger(__name__)
-
-MANIFEST = "manifest.json"
-STUDENT_DIR = "student/"
 
 
 def spec_hash(job: DistillationJob) -> str:

@@ -11,6 +11,10 @@ if TYPE_CHECKING:
     from .models import DistillationJob
 
 
+MANIFEST = "manifest.json"  # written last by a stage: its presence means the stage is done
+STUDENT_DIR = "student/"  # the stage's student, a Hugging Face folder
+
+
 @dataclass(frozen=True)
 class Stage:
     """One unit of work: a PyTorchJob in the cluster, a step of `potential-meme run` locally."""

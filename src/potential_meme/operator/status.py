@@ -1,0 +1,184 @@
+"""From what the cluster shows (child PyTorchJobs, stage manifests) to a job's status and next step.
+
+Pure functions: the kopf handlers feed them what they read and apply what they return, and the
+tests check every transition without a cluster.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..spec.models import Condition, DistillationJob, JobStatus, Phase, StageStatus
+from ..spec.plan import STUDENT_DIR, Stage, plan_stages
+from .render import pytorchjob_name
+
+
+@dataclass(frozen=True)
+class ChildState:
+    phase: Phase
+    reason: str = ""
+    message: str = ""
+    start_time: str | None = None
+    finish_time: str | None = None
+
+
+def _true(conditions: list[dict[str, Any]], kind: str) -> dict[str, Any] | None:
+    for condition in conditions:
+        if condition.get("type") == kind and condition.get("status") == "True":
+            return condition
+    return None
+
+
+def child_state(pytorchjob: dict[str, Any]) -> ChildState:
+    """Read a PyTorchJob the way Kubeflow's training operator writes it: terminal conditions first."""
+    status = pytorchjob.get("status") or {}
+    conditions = status.get("conditions") or []
+    start, finish = status.get("startTime"), status.get("completionTime")
+    for kind, phase in (
+        ("Failed", "Failed"),
+        ("Succeeded", "Succeeded"),
+        ("Suspended", "Suspended"),
+        ("Running", "Running"),
+        ("Restarting", "Running"),
+    ):
+        condition = _true(conditions, kind)
+        if condition is not None:
+            return ChildState(
+                phase,
+                condition.get("reason", kind),
+                condition.get("message", ""),
+                start,
+                finish or (condition.get("lastTransitionTime") if phase in ("Failed", "Succeeded") else None),
+            )
+    return ChildState("Pending", "Created" if _true(conditions, "Created") else "Waiting", "", start, None)
+
+
+@dataclass(frozen=True)
+class Decision:
+    status: JobStatus
+    create: Stage | None  # the stage whose PyTorchJob should exist now and does not
+
+
+def decide(
+    job: DistillationJob,
+    children: dict[str, dict[str, Any]],
+    manifests: dict[str, dict[str, Any] | None],
+    previous: JobStatus | None,
+    now: str,
+    generation: int | None = None,
+) -> Decision:
+    """The status to write and the PyTorchJob to create, from the children (by name) and stage manifests.
+
+    A stage is done when its manifest exists; the next stage starts only then, so a PyTorchJob that
+    Succeeded without publishing its manifest never lets the chain run on missing artifacts.
+    """
+    stages = plan_stages(job)
+    rows: list[StageStatus] = []
+    create: Stage | None = None
+    blocked = False
+    for stage in stages:
+        name = pytorchjob_name(job, stage)
+        manifest = manifests.get(stage.name)
+        child = children.get(name)
+        row = StageStatus(name=stage.name, pytorch_job=name if child else None, output_uri=stage.output_uri)
+        if manifest is not None:
+            state = child_state(child) if child else ChildState("Succeeded")
+            row.phase, row.metrics = "Succeeded", dict(manifest.get("metrics", {}))
+            row.start_time, row.finish_time = state.start_time, state.finish_time or manifest.get("finishedAt")
+        elif child is not None:
+            state = child_state(child)
+            # Succeeded without a manifest: the artifacts are not there (yet); not done.
+            row.phase = "Running" if state.phase == "Succeeded" else state.phase
+            row.start_time, row.finish_time = state.start_time, state.finish_time if state.phase == "Failed" else None
+            blocked = True
+        elif not blocked:
+            create, blocked = stage, True
+        rows.append(row)
+
+    failed = next((r for r in rows if r.phase == "Failed"), None)
+    if failed is not None:
+        phase: Phase = "Failed"
+    elif job.spec.suspend:
+        phase = "Suspended"
+    elif all(r.phase == "Succeeded" for r in rows):
+        phase, create = "Succeeded", None
+    elif any(r.phase in ("Running", "Succeeded") for r in rows):
+        phase = "Running"
+    else:
+        phase = "Pending"
+    if phase in ("Failed", "Suspended"):
+        create = None
+
+    current = next((i for i, r in enumerate(rows) if r.phase != "Succeeded"), len(rows) - 1)
+    status = JobStatus(
+        phase=phase,
+        observed_generation=generation,
+        current_stage=f"{current + 1}/{len(rows)} {rows[current].name}",
+        stages=rows,
+        artifacts={"student": stages[-1].output_uri + STUDENT_DIR} if phase == "Succeeded" else {},
+    )
+    failure = child_state(children[failed.pytorch_job]) if failed is not None and failed.pytorch_job else None
+    status.conditions = conditions(
+        previous,
+        now,
+        generation,
+        [
+            ("Valid", True, "SpecValid", "the spec passed validation"),
+            (
+                "Running",
+                phase == "Running",
+                "StageRunning" if phase == "Running" else phase,
+                f"stage {status.current_stage}" if phase == "Running" else "",
+            ),
+            ("Succeeded", phase == "Succeeded", "AllStagesSucceeded" if phase == "Succeeded" else phase, ""),
+            (
+                "Failed",
+                phase == "Failed",
+                failure.reason if failure else phase,
+                f"stage {failed.name}: {failure.message}" if failure and failed else "",
+            ),
+            ("Suspended", phase == "Suspended", "SuspendRequested" if phase == "Suspended" else phase, ""),
+        ],
+    )
+    return Decision(status, create)
+
+
+def invalid_status(previous: JobStatus | None, message: str, now: str, generation: int | None) -> JobStatus:
+    """Valid=False with the field paths: nothing is created for a spec that does not validate."""
+    return JobStatus(
+        phase="Failed",
+        observed_generation=generation,
+        conditions=conditions(
+            previous,
+            now,
+            generation,
+            [
+                ("Valid", False, "InvalidSpec", message),
+                ("Failed", True, "InvalidSpec", message),
+            ],
+        ),
+    )
+
+
+def conditions(
+    previous: JobStatus | None, now: str, generation: int | None, facts: list[tuple[str, bool, str, str]]
+) -> list[Condition]:
+    """metav1.Conditions; lastTransitionTime moves only when a condition's status changes."""
+    before = {condition.type: condition for condition in (previous.conditions if previous else [])}
+    result = []
+    for kind, is_true, reason, message in facts:
+        status = "True" if is_true else "False"
+        old = before.get(kind)
+        changed = old is None or old.status != status
+        result.append(
+            Condition(
+                type=kind,
+                status=status,
+                reason=reason,
+                message=message,
+                last_transition_time=now if changed else old.last_transition_time,
+                observed_generation=generation,
+            )
+        )
+    return result

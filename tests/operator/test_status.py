@@ -1,0 +1,151 @@
+"""Stage tracking: child PyTorchJobs and stage manifests decide the job's status and next PyTorchJob."""
+
+from pathlib import Path
+
+import yaml
+
+from potential_meme.operator.status import child_state, decide, invalid_status
+from potential_meme.spec import parse_job
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "progressive-smollm2.yaml"
+T0, T1, T2 = "2026-01-01T00:00:00Z", "2026-01-01T00:05:00Z", "2026-01-01T00:09:00Z"
+
+
+def _job(suspend=False):
+    document = yaml.safe_load(EXAMPLE.read_text())
+    document["spec"]["suspend"] = suspend
+    return parse_job(document)
+
+
+def _pytorchjob(*conditions, start=T0, completion=None):
+    status = {
+        "conditions": [
+            {"type": kind, "status": "True", "reason": reason, "message": message, "lastTransitionTime": T1}
+            for kind, reason, message in conditions
+        ],
+        "startTime": start,
+    }
+    if completion:
+        status["completionTime"] = completion
+    return {"status": status}
+
+
+def _conditions(status):
+    return {c.type: (c.status, c.reason) for c in status.conditions}
+
+
+def test_child_state_reads_kubeflow_conditions_terminal_first():
+    assert child_state({}).phase == "Pending"
+    assert child_state(_pytorchjob(("Created", "PyTorchJobCreated", ""))).reason == "Created"
+    assert child_state(_pytorchjob(("Created", "c", ""), ("Running", "PyTorchJobRunning", ""))).phase == "Running"
+    failed = child_state(
+        _pytorchjob(("Created", "c", ""), ("Running", "r", ""), ("Failed", "PyTorchJobFailed", "pod OOMKilled"))
+    )
+    assert (failed.phase, failed.reason, failed.message, failed.finish_time) == (
+        "Failed",
+        "PyTorchJobFailed",
+        "pod OOMKilled",
+        T1,
+    )
+    assert child_state(_pytorchjob(("Succeeded", "s", ""), completion=T2)).finish_time == T2
+    assert child_state(_pytorchjob(("Suspended", "PyTorchJobSuspended", ""))).phase == "Suspended"
+
+
+def test_a_new_job_creates_its_first_stage_only():
+    decision = decide(_job(), {}, {}, None, T0, generation=1)
+    assert decision.create.name == "distill-100m"
+    assert decision.status.phase == "Pending" and decision.status.current_stage == "1/2 distill-100m"
+    assert decision.status.observed_generation == 1
+    assert _conditions(decision.status)["Valid"] == ("True", "SpecValid")
+
+
+def test_the_next_stage_waits_for_the_manifest_not_just_the_pytorchjob():
+    job = _job()
+    succeeded = _pytorchjob(("Created", "c", ""), ("Succeeded", "PyTorchJobSucceeded", ""), completion=T1)
+    children = {"progressive-smollm2-distill-100m": succeeded}
+    waiting = decide(job, children, {}, None, T1)
+    assert waiting.create is None and waiting.status.phase == "Running"
+    assert waiting.status.stages[0].phase == "Running"
+
+    manifest = {"metrics": {"studentPerplexityAfter": 30.5, "steps": 30}, "finishedAt": T1}
+    moving = decide(job, children, {"distill-100m": manifest}, waiting.status, T2)
+    assert moving.create.name == "distill-70m"
+    assert moving.status.current_stage == "2/2 distill-70m"
+    first = moving.status.stages[0]
+    assert (first.phase, first.pytorch_job, first.metrics["studentPerplexityAfter"]) == (
+        "Succeeded",
+        "progressive-smollm2-distill-100m",
+        30.5,
+    )
+    assert first.output_uri.endswith("/progressive-smollm2/distill-100m/")
+
+
+def test_all_stages_done_is_succeeded_with_the_student_artifact():
+    job = _job()
+    children = {
+        f"progressive-smollm2-{name}": _pytorchjob(("Succeeded", "s", ""), completion=T2)
+        for name in ("distill-100m", "distill-70m")
+    }
+    manifests = {"distill-100m": {"metrics": {}}, "distill-70m": {"metrics": {"steps": 30}}}
+    done = decide(job, children, manifests, None, T2)
+    assert done.create is None and done.status.phase == "Succeeded"
+    assert done.status.current_stage == "2/2 distill-70m"
+    assert done.status.artifacts == {"student": "file://./runs/progressive-smollm2/distill-70m/student/"}
+    assert _conditions(done.status)["Succeeded"] == ("True", "AllStagesSucceeded")
+    assert _conditions(done.status)["Running"][0] == "False"
+
+
+def test_a_failed_pod_fails_the_stage_and_the_job_with_its_reason():
+    job = _job()
+    children = {
+        "progressive-smollm2-distill-100m": _pytorchjob(
+            ("Created", "c", ""), ("Failed", "PyTorchJobFailed", "pytorch-master-0 exited with code 1")
+        )
+    }
+    failed = decide(job, children, {}, None, T1)
+    assert failed.create is None and failed.status.phase == "Failed"
+    condition = next(c for c in failed.status.conditions if c.type == "Failed")
+    assert condition.status == "True" and condition.reason == "PyTorchJobFailed"
+    assert "distill-100m: pytorch-master-0 exited with code 1" in condition.message
+
+
+def test_suspended_job_creates_nothing_and_says_so():
+    decision = decide(_job(suspend=True), {}, {}, None, T0)
+    assert decision.create is None and decision.status.phase == "Suspended"
+    assert _conditions(decision.status)["Suspended"] == ("True", "SuspendRequested")
+
+
+def test_transition_times_move_only_when_a_condition_changes():
+    job = _job()
+    first = decide(job, {}, {}, None, T0).status
+    running = {"progressive-smollm2-distill-100m": _pytorchjob(("Running", "r", ""))}
+    second = decide(job, running, {}, first, T1).status
+    times = {c.type: c.last_transition_time for c in second.conditions}
+    assert times["Valid"] == T0 and times["Running"] == T1 and times["Succeeded"] == T0
+
+
+def test_invalid_spec_is_valid_false_with_the_message():
+    status = invalid_status(None, "spec.method.knowledge.alpha: Input should be less than or equal to 1", T0, 3)
+    assert status.phase == "Failed" and status.observed_generation == 3
+    valid = next(c for c in status.conditions if c.type == "Valid")
+    assert valid.status == "False" and valid.reason == "InvalidSpec" and "alpha" in valid.message
+
+
+def test_every_status_fits_the_crd_status_schema():
+    import jsonschema
+
+    from potential_meme.spec.crd import custom_resource_definition
+
+    crd = custom_resource_definition("DistillationJob")
+    schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
+    validator = jsonschema.Draft4Validator(schema)
+    job = _job()
+    statuses = [
+        decide(job, {}, {}, None, T0, generation=1).status,
+        decide(job, {"progressive-smollm2-distill-100m": _pytorchjob(("Failed", "F", "x"))}, {}, None, T1).status,
+        invalid_status(None, "bad", T0, 1),
+    ]
+    for status in statuses:
+        errors = list(validator.iter_errors(status.to_yaml_dict()))
+        assert not errors, errors[0].message
+    assert statuses[0].to_yaml_dict()["currentStage"] == "1/2 distill-100m"
