@@ -10,7 +10,6 @@ import logging
 import pkgutil
 import pydoc
 import sys
-import tempfile
 import warnings
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
@@ -141,13 +140,9 @@ def load_documents(spec: DatasetSpec) -> tuple[list[Document], list[Document]]:
     if source == BUILTIN_STDLIB:
         documents = stdlib_documents()
     elif source.startswith(("s3://", "file://")):
-        from ..storage import open_store, sync_down
+        from ..storage import download_to_scratch, open_store
 
-        store = open_store(source)
-        if source.startswith("file://"):
-            local = store.root
-        else:
-            local = sync_down(store, "", Path(tempfile.mkdtemp(prefix="potential-meme-data-")))
+        local = open_store(source).root if source.startswith("file://") else download_to_scratch(source, "data")
         documents = _file_documents(local, spec)
     elif Path(source).expanduser().exists():
         documents = _file_documents(Path(source).expanduser(), spec)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import logging
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from ..storage import open_store, sync_down
+from ..storage import download_to_scratch, open_store
 
 log = logging.getLogger(__name__)
 
@@ -41,19 +40,17 @@ def _package_gguf(package: str) -> ResolvedModel:
     return ResolvedModel(str(directory), files[0].name)
 
 
-def resolve(reference: str, cache_dir: Path | None = None) -> ResolvedModel:
+def resolve(reference: str) -> ResolvedModel:
     """Turn a model reference into something transformers' from_pretrained can open.
 
-    s3:// and file:// directories are copied into `cache_dir` (a fresh temporary folder when
-    not given); the caller owns that folder.
+    An s3:// directory is copied into a scratch folder that lives as long as the process.
     """
     if reference.startswith("package:"):
         return _package_gguf(reference.removeprefix("package:"))
     if reference.startswith("file://"):
         return resolve(str(open_store(reference).root))
     if reference.startswith("s3://"):
-        local = Path(cache_dir or tempfile.mkdtemp(prefix="potential-meme-model-"))
-        return resolve(str(sync_down(open_store(reference), "", local)))
+        return resolve(str(download_to_scratch(reference, "model")))
     path = Path(reference).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():

@@ -7,9 +7,11 @@ environment (credentials, region) and `AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL`
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlparse
@@ -160,6 +162,13 @@ def sync_down(store: ArtifactStore, prefix: str, local_dir: Path) -> Path:
     for key in keys:
         store.download_file(key, local_dir / key[len(prefix) :])
     return local_dir
+
+
+def download_to_scratch(uri: str, purpose: str) -> Path:
+    """Copy everything under `uri` into a scratch folder that is removed when the process exits."""
+    local = Path(tempfile.mkdtemp(prefix=f"potential-meme-{purpose}-"))
+    atexit.register(shutil.rmtree, local, ignore_errors=True)
+    return sync_down(open_store(uri), "", local)
 
 
 def sync_up(store: ArtifactStore, local_dir: Path, prefix: str) -> list[str]:
