@@ -38,9 +38,8 @@ def corpus_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_teacher_dir(tmp_path_factory) -> Path:
     """A 4-layer Llama (hidden 64) with a 512-word byte-level BPE trained on the corpus."""
-    import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     root = tmp_path_factory.mktemp("tiny-teacher")
     bpe = Tokenizer(models.BPE())
@@ -51,13 +50,21 @@ def tiny_teacher_dir(tmp_path_factory) -> Path:
     )
     bpe.train_from_iterator(_corpus_texts().values(), trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
-    tokenizer.save_pretrained(root)
-    torch.manual_seed(0)
+    save_tiny_llama(root, tokenizer, hidden_size=64, layers=4, seed=0)
+    return root
+
+
+def save_tiny_llama(root: Path, tokenizer, hidden_size: int, layers: int, seed: int) -> None:
+    """A randomly initialized Llama sized for tests, saved with `tokenizer` as a Hugging Face folder."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=256,
@@ -66,7 +73,7 @@ def tiny_teacher_dir(tmp_path_factory) -> Path:
         bos_token_id=tokenizer.eos_token_id,
     )
     LlamaForCausalLM(config).save_pretrained(root)
-    return root
+    tokenizer.save_pretrained(root)
 
 
 def free_port() -> int:

@@ -13,26 +13,14 @@ from potential_meme.engine.objective import HiddenStateTap
 from potential_meme.engine.trainer import run_job
 from potential_meme.spec import SpecError, parse_job
 
+from conftest import save_tiny_llama
+
 
 @pytest.fixture(scope="module")
 def narrow_student_dir(tmp_path_factory, tiny_teacher_dir):
     """A 2-layer student half as wide as the tiny teacher, with the teacher's tokenizer."""
     root = tmp_path_factory.mktemp("narrow-student")
-    tokenizer = AutoTokenizer.from_pretrained(tiny_teacher_dir)
-    torch.manual_seed(1)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    LlamaForCausalLM(config).save_pretrained(root)
-    tokenizer.save_pretrained(root)
+    save_tiny_llama(root, AutoTokenizer.from_pretrained(tiny_teacher_dir), hidden_size=32, layers=2, seed=1)
     return root
 
 

@@ -50,11 +50,25 @@ def decoder_layers(model: PreTrainedModel) -> torch.nn.ModuleList:
 
 
 @torch.no_grad()
+def _calibration_pass(model: PreTrainedModel, calibration: torch.Tensor, handles: list, batch_size: int) -> int:
+    """Forward the calibration batches while `handles` (hooks) record; returns the token count."""
+    try:
+        model.eval()
+        count = 0
+        for start in range(0, calibration.shape[0], batch_size):
+            batch = calibration[start : start + batch_size]
+            model.base_model(input_ids=batch, use_cache=False)
+            count += batch.numel()
+        return count
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def layer_influence(model: PreTrainedModel, calibration: torch.Tensor, batch_size: int = 4) -> list[float]:
     """1 - mean cosine(input, output) of every decoder layer's hidden state over the calibration tokens."""
     layers = decoder_layers(model)
     totals = [0.0] * len(layers)
-    count = 0
 
     def hook(index):
         def record(module, args, kwargs, output):
@@ -65,24 +79,14 @@ def layer_influence(model: PreTrainedModel, calibration: torch.Tensor, batch_siz
         return record
 
     handles = [layer.register_forward_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    try:
-        model.eval()
-        for start in range(0, calibration.shape[0], batch_size):
-            batch = calibration[start : start + batch_size]
-            model.base_model(input_ids=batch, use_cache=False)
-            count += batch.numel()
-    finally:
-        for handle in handles:
-            handle.remove()
+    count = _calibration_pass(model, calibration, handles, batch_size)
     return [total / count for total in totals]
 
 
-@torch.no_grad()
 def channel_importance(model: PreTrainedModel, calibration: torch.Tensor, batch_size: int = 4) -> list[torch.Tensor]:
     """Mean |activation| of every MLP channel (the input of down_proj), per layer."""
     layers = decoder_layers(model)
     sums = [torch.zeros(layer.mlp.down_proj.in_features) for layer in layers]
-    count = 0
 
     def hook(index):
         def record(module, args):
@@ -91,15 +95,7 @@ def channel_importance(model: PreTrainedModel, calibration: torch.Tensor, batch_
         return record
 
     handles = [layer.mlp.down_proj.register_forward_pre_hook(hook(i)) for i, layer in enumerate(layers)]
-    try:
-        model.eval()
-        for start in range(0, calibration.shape[0], batch_size):
-            batch = calibration[start : start + batch_size]
-            model.base_model(input_ids=batch, use_cache=False)
-            count += batch.numel()
-    finally:
-        for handle in handles:
-            handle.remove()
+    count = _calibration_pass(model, calibration, handles, batch_size)
     return [total / count for total in sums]
 
 
