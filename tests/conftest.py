@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
+import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+from helpers import free_port, save_tiny_llama
 
 CORPUS_MODULES = ["json", "csv", "argparse", "pathlib", "logging", "textwrap", "heapq", "bisect", "shlex", "fractions"]
 
@@ -54,32 +52,28 @@ def tiny_teacher_dir(tmp_path_factory) -> Path:
     return root
 
 
-def save_tiny_llama(root: Path, tokenizer, hidden_size: int, layers: int, seed: int) -> None:
-    """A randomly initialized Llama sized for tests, saved with `tokenizer` as a Hugging Face folder."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+@pytest.fixture
+def s3_endpoint(monkeypatch):
+    """A real S3 server (moto's server mode) on 127.0.0.1 with a bucket `models`; AWS_* point at it."""
+    import boto3
+    from moto.server import ThreadedMotoServer
 
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.eos_token_id,
-    )
-    LlamaForCausalLM(config).save_pretrained(root)
-    tokenizer.save_pretrained(root)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL_S3": endpoint,
+    }.items():
+        monkeypatch.setenv(key, value)
+    # moto keeps its buckets per process, not per server: start every test from an empty S3.
+    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST"), timeout=10)
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="models")
+    yield endpoint
+    server.stop()
 
 
 @pytest.fixture
@@ -109,10 +103,3 @@ def job_file(tmp_path, tiny_teacher_dir, corpus_dir):
         return path
 
     return write
-
-
-def cli_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.pop("WORLD_SIZE", None)
-    env["PYTHONUNBUFFERED"] = "1"
-    return env

@@ -1,4 +1,4 @@
-"""potential-meme: run | train | render | crds."""
+"""potential-meme: run | train | render | operator | crds."""
 
 from __future__ import annotations
 
@@ -68,7 +68,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     job = _distillation_job(args.job)
     from .engine.trainer import find_stage, run_stage
 
-    run_stage(job, find_stage(job, args.stage), metrics_port=args.metrics_port or None)
+    # In a pod, Prometheus scrapes from outside: listen on every interface.
+    run_stage(job, find_stage(job, args.stage), metrics_port=args.metrics_port or None, metrics_address="0.0.0.0")
     return 0
 
 
@@ -80,6 +81,23 @@ def cmd_render(args: argparse.Namespace) -> int:
         job.metadata.namespace = args.namespace
     defaults = Defaults(**{key: value for key, value in (("trainer_image", args.image),) if value})
     sys.stdout.write(to_yaml_stream(render_job(job, defaults)))
+    return 0
+
+
+def cmd_operator(args: argparse.Namespace) -> int:
+    import kopf
+
+    from .operator import handlers  # noqa: F401 - registers the handlers with kopf
+
+    if args.metrics_port:
+        os.environ["POTENTIAL_MEME_OPERATOR_METRICS_PORT"] = str(args.metrics_port)
+    kopf.run(
+        clusterwide=not args.namespace,
+        namespaces=args.namespace or (),
+        standalone=not args.peering,
+        peering_name=args.peering,
+        liveness_endpoint=args.liveness,
+    )
     return 0
 
 
@@ -117,6 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--namespace", help="namespace of the objects (default: the job's, if any)")
     render.add_argument("--image", help="trainer image when the job names none (default: the operator's)")
     render.set_defaults(handler=cmd_render)
+
+    operator = commands.add_parser("operator", help="reconcile DistillationJobs into PyTorchJobs (kopf)")
+    operator.add_argument("--namespace", action="append", help="watch only this namespace (repeatable; default: all)")
+    operator.add_argument("--metrics-port", type=int, default=9090, help="Prometheus metrics port (0: off)")
+    operator.add_argument("--liveness", default="http://0.0.0.0:8080/healthz", help="kopf's liveness endpoint")
+    operator.add_argument("--peering", help="kopf peering name, for more than one replica")
+    operator.set_defaults(handler=cmd_operator)
 
     crds = commands.add_parser("crds", help="write the CustomResourceDefinitions generated from the spec models")
     crds.add_argument("--output-dir", default="crds", type=Path)

@@ -8,7 +8,7 @@ import pytest
 import yaml
 from transformers import AutoModelForCausalLM
 
-from conftest import cli_env
+from helpers import cli_env
 
 
 def cli(*args, timeout=300):

@@ -13,7 +13,7 @@ from potential_meme.engine.objective import HiddenStateTap
 from potential_meme.engine.trainer import run_job
 from potential_meme.spec import SpecError, parse_job
 
-from conftest import save_tiny_llama
+from helpers import save_tiny_llama
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 from potential_meme.distillation import KnowledgeDistiller
 from potential_meme.spec import SpecError
 
-from conftest import free_port
+from helpers import free_port
 
 
 def _samples(port):

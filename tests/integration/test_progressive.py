@@ -17,7 +17,7 @@ from potential_meme.engine.trainer import EarlyStopping
 from potential_meme.spec import SpecError, parse_job, plan_stages
 from potential_meme.spec.models import DatasetSpec, format_parameter_count, parse_parameter_count
 
-from conftest import cli_env
+from helpers import cli_env
 
 
 def test_sizes_parse_from_every_accepted_form():

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 
-from conftest import cli_env
+from helpers import cli_env
 
 STEPS = 240
 

@@ -5,31 +5,11 @@ import subprocess
 import sys
 
 import boto3
-import pytest
-from moto.server import ThreadedMotoServer
 
 from potential_meme.engine.models import load_model
 from potential_meme.storage import open_store, sync_up
 
-from conftest import cli_env, free_port
-
-
-@pytest.fixture
-def s3_endpoint(monkeypatch):
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    for key, value in {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL_S3": endpoint,
-    }.items():
-        monkeypatch.setenv(key, value)
-    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="models")
-    yield endpoint
-    server.stop()
+from helpers import cli_env
 
 
 def test_store_round_trip(s3_endpoint, tmp_path):

@@ -12,7 +12,7 @@ import yaml
 from potential_meme.operator.render import Defaults, render_job, render_pytorchjob, to_yaml_stream
 from potential_meme.spec import parse_job, plan_stages
 
-from conftest import SHARED
+from helpers import SHARED
 
 KUBEFLOW_CRD = SHARED / "k8s" / "kubeflow.org_pytorchjobs.yaml"
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -165,3 +165,13 @@ def test_render_command_prints_a_yaml_stream_without_importing_torch(tmp_path):
             parse_job({**yaml.safe_load(job_file.read_text()), "metadata": {"name": "kd-smollm2", "namespace": "ml"}})
         )
     )
+
+
+def test_the_operator_never_imports_torch():
+    code = (
+        "import sys; import potential_meme.operator.handlers, potential_meme.operator.status, potential_meme.cli;"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'datasets'}))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

@@ -11,7 +11,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import cli_env
+from helpers import cli_env
 
 pytestmark = [
     pytest.mark.slow,

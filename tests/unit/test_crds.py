@@ -66,3 +66,15 @@ def test_crd_carries_cel_rule_for_student_source():
     spec = _version("DistillationJob")["schema"]["openAPIV3Schema"]["properties"]["spec"]
     rules = spec["properties"]["student"]["x-kubernetes-validations"]
     assert rules[0]["rule"] == "has(self.model) != has(self.fromTeacher)"
+
+
+def test_spec_fields_other_than_suspend_and_placement_are_immutable_in_the_crd():
+    spec = _version("DistillationJob")["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+    for field in ("teacher", "student", "dataset", "method", "training", "checkpoint", "output"):
+        assert {
+            "rule": "self == oldSelf",
+            "message": f"{field} cannot change once the job exists; create a new job",
+        } in (spec[field]["x-kubernetes-validations"])
+    for field in ("suspend", "resources", "runPolicy"):
+        assert "x-kubernetes-validations" not in spec[field]
+    assert len(spec["student"]["x-kubernetes-validations"]) == 2  # its own rule is kept

@@ -522,7 +522,9 @@ def preflight(job: DistillationJob) -> None:
         raise SpecError(problems, job.metadata.name)
 
 
-def run_stage(job: DistillationJob, stage: Stage, metrics_port: int | None = None) -> dict[str, Any]:
+def run_stage(
+    job: DistillationJob, stage: Stage, metrics_port: int | None = None, metrics_address: str = "127.0.0.1"
+) -> dict[str, Any]:
     """Run one stage unless its manifest says it is done; returns the manifest."""
     preflight(job)
     done = finished_manifest(job, stage)
@@ -535,7 +537,7 @@ def run_stage(job: DistillationJob, stage: Stage, metrics_port: int | None = Non
         hf_logging.disable_progress_bar()  # carriage-return bars garble pod logs; ours logs lines instead
     runtime = start_runtime(job.spec.training.precision)
     if metrics_port is not None and runtime.is_main:
-        metrics.serve(metrics_port)
+        metrics.serve(metrics_port, metrics_address)
     metrics.stage_started(job.metadata.name, stage.name, stage.index)
     try:
         return STAGE_RUNNERS[stage.kind](job, stage, runtime)

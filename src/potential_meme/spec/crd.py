@@ -17,12 +17,19 @@ from pydantic import BaseModel
 from .models import API_GROUP, DistillationJobSpec, EvaluationJobSpec, JobStatus
 
 CRD_VERSION = "v1alpha1"
+CEL = "x-kubernetes-validations"
 
 # kind -> (plural, short names, spec model)
 RESOURCES: dict[str, tuple[str, list[str], type[BaseModel]]] = {
     "DistillationJob": ("distillationjobs", ["dj", "distill"], DistillationJobSpec),
     "EvaluationJob": ("evaluationjobs", ["ej"], EvaluationJobSpec),
 }
+
+
+def _merge(type_schema: dict[str, Any], field_schema: dict[str, Any]) -> dict[str, Any]:
+    """A field's schema over its type's; the CEL rules of both apply."""
+    rules = type_schema.get(CEL, []) + field_schema.get(CEL, [])
+    return {**type_schema, **field_schema, **({CEL: rules} if rules else {})}
 
 
 def _inline(node: Any, defs: dict[str, Any]) -> Any:
@@ -33,7 +40,7 @@ def _inline(node: Any, defs: dict[str, Any]) -> Any:
     if "$ref" in node:
         target = copy.deepcopy(defs[node["$ref"].rsplit("/", 1)[-1]])
         rest = {key: value for key, value in node.items() if key != "$ref"}
-        return _inline({**target, **rest}, defs)
+        return _inline(_merge(target, rest), defs)
     return {key: _inline(value, defs) for key, value in node.items() if key != "$defs"}
 
 
@@ -50,7 +57,7 @@ def _structural(node: Any) -> Any:
         concrete = [variant for variant in variants if variant.get("type") != "null"]
         if len(concrete) != 1:
             raise ValueError(f"cannot express a union of {concrete} in a structural schema")
-        node = {**concrete[0], **node}
+        node = _merge(concrete[0], node)
         if len(concrete) < len(variants):
             node["nullable"] = True
     node.pop("title", None)

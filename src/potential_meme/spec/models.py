@@ -350,18 +350,29 @@ class RunPolicySpec(Model):
     ttl_seconds_after_finished: int | None = Field(default=None, ge=0)
 
 
+def _immutable(field: str) -> dict[str, Any]:
+    """A CEL transition rule: the API server refuses a change to this field of an existing job."""
+    return {
+        "x-kubernetes-validations": [
+            {"rule": "self == oldSelf", "message": f"{field} cannot change once the job exists; create a new job"}
+        ]
+    }
+
+
 class DistillationJobSpec(Model):
     """Distill a teacher LLM into a smaller student."""
 
-    teacher: TeacherSpec
+    teacher: TeacherSpec = Field(json_schema_extra=_immutable("teacher"))
     student: StudentSpec | None = Field(
-        default=None, description="Required except for progressive, which prunes its own."
+        default=None,
+        description="Required except for progressive, which prunes its own.",
+        json_schema_extra=_immutable("student"),
     )
-    dataset: DatasetSpec
-    method: MethodSpec
-    training: TrainingSpec = Field(default_factory=TrainingSpec)
-    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
-    output: OutputSpec = Field(default_factory=OutputSpec)
+    dataset: DatasetSpec = Field(json_schema_extra=_immutable("dataset"))
+    method: MethodSpec = Field(json_schema_extra=_immutable("method"))
+    training: TrainingSpec = Field(default_factory=TrainingSpec, json_schema_extra=_immutable("training"))
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, json_schema_extra=_immutable("checkpoint"))
+    output: OutputSpec = Field(default_factory=OutputSpec, json_schema_extra=_immutable("output"))
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     run_policy: RunPolicySpec = Field(default_factory=RunPolicySpec)
     suspend: bool = False

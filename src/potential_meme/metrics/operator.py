@@ -1,0 +1,49 @@
+"""Operator metrics, `potential_meme_operator_*`. No per-job labels on counters and histograms."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+from ..spec.models import JobStatus
+
+RECONCILIATIONS = Counter(
+    "potential_meme_operator_reconciliations", "Reconciliations by kind and result", ("kind", "result")
+)
+JOBS = Gauge("potential_meme_operator_jobs", "DistillationJobs by phase", ("phase",))
+STAGE_DURATION = Histogram(
+    "potential_meme_operator_stage_duration_seconds",
+    "Stage wall time, start to finish",
+    buckets=(60, 300, 900, 1800, 3600, 7200, 14400, 43200, 86400, 172800, float("inf")),
+)
+PYTORCHJOBS_CREATED = Counter("potential_meme_operator_pytorchjobs_created", "PyTorchJobs created")
+
+_phases: dict[tuple[str | None, str], str] = {}
+
+
+def job_phase(namespace: str | None, name: str, phase: str | None) -> None:
+    """Record a job's phase (None: deleted) and refresh the per-phase counts."""
+    if phase is None:
+        _phases.pop((namespace, name), None)
+    else:
+        _phases[(namespace, name)] = phase
+    for each in ("Pending", "Running", "Succeeded", "Failed", "Suspended"):
+        JOBS.labels(phase=each).set(sum(1 for value in _phases.values() if value == each))
+
+
+def _seconds(start: str, finish: str) -> float:
+    parse = lambda text: datetime.fromisoformat(text.replace("Z", "+00:00"))  # noqa: E731
+    return (parse(finish) - parse(start)).total_seconds()
+
+
+def stage_durations(job: str, previous: JobStatus | None, current: JobStatus) -> None:
+    """Observe each stage once, when it first shows as Succeeded with both times known."""
+    done_before = {row.name for row in (previous.stages if previous else []) if row.phase == "Succeeded"}
+    for row in current.stages:
+        if row.phase == "Succeeded" and row.name not in done_before and row.start_time and row.finish_time:
+            STAGE_DURATION.observe(_seconds(row.start_time, row.finish_time))
+
+
+def serve(port: int) -> None:
+    start_http_server(port)

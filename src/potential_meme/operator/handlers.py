@@ -1,0 +1,181 @@
+"""kopf handlers: DistillationJobs become one Kubeflow PyTorchJob per planned stage, run in order.
+
+Every trigger (the job created, resumed or changed, one of its PyTorchJobs changing, a periodic
+timer) runs the same `reconcile`: read the children and the stage manifests, `decide`, create
+what is missing, write the status. Reconciling twice is harmless, so no trigger is special.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+from datetime import datetime, timezone
+from typing import Any
+
+import kopf
+from pydantic import ValidationError
+
+from ..metrics import operator as metrics
+from ..spec import SpecError, parse_job
+from ..spec.models import API_GROUP, API_VERSION, DistillationJob, JobStatus
+from ..spec.plan import MANIFEST, plan_stages
+from ..storage import open_store, read_json
+from .kube import Kube
+from .render import LABEL_JOB, PYTORCHJOB_API, Defaults, render_configmap, render_pytorchjob
+from .status import decide, invalid_status
+
+DISTILLATION_JOBS = (API_GROUP, "v1alpha1", "distillationjobs")
+PYTORCHJOBS = ("kubeflow.org", "v1", "pytorchjobs")
+ANNOTATION_PREFIX = "distill.potential-meme.io"
+
+log = logging.getLogger(__name__)
+
+
+def defaults_from_environment() -> Defaults:
+    """The installation's defaults (the Helm chart sets these variables)."""
+    environment = {
+        "trainer_image": os.environ.get("POTENTIAL_MEME_TRAINER_IMAGE"),
+        "s3_endpoint": os.environ.get("POTENTIAL_MEME_S3_ENDPOINT"),
+        "credentials_secret": os.environ.get("POTENTIAL_MEME_CREDENTIALS_SECRET"),
+        "queue_name": os.environ.get("POTENTIAL_MEME_QUEUE_NAME"),
+    }
+    return Defaults(**{key: value for key, value in environment.items() if value})
+
+
+@kopf.on.startup()
+async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    # Keep kopf's bookkeeping in annotations: the status belongs to the job's users.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=ANNOTATION_PREFIX)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=ANNOTATION_PREFIX)
+    settings.posting.level = logging.WARNING
+    info = kopf.login_with_service_account(settings=settings) or kopf.login_with_kubeconfig(settings=settings)
+    if info is None:
+        raise kopf.PermanentError("no Kubernetes credentials: neither a service account nor KUBECONFIG")
+    memo.kube = Kube(info)
+    memo.defaults = defaults_from_environment()
+    memo.locks = collections.defaultdict(asyncio.Lock)
+    port = os.environ.get("POTENTIAL_MEME_OPERATOR_METRICS_PORT")
+    if port:
+        metrics.serve(int(port))
+
+
+@kopf.on.cleanup()
+async def stop(memo: kopf.Memo, **_: Any) -> None:
+    await memo.kube.close()
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _previous_status(body: dict[str, Any]) -> JobStatus | None:
+    try:
+        return JobStatus.model_validate(body.get("status") or {})
+    except ValidationError:
+        return None  # written by someone else: start afresh
+
+
+def _manifests(job: DistillationJob) -> dict[str, dict[str, Any] | None]:
+    """Each stage's manifest, or None while it is not done (blocking I/O: run in a thread)."""
+    found = {}
+    for stage in plan_stages(job):
+        store = open_store(stage.output_uri)
+        found[stage.name] = read_json(store, MANIFEST) if store.exists(MANIFEST) else None
+    return found
+
+
+async def _write_status(kube: Kube, body: dict[str, Any], status: JobStatus) -> None:
+    new = status.to_yaml_dict()
+    if body.get("status") != new:
+        meta = body["metadata"]
+        await kube.merge_patch(
+            API_VERSION, "distillationjobs", meta.get("namespace"), meta["name"], {"status": new}, sub="status"
+        )
+
+
+async def reconcile(kube: Kube, defaults: Defaults, body: dict[str, Any]) -> JobStatus:
+    meta = body["metadata"]
+    previous, now, generation = _previous_status(body), _now(), meta.get("generation")
+    try:
+        job = parse_job({key: value for key, value in body.items() if key != "status"}, source=meta["name"])
+    except SpecError as exc:
+        # The API server's schema is not the only gate: refuse to act and say why, field by field.
+        status = invalid_status(previous, "; ".join(f"{p}: {m}" for p, m in exc.problems), now, generation)
+        await _write_status(kube, body, status)
+        return status
+    await kube.create(render_configmap(job))
+    children = {
+        child["metadata"]["name"]: child
+        for child in await kube.list(
+            PYTORCHJOB_API, "pytorchjobs", job.metadata.namespace, {LABEL_JOB: job.metadata.name}
+        )
+    }
+    manifests = await asyncio.to_thread(_manifests, job)
+    decision = decide(job, children, manifests, previous, now, generation)
+    if decision.create is not None:
+        child = render_pytorchjob(job, decision.create, defaults)
+        if await kube.create(child):
+            metrics.PYTORCHJOBS_CREATED.inc()
+        children[child["metadata"]["name"]] = child
+        decision = decide(job, children, manifests, previous, now, generation)
+    for name, child in children.items():
+        suspended = bool(child.get("spec", {}).get("runPolicy", {}).get("suspend"))
+        if suspended != job.spec.suspend and decision.status.phase not in ("Succeeded", "Failed"):
+            await kube.merge_patch(
+                PYTORCHJOB_API,
+                "pytorchjobs",
+                job.metadata.namespace,
+                name,
+                {"spec": {"runPolicy": {"suspend": job.spec.suspend}}},
+            )
+    metrics.stage_durations(job.metadata.name, previous, decision.status)
+    await _write_status(kube, body, decision.status)
+    return decision.status
+
+
+async def _reconcile_counted(memo: kopf.Memo, body: dict[str, Any], kind: str = "DistillationJob") -> None:
+    meta = body["metadata"]
+    async with memo.locks[(meta.get("namespace"), meta["name"])]:
+        # The body a trigger carries may be stale by the time the lock is ours: read it again.
+        fresh = await memo.kube.get(API_VERSION, "distillationjobs", meta.get("namespace"), meta["name"])
+        if fresh is None:
+            return
+        try:
+            status = await reconcile(memo.kube, memo.defaults, fresh)
+        except Exception:
+            metrics.RECONCILIATIONS.labels(kind=kind, result="error").inc()
+            raise
+        metrics.RECONCILIATIONS.labels(kind=kind, result=status.phase.lower()).inc()
+        metrics.job_phase(meta.get("namespace"), meta["name"], status.phase)
+
+
+@kopf.on.create(*DISTILLATION_JOBS)
+@kopf.on.resume(*DISTILLATION_JOBS)
+@kopf.on.update(*DISTILLATION_JOBS)
+async def distillation_job_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    await _reconcile_counted(memo, dict(body))
+
+
+@kopf.timer(*DISTILLATION_JOBS, interval=10, initial_delay=10)
+async def distillation_job_tick(body: kopf.Body, memo: kopf.Memo, status: kopf.Status, **_: Any) -> None:
+    """A safety net for missed events; finished jobs are left alone."""
+    if status.get("phase") not in ("Succeeded", "Failed"):
+        await _reconcile_counted(memo, dict(body))
+
+
+@kopf.on.delete(*DISTILLATION_JOBS, optional=True)
+async def distillation_job_deleted(meta: kopf.Meta, memo: kopf.Memo, **_: Any) -> None:
+    # Children go with the job through their owner references; only our own bookkeeping is left.
+    metrics.job_phase(meta.get("namespace"), meta["name"], None)
+    memo.locks.pop((meta.get("namespace"), meta["name"]), None)
+
+
+@kopf.on.event(*PYTORCHJOBS, labels={LABEL_JOB: kopf.PRESENT})
+async def pytorchjob_changed(meta: kopf.Meta, memo: kopf.Memo, type: str | None, **_: Any) -> None:
+    if type is None:
+        return  # the initial listing: the jobs' own resume handlers cover it
+    await _reconcile_counted(
+        memo, {"metadata": {"namespace": meta.get("namespace"), "name": meta["labels"][LABEL_JOB]}}
+    )

@@ -1,0 +1,370 @@
+"""A Kubernetes API (kmock's emulator, made stricter) and a stand-in for Kubeflow's training operator.
+
+The emulator runs in its own thread and event loop on 127.0.0.1; the operator under test is a
+separate process that reaches it over HTTP through a kubeconfig, exactly as in a cluster.
+
+Where the emulator is weaker than a real API server, this harness makes it stricter: it fills
+the metadata the server owns (namespace from the URL, uid, creationTimestamp, generation,
+resourceVersion), bumps generation on spec changes, and plays the garbage collector for owner
+references. The Kubeflow stand-in runs each replica's command as a local process with the
+environment the training operator injects and writes PyTorchJob conditions as it does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import itertools
+import json
+import os
+import signal
+import socket
+import sys
+import tempfile
+import threading
+import uuid
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import kmock
+
+GROUP_RESOURCES = {
+    "v1/namespaces": {"namespaced": False, "kind": "Namespace", "verbs": ["list", "watch", "get"]},
+    "v1/configmaps": {"namespaced": True, "kind": "ConfigMap", "verbs": ["list", "watch", "get", "create", "patch"]},
+    "v1/events": {"namespaced": True, "kind": "Event", "verbs": ["create"]},
+    "kubeflow.org/v1/pytorchjobs": {
+        "namespaced": True,
+        "kind": "PyTorchJob",
+        "subresources": ["status"],
+        "verbs": ["list", "watch", "get", "create", "patch", "delete"],
+    },
+    "distill.potential-meme.io/v1alpha1/distillationjobs": {
+        "namespaced": True,
+        "kind": "DistillationJob",
+        "subresources": ["status"],
+        "verbs": ["list", "watch", "get", "create", "patch", "delete"],
+    },
+    "distill.potential-meme.io/v1alpha1/evaluationjobs": {
+        "namespaced": True,
+        "kind": "EvaluationJob",
+        "subresources": ["status"],
+        "verbs": ["list", "watch", "get", "create", "patch", "delete"],
+    },
+}
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class StrictEmulator(kmock.KubernetesEmulator):
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        self.versions = itertools.count(1)
+
+    async def _handle(self, request):
+        if request.resource is not None and isinstance(request.data, dict):
+            if request.action == kmock.action.CREATE:
+                meta = request.data.setdefault("metadata", {})
+                if request.namespace:
+                    meta["namespace"] = request.namespace
+                meta.update(
+                    uid=str(uuid.uuid4()),
+                    creationTimestamp=_now(),
+                    generation=1,
+                    resourceVersion=str(next(self.versions)),
+                )
+            elif request.action == kmock.action.UPDATE:
+                meta = request.data.setdefault("metadata", {})
+                meta["resourceVersion"] = str(next(self.versions))
+                key = (request.resource, request.namespace, request.name)
+                if request.subresource is None and "spec" in request.data and key in self.objects:
+                    meta["generation"] = int(self.objects[key].get("metadata", {}).get("generation", 1)) + 1
+        return await super()._handle(request)
+
+
+class Cluster:
+    """The emulated API server plus the Kubeflow stand-in, in a background thread."""
+
+    def __init__(self, workdir: Path, environment: dict[str, str]):
+        self.workdir = workdir
+        self.environment = environment  # what trainer processes get (S3 credentials, endpoint)
+        self.ready = threading.Event()
+        self.processes: dict[str, list[asyncio.subprocess.Process]] = {}
+        self.logs: dict[str, Path] = {}
+        self.pods_started: dict[str, int] = {}
+        self.deleted: set[str] = set()  # PyTorchJob uids whose running pods were deleted
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def __enter__(self) -> Cluster:
+        self.thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+        self.thread.start()
+        assert self.ready.wait(30), "the emulated API server did not start"
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.loop.call_soon_threadsafe(self.stopping.set)
+        self.thread.join(30)
+
+    async def _main(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.stopping = asyncio.Event()
+        self.emulator = StrictEmulator()
+        for key, info in GROUP_RESOURCES.items():
+            self.emulator.resources[key] = info
+        async with self.emulator, kmock.Server(self.emulator) as server:
+            self.url = str(server.url).rstrip("/")
+            self.session = aiohttp.ClientSession()
+            self.ready.set()
+            tasks = [asyncio.create_task(self._kubeflow()), asyncio.create_task(self._garbage_collector())]
+            await self.stopping.wait()
+            for task in tasks:
+                task.cancel()
+            for processes in self.processes.values():
+                for process in processes:
+                    if process.returncode is None:
+                        os.killpg(process.pid, signal.SIGKILL)
+            await self.session.close()
+
+    def call(self, coroutine, timeout: float = 30) -> Any:
+        """Run a coroutine on the cluster's loop from the test's thread."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def kubeconfig(self) -> Path:
+        path = self.workdir / "kubeconfig.json"
+        path.write_text(
+            json.dumps(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "current-context": "emulator",
+                    "clusters": [{"name": "emulator", "cluster": {"server": self.url}}],
+                    "users": [{"name": "tester", "user": {"token": "test-token"}}],
+                    "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": "tester"}}],
+                }
+            )
+        )
+        return path
+
+    # ------------------------------------------------------------------ API over HTTP
+
+    @staticmethod
+    def path(api_version: str, plural: str, namespace: str, name: str | None = None, sub: str | None = None) -> str:
+        base = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
+        return "/".join([base, "namespaces", namespace, plural] + ([name] if name else []) + ([sub] if sub else []))
+
+    async def request(self, method: str, url_path: str, body: Any = None) -> Any:
+        headers = {"Content-Type": "application/merge-patch+json"} if method == "PATCH" else {}
+        async with self.session.request(method, self.url + url_path, json=body, headers=headers) as response:
+            return response.status, await response.json(content_type=None)
+
+    def objects(self, resource: str) -> list[dict[str, Any]]:
+        async def snapshot():
+            return [
+                dict(obj.raw)
+                for (res, _, _), obj in list(self.emulator.objects.items())
+                if not obj.deleted and f"{res.group + '/' if res.group else ''}{res.version}/{res.plural}" == resource
+            ]
+
+        return self.call(snapshot())
+
+    def get(self, api_version: str, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
+        status, body = self.call(self.request("GET", self.path(api_version, plural, namespace, name)))
+        return body if status == 200 else None
+
+    def apply(self, obj: dict[str, Any]) -> tuple[int, Any]:
+        api_version, kind = obj["apiVersion"], obj["kind"]
+        plural = {"DistillationJob": "distillationjobs", "EvaluationJob": "evaluationjobs"}[kind]
+        namespace = obj["metadata"].get("namespace", "default")
+        return self.call(self.request("POST", self.path(api_version, plural, namespace), obj))
+
+    def patch(self, api_version: str, plural: str, namespace: str, name: str, patch: dict[str, Any]) -> Any:
+        return self.call(self.request("PATCH", self.path(api_version, plural, namespace, name), patch))
+
+    def delete(self, api_version: str, plural: str, namespace: str, name: str) -> Any:
+        return self.call(self.request("DELETE", self.path(api_version, plural, namespace, name)))
+
+    # ------------------------------------------------------------------ garbage collector
+
+    async def _garbage_collector(self) -> None:
+        while True:
+            await asyncio.sleep(0.2)
+            alive = {obj.get("metadata", {}).get("uid") for obj in self._live_objects()}
+            for obj in self._live_objects():
+                owners = obj.get("metadata", {}).get("ownerReferences") or []
+                if owners and not any(owner["uid"] in alive for owner in owners):
+                    meta = obj["metadata"]
+                    plural = {"ConfigMap": "configmaps", "PyTorchJob": "pytorchjobs"}.get(obj.get("kind"))
+                    if plural:
+                        await self.request(
+                            "DELETE", self.path(obj["apiVersion"], plural, meta["namespace"], meta["name"])
+                        )
+
+    def _live_objects(self) -> list[dict[str, Any]]:
+        return [dict(obj.raw) for obj in list(self.emulator.objects.values()) if not obj.deleted]
+
+    # ------------------------------------------------------------------ Kubeflow stand-in
+
+    async def _kubeflow(self) -> None:
+        handled: dict[str, str] = {}  # PyTorchJob uid -> what we last did
+        while True:
+            await asyncio.sleep(0.2)
+            for job in self._live_objects():
+                if job.get("kind") != "PyTorchJob":
+                    continue
+                uid = job["metadata"]["uid"]
+                suspended = bool(job["spec"].get("runPolicy", {}).get("suspend"))
+                state = handled.get(uid)
+                if state is None:
+                    handled[uid] = "created"
+                    await self._conditions(job, [("Created", "PyTorchJobCreated", "PyTorchJob is created.")])
+                    state = "created"
+                if state in ("created", "suspended") and not suspended:
+                    handled[uid] = "running"
+                    asyncio.create_task(self._run(job))
+                elif state == "running" and suspended:
+                    handled[uid] = "suspended"
+                    await self._delete_pods(uid)
+                    await self._conditions(
+                        job, [("Suspended", "PyTorchJobSuspended", "PyTorchJob is suspended.")], running=False
+                    )
+
+    async def _delete_pods(self, uid: str, grace_seconds: float = 10) -> None:
+        """As the kubelet deletes a pod: SIGTERM (torchrun passes it to its workers), SIGKILL after the grace."""
+        self.deleted.add(uid)
+        running = [process for process in self.processes.get(uid, []) if process.returncode is None]
+        for process in running:
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            await asyncio.wait_for(asyncio.gather(*(process.wait() for process in running)), grace_seconds)
+        except TimeoutError:
+            for process in running:
+                if process.returncode is None:
+                    os.killpg(process.pid, signal.SIGKILL)
+
+    async def _conditions(
+        self, job: dict[str, Any], new: list[tuple[str, str, str]], running: bool | None = None, **status: Any
+    ) -> None:
+        meta = job["metadata"]
+        current = (
+            await self.request("GET", self.path(job["apiVersion"], "pytorchjobs", meta["namespace"], meta["name"]))
+        )[1]
+        conditions = [
+            c
+            for c in (current.get("status") or {}).get("conditions", [])
+            if c["type"] not in {kind for kind, _, _ in new}
+        ]
+        if running is False:
+            conditions = [dict(c, status="False") if c["type"] == "Running" else c for c in conditions]
+        conditions += [
+            {
+                "type": kind,
+                "status": "True",
+                "reason": reason,
+                "message": message,
+                "lastUpdateTime": _now(),
+                "lastTransitionTime": _now(),
+            }
+            for kind, reason, message in new
+        ]
+        await self.request(
+            "PATCH",
+            self.path(job["apiVersion"], "pytorchjobs", meta["namespace"], meta["name"], "status"),
+            {"status": {"conditions": conditions, **status}},
+        )
+
+    async def _run(self, job: dict[str, Any]) -> None:
+        """Start every replica as a local process, as the training operator starts pods."""
+        meta, spec = job["metadata"], job["spec"]
+        uid = meta["uid"]
+        mounts = await self._volumes(job)
+        replicas = [
+            (kind, index)
+            for kind in ("Master", "Worker")
+            for index in range(spec["pytorchReplicaSpecs"].get(kind, {}).get("replicas", 0))
+        ]
+        port = free_port()
+        processes = []
+        for rank, (kind, index) in enumerate(replicas):
+            container = spec["pytorchReplicaSpecs"][kind]["template"]["spec"]["containers"][0]
+            command = [self._localize(arg, mounts) for arg in container["command"]]
+            env = dict(self.environment)
+            env.update({item["name"]: item["value"] for item in container.get("env", [])})
+            env.update(
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(port),
+                WORLD_SIZE=str(len(replicas)),
+                RANK=str(rank),
+                PET_MASTER_ADDR="127.0.0.1",
+                PET_MASTER_PORT=str(port),
+                PET_NNODES=str(len(replicas)),
+                PET_NPROC_PER_NODE=str(spec.get("nprocPerNode", "1")),
+                PET_NODE_RANK=str(rank),
+                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+            )
+            log = self.workdir / f"{meta['name']}-{kind.lower()}-{index}.log"
+            self.logs[f"{meta['name']}/{kind}-{index}"] = log
+            processes.append(
+                # A session of its own: deleting a pod ends every process in it, torchrun's workers too.
+                await asyncio.create_subprocess_exec(
+                    *command,
+                    env=env,
+                    cwd=self.workdir,
+                    stdout=open(log, "ab"),
+                    stderr=asyncio.subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
+        self.processes[uid] = processes
+        self.pods_started[meta["name"]] = self.pods_started.get(meta["name"], 0) + 1
+        await self._conditions(job, [("Running", "PyTorchJobRunning", "PyTorchJob is running.")], startTime=_now())
+        codes = [await process.wait() for process in processes]
+        if uid in self.deleted:
+            self.deleted.discard(uid)
+            return  # its pods were deleted (suspension): no verdict
+        if all(code == 0 for code in codes):
+            await self._conditions(
+                job,
+                [("Succeeded", "PyTorchJobSucceeded", "PyTorchJob is successfully completed.")],
+                running=False,
+                completionTime=_now(),
+            )
+        else:
+            failed = next(i for i, code in enumerate(codes) if code != 0)
+            kind, index = replicas[failed]
+            message = f"{meta['name']}-{kind.lower()}-{index} exited with code {codes[failed]}"
+            await self._conditions(job, [("Failed", "PyTorchJobFailed", message)], running=False, completionTime=_now())
+
+    async def _volumes(self, job: dict[str, Any]) -> dict[str, Path]:
+        """ConfigMap volumes as local folders: mountPath -> folder."""
+        mounts = {}
+        pod = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+        container = pod["containers"][0]
+        for volume in pod.get("volumes", []):
+            name = volume["configMap"]["name"]
+            status, configmap = await self.request(
+                "GET", self.path("v1", "configmaps", job["metadata"]["namespace"], name)
+            )
+            assert status == 200, f"ConfigMap {name} is missing: the pod could not start"
+            folder = Path(tempfile.mkdtemp(dir=self.workdir, prefix=f"{name}-"))
+            for key, value in configmap.get("data", {}).items():
+                (folder / key).write_text(value)
+            for mount in container.get("volumeMounts", []):
+                if mount["name"] == volume["name"]:
+                    mounts[mount["mountPath"]] = folder
+        return mounts
+
+    @staticmethod
+    def _localize(arg: str, mounts: dict[str, Path]) -> str:
+        for mount, folder in mounts.items():
+            if arg.startswith(mount + "/"):
+                return str(folder / arg[len(mount) + 1 :])
+        return arg
