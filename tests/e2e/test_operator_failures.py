@@ -71,6 +71,10 @@ def test_a_hundred_invalid_manifests_get_clear_conditions_and_the_operator_lives
     cluster.apply(progressive_job("good", tiny_teacher_dir, corpus_dir, steps=1))
     job, _ = wait_for(cluster, "good", lambda j: (j.get("status") or {}).get("phase") in ("Succeeded", "Failed"))
     assert job["status"]["phase"] == "Succeeded"
+    # A spec change the CRD's CEL rules would refuse, arriving anyway (the emulator has no CEL): reported.
+    cluster.patch(API, "distillationjobs", "ml", "good", {"spec": {"training": {"learningRate": 0.5}}})
+    job, _ = wait_for(cluster, "good", lambda j: (condition(j, "SpecChangeRefused") or {}).get("status") == "True")
+    assert job["status"]["phase"] == "Succeeded" and job["status"]["observedGeneration"] == 2
 
 
 def test_suspend_stops_the_running_stage_and_resume_continues_it(cluster, operator, tiny_teacher_dir, corpus_dir):

@@ -149,3 +149,17 @@ def test_every_status_fits_the_crd_status_schema():
         errors = list(validator.iter_errors(status.to_yaml_dict()))
         assert not errors, errors[0].message
     assert statuses[0].to_yaml_dict()["currentStage"] == "1/2 distill-100m"
+
+
+def test_a_spec_change_after_the_start_is_reported_and_not_acted_on():
+    started = decide(_job(), {}, {}, None, T0).status
+    assert started.spec_hash and _conditions(started)["SpecChangeRefused"] == ("False", "SpecUnchanged")
+    document = yaml.safe_load(EXAMPLE.read_text())
+    document["spec"]["training"]["learningRate"] = 1.0
+    changed = decide(parse_job(document), {}, {}, started, T1).status
+    assert changed.spec_hash == started.spec_hash  # still the spec it started with
+    assert _conditions(changed)["SpecChangeRefused"] == ("True", "SpecChangeRefused")
+    # Placement and suspension are not spec changes.
+    document = yaml.safe_load(EXAMPLE.read_text())
+    document["spec"]["resources"] = {"gpusPerNode": 8}
+    assert _conditions(decide(parse_job(document), {}, {}, started, T1).status)["SpecChangeRefused"][0] == "False"

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import math
 import os
@@ -27,7 +26,7 @@ from torch import nn
 from ..metrics import trainer as metrics
 from ..spec.errors import SpecError, StageError
 from ..spec.models import DistillationJob
-from ..spec.plan import MANIFEST, STUDENT_DIR, Stage, plan_stages
+from ..spec.plan import MANIFEST, STUDENT_DIR, Stage, plan_stages, spec_hash
 from ..storage import ArtifactStore, open_store, read_json, sync_up, write_json
 from . import checkpoint
 from .data import epoch_order, load_documents, pack, shifted_labels
@@ -37,13 +36,6 @@ from .objective import DistillationObjective, HiddenStateTap, check_layer_indice
 from .pruning import prune_to
 
 log = logging.getLogger(__name__)
-
-
-def spec_hash(job: DistillationJob) -> str:
-    """Hash of what determines a stage's result; placement, retries and suspension do not."""
-    placement = {"suspend": True, "resources": True, "run_policy": True, "output": {"credentials_secret", "endpoint"}}
-    relevant = job.spec.model_dump(mode="json", exclude=placement)
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 
 
 # ---------------------------------------------------------------- processes and devices

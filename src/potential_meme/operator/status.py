@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..spec.models import Condition, DistillationJob, JobStatus, Phase, StageStatus
-from ..spec.plan import STUDENT_DIR, Stage, plan_stages
+from ..spec.plan import STUDENT_DIR, Stage, plan_stages, spec_hash
 from .render import pytorchjob_name
 
 
@@ -118,6 +118,11 @@ def decide(
         stages=rows,
         artifacts={"student": stages[-1].output_uri + STUDENT_DIR} if phase == "Succeeded" else {},
     )
+    # The spec the stages run is the one first seen; a change that slipped past the CRD's CEL rules
+    # (an older CRD, a direct write) is reported and not acted on: the pods read the ConfigMap.
+    accepted = previous.spec_hash if previous is not None and previous.spec_hash else spec_hash(job)
+    status.spec_hash = accepted
+    changed = spec_hash(job) != accepted
     failure = child_state(children[failed.pytorch_job]) if failed is not None and failed.pytorch_job else None
     status.conditions = conditions(
         previous,
@@ -139,6 +144,15 @@ def decide(
                 f"stage {failed.name}: {failure.message}" if failure and failed else "",
             ),
             ("Suspended", phase == "Suspended", "SuspendRequested" if phase == "Suspended" else phase, ""),
+            (
+                "SpecChangeRefused",
+                changed,
+                "SpecChangeRefused" if changed else "SpecUnchanged",
+                "the spec changed after the job started; it keeps running the spec it started with: "
+                "create a new job to run the new one"
+                if changed
+                else "",
+            ),
         ],
     )
     return Decision(status, create)

@@ -446,6 +446,7 @@ class JobStatus(Model):
     observed_generation: int | None = None
     conditions: list[Condition] = Field(default_factory=list)
     current_stage: str | None = None
+    spec_hash: str | None = Field(default=None, description="The spec the stages run; later changes are refused.")
     stages: list[StageStatus] = Field(default_factory=list)
     artifacts: dict[str, str] = Field(default_factory=dict)
 

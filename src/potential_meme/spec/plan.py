@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -25,6 +27,13 @@ class Stage:
     output_uri: str  # <output>/<job>/<stage>/
     inputs: tuple[str, ...] = ()  # names of earlier stages whose artifacts this one reads
     target_parameters: int | None = None  # progressive: the size this stage prunes to
+
+
+def spec_hash(job: DistillationJob) -> str:
+    """Hash of what determines a stage's result; placement, retries and suspension do not."""
+    placement = {"suspend": True, "resources": True, "run_policy": True, "output": {"credentials_secret", "endpoint"}}
+    relevant = job.spec.model_dump(mode="json", exclude=placement)
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 
 
 def job_output_uri(job: DistillationJob) -> str:
