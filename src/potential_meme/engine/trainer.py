@@ -27,7 +27,7 @@ from ..metrics import trainer as metrics
 from ..spec.errors import SpecError, StageError
 from ..spec.models import DistillationJob
 from ..spec.plan import MANIFEST, STUDENT_DIR, Stage, plan_stages, spec_hash
-from ..storage import ArtifactStore, open_store, read_json, sync_up, write_json
+from ..storage import ArtifactStore, open_store, read_json_if_exists, sync_up, write_json
 from . import checkpoint
 from .data import epoch_order, load_documents, pack, shifted_labels
 from .losses import chunked_nll
@@ -230,25 +230,33 @@ def _accumulate_gradients(model, teacher: Teacher, teacher_weight, batches, runt
     return dict(zip(("total", "ce", "kd", "layers"), means, strict=True))
 
 
-def _load_models(job: DistillationJob, stage: Stage, train_docs, runtime: Runtime):
-    """(tokenizer, teacher, student, stage facts) for a stage; progressive stages prune their student."""
-    teacher_ref = resolve(job.spec.teacher.model)
-    tokenizer = load_tokenizer(teacher_ref)
+def _previous_stage(job: DistillationJob, stage: Stage) -> Stage | None:
+    """The stage whose student a progressive stage distills from; StageError while it is unfinished."""
+    if stage.kind != "progressive" or stage.index == 0:
+        return None
+    previous = plan_stages(job)[stage.index - 1]
+    if finished_manifest(job, previous) is None:
+        raise StageError(
+            f"stage {stage.name} distills the student of stage {previous.name}, which has not finished: "
+            f"run `potential-meme train --stage {previous.name}` first"
+        )
+    return previous
+
+
+def _load_models(
+    job: DistillationJob, stage: Stage, previous: Stage | None, teacher_ref, train_rows: torch.Tensor, runtime: Runtime
+):
+    """(teacher, student, stage facts) for a stage; progressive stages prune their student."""
     dtype = runtime.autocast_dtype or torch.float32
     facts: dict[str, Any] = {}
     if stage.kind == "progressive":
-        previous = plan_stages(job)[stage.index - 1] if stage.index else None
-        if previous is not None and finished_manifest(job, previous) is None:
-            raise StageError(
-                f"stage {stage.name} distills the student of stage {previous.name}, which has not finished: "
-                f"run `potential-meme train --stage {previous.name}` first"
-            )
         # Each stage learns from the model the stage before produced; the first from the teacher.
         teacher = load_model(resolve(previous.output_uri + STUDENT_DIR) if previous else teacher_ref, dtype=dtype)
         method = job.spec.method.progressive
-        calibration = pack(train_docs, tokenizer, job.spec.training.max_seq_length)[: method.calibration_sequences]
         try:
-            student, report = prune_to(teacher.float(), stage.target_parameters, calibration)
+            student, report = prune_to(
+                teacher.float(), stage.target_parameters, train_rows[: method.calibration_sequences]
+            )
         except ValueError as exc:
             last = stage.index == len(method.sizes) - 1
             field = "finalSize" if last else f"intermediateSizes.{stage.index}"
@@ -262,7 +270,7 @@ def _load_models(job: DistillationJob, stage: Stage, train_docs, runtime: Runtim
         teacher = load_model(teacher_ref, dtype=dtype)
         student = load_model(resolve(job.spec.student.model))
     teacher.to(runtime.device).eval().requires_grad_(False)
-    return tokenizer, teacher, student.float().to(runtime.device), facts
+    return teacher, student.float().to(runtime.device), facts
 
 
 def _save_student(student: nn.Module, tokenizer, store: ArtifactStore) -> list[dict[str, Any]]:
@@ -315,16 +323,19 @@ def run_distill_stage(job: DistillationJob, stage: Stage, runtime: Runtime) -> d
     labels = {"job": job.metadata.name, "stage": stage.name}
     torch.manual_seed(training.seed)
 
+    previous = _previous_stage(job, stage)  # before any work: its input must be ready
     train_docs, validation_docs = load_documents(spec.dataset)  # before the models: data errors come fast
-    tokenizer, teacher_model, student, stage_facts = _load_models(job, stage, train_docs, runtime)
+    teacher_ref = resolve(spec.teacher.model)
+    tokenizer = load_tokenizer(teacher_ref)
+    train_rows = pack(train_docs, tokenizer, training.max_seq_length)
+    validation_rows = pack(validation_docs, tokenizer, training.max_seq_length)[: spec.dataset.max_validation_sequences]
+    teacher_model, student, stage_facts = _load_models(job, stage, previous, teacher_ref, train_rows, runtime)
     if training.gradient_checkpointing:
         student.gradient_checkpointing_enable()
     layerwise = spec.method.layerwise
     if layerwise is not None:
         check_layer_indices(layerwise, teacher_model.config.num_hidden_layers, student.config.num_hidden_layers)
     teacher = Teacher(teacher_model, HiddenStateTap(teacher_model, layerwise.teacher_layers) if layerwise else None)
-    train_rows = pack(train_docs, tokenizer, training.max_seq_length)
-    validation_rows = pack(validation_docs, tokenizer, training.max_seq_length)[: spec.dataset.max_validation_sequences]
     batches = Batches(
         train_rows, training.batch_size, training.gradient_accumulation_steps, runtime.world_size, training.seed
     )
@@ -480,15 +491,12 @@ def run_distill_stage(job: DistillationJob, stage: Stage, runtime: Runtime) -> d
 
 # ---------------------------------------------------------------- stages and jobs
 
-STAGE_RUNNERS = {"distill": run_distill_stage, "progressive": run_distill_stage}
-
 
 def finished_manifest(job: DistillationJob, stage: Stage) -> dict[str, Any] | None:
     """The stage's manifest when it already finished for this spec; StageError when another spec's."""
-    store = open_store(stage.output_uri)
-    if not store.exists(MANIFEST):
+    manifest = read_json_if_exists(open_store(stage.output_uri), MANIFEST)
+    if manifest is None:
         return None
-    manifest = read_json(store, MANIFEST)
     if manifest.get("specHash") != spec_hash(job):
         raise StageError(
             f"{stage.output_uri} holds a finished stage of a different spec; change metadata.name or "
@@ -532,7 +540,7 @@ def run_stage(
         metrics.serve(metrics_port, metrics_address)
     metrics.stage_started(job.metadata.name, stage.name, stage.index)
     try:
-        return STAGE_RUNNERS[stage.kind](job, stage, runtime)
+        return run_distill_stage(job, stage, runtime)  # distill and progressive stages share the loop
     finally:
         metrics.stage_finished(job.metadata.name, stage.name)
         if runtime.world_size > 1 and dist.is_initialized():

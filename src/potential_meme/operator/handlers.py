@@ -21,7 +21,7 @@ from ..metrics import operator as metrics
 from ..spec import SpecError, parse_job
 from ..spec.models import API_GROUP, API_VERSION, DistillationJob, JobStatus
 from ..spec.plan import MANIFEST, plan_stages
-from ..storage import open_store, read_json
+from ..storage import open_store, read_json_if_exists
 from .kube import Kube
 from .render import LABEL_JOB, PYTORCHJOB_API, Defaults, render_configmap, render_pytorchjob
 from .status import decide, invalid_status
@@ -77,13 +77,20 @@ def _previous_status(body: dict[str, Any]) -> JobStatus | None:
         return None  # written by someone else: start afresh
 
 
-def _manifests(job: DistillationJob) -> dict[str, dict[str, Any] | None]:
-    """Each stage's manifest, or None while it is not done (blocking I/O: run in a thread)."""
-    found = {}
-    for stage in plan_stages(job):
-        store = open_store(stage.output_uri)
-        found[stage.name] = read_json(store, MANIFEST) if store.exists(MANIFEST) else None
-    return found
+def _manifests(job: DistillationJob, previous: JobStatus | None) -> dict[str, dict[str, Any] | None]:
+    """Each stage's manifest, or None while it is not done (blocking I/O: run in a thread).
+
+    A stage the status already shows as Succeeded came from its manifest: it is not read again.
+    """
+    known = {
+        row.name: {"metrics": row.metrics, "finishedAt": row.finish_time}
+        for row in (previous.stages if previous else [])
+        if row.phase == "Succeeded"
+    }
+    return {
+        stage.name: known.get(stage.name) or read_json_if_exists(open_store(stage.output_uri), MANIFEST)
+        for stage in plan_stages(job)
+    }
 
 
 async def _write_status(kube: Kube, body: dict[str, Any], status: JobStatus) -> None:
@@ -112,7 +119,7 @@ async def reconcile(kube: Kube, defaults: Defaults, body: dict[str, Any]) -> Job
             PYTORCHJOB_API, "pytorchjobs", job.metadata.namespace, {LABEL_JOB: job.metadata.name}
         )
     }
-    manifests = await asyncio.to_thread(_manifests, job)
+    manifests = await asyncio.to_thread(_manifests, job, previous)
     decision = decide(job, children, manifests, previous, now, generation)
     if decision.create is not None:
         child = render_pytorchjob(job, decision.create, defaults)

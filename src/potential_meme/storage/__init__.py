@@ -185,5 +185,9 @@ def read_json(store: ArtifactStore, key: str) -> Any:
     return json.loads(store.read_bytes(key))
 
 
+def read_json_if_exists(store: ArtifactStore, key: str) -> Any | None:
+    return read_json(store, key) if store.exists(key) else None
+
+
 def write_json(store: ArtifactStore, key: str, value: Any) -> None:
     store.write_bytes(key, json.dumps(value, indent=2, sort_keys=True).encode())
