@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,3 +45,14 @@ def cli_env() -> dict[str, str]:
     env.pop("WORLD_SIZE", None)
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`potential-meme ARGS` in a subprocess, as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "potential_meme.cli", *args],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        timeout=timeout,
+    )

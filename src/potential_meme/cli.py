@@ -1,4 +1,4 @@
-"""potential-meme: run | train | render | operator | crds."""
+"""potential-meme: run | train | evaluate | render | operator | crds."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from .spec import DistillationJob, SpecError, load_job
+from .spec import DistillationJob, EvaluationJob, SpecError, load_job
 from .spec.errors import StageError
 
 DEFAULT_METRICS_PORT = 9464
@@ -37,7 +37,7 @@ def _distillation_job(path: str) -> DistillationJob:
 
 
 def _print_summary(job: DistillationJob, manifests: list[dict]) -> None:
-    from .engine.trainer import student_uri
+    from .spec.plan import final_artifacts
 
     first = manifests[0]["metrics"]
     print(
@@ -52,7 +52,7 @@ def _print_summary(job: DistillationJob, manifests: list[dict]) -> None:
             f"  {manifest['stage']:<18}{row['studentParameters']:>16,}{row['studentPerplexityBefore']:>16,.2f}"
             f"{row['studentPerplexityAfter']:>12,.2f}{row['steps']:>7}{stopped}"
         )
-    print(f"  student: {student_uri(job)}")
+    print(f"  student: {final_artifacts(job)['student']}")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -70,6 +70,61 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     # In a pod, Prometheus scrapes from outside: listen on every interface.
     run_stage(job, find_stage(job, args.stage), metrics_port=args.metrics_port or None, metrics_address="0.0.0.0")
+    return 0
+
+
+def _evaluation(path: str, distillation_path: str | None) -> EvaluationJob:
+    """The EvaluationJob to run: from an EvaluationJob file, or of a DistillationJob's final student."""
+    from .engine.trainer import finished_manifest
+    from .spec.models import EvaluationJobSpec, ObjectMeta
+    from .spec.plan import plan_stages, resolve_evaluation
+
+    job = load_job(path)
+    if isinstance(job, DistillationJob):
+        if distillation_path:
+            raise SpecError([("--distillation-job", "JOB is a DistillationJob already; pass one or the other")], path)
+        distillation = job
+        evaluation = EvaluationJob(
+            metadata=ObjectMeta(name=f"{job.metadata.name}-evaluation"[:63].rstrip("-")),
+            spec=EvaluationJobSpec(distillation_job=job.metadata.name),
+        )
+    elif distillation_path:
+        distillation, evaluation = _distillation_job(distillation_path), job
+        wanted, given = evaluation.spec.distillation_job, distillation.metadata.name
+        if wanted and wanted != given:
+            raise SpecError([("spec.distillationJob", f"names {wanted!r}, but {distillation_path} is {given!r}")], path)
+    else:
+        return job
+    if finished_manifest(distillation, plan_stages(distillation)[-1]) is None:
+        raise SpecError(
+            [
+                (
+                    "spec.distillationJob",
+                    f"{distillation.metadata.name} has not finished: run `potential-meme run` on its job file first",
+                )
+            ],
+            path,
+        )
+    return resolve_evaluation(evaluation, distillation)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    job = _evaluation(args.job, args.distillation_job)
+    from .engine.trainer import run_stage
+    from .spec.plan import plan_stages
+
+    # Like `train`, it is what a pod runs: metrics listen on every interface for Prometheus.
+    [stage] = plan_stages(job)
+    manifest = run_stage(job, stage, metrics_port=args.metrics_port or None, metrics_address="0.0.0.0")
+    row = manifest["metrics"]
+    print(f"\n{job.metadata.name}: held-out perplexity on {job.spec.dataset.source} ({row['sequences']} sequences)")
+    print(f"  {'model':<10}{'parameters':>14}{'perplexity':>14}  reference")
+    for role, reference in (("student", job.spec.student), ("teacher", job.spec.teacher)):
+        if f"{role}Perplexity" in row:
+            print(f"  {role:<10}{row[f'{role}Parameters']:>14,}{row[f'{role}Perplexity']:>14,.3f}  {reference}")
+    if "perplexityRatio" in row:
+        print(f"  student/teacher: perplexity {row['perplexityRatio']:.3f}x, parameters {row['parameterRatio']:.3f}x")
+    print(f"  results: {manifest['results']}")
     return 0
 
 
@@ -129,6 +184,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--stage", required=True, help="stage name from the job's plan")
     train.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus metrics on PORT (0: off)")
     train.set_defaults(handler=cmd_train)
+
+    evaluate = commands.add_parser(
+        "evaluate", help="held-out perplexity of a student and its teacher (what an EvaluationJob's pod runs)"
+    )
+    evaluate.add_argument("job", help="an EvaluationJob file, or a DistillationJob file to evaluate its final student")
+    evaluate.add_argument(
+        "--distillation-job", help="the DistillationJob file that the EvaluationJob's spec.distillationJob names"
+    )
+    evaluate.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus metrics on PORT (0: off)")
+    evaluate.set_defaults(handler=cmd_evaluate)
 
     render = commands.add_parser("render", help="print every object the operator would create for a job (YAML stream)")
     render.add_argument("job", help="job file (YAML)")

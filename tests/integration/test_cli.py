@@ -8,17 +8,7 @@ import pytest
 import yaml
 from transformers import AutoModelForCausalLM
 
-from helpers import cli_env
-
-
-def cli(*args, timeout=300):
-    return subprocess.run(
-        [sys.executable, "-m", "potential_meme.cli", *args],
-        capture_output=True,
-        text=True,
-        env=cli_env(),
-        timeout=timeout,
-    )
+from helpers import cli, cli_env
 
 
 def test_run_distills_saves_a_loadable_student_and_skips_when_rerun(job_file, tmp_path):

@@ -5,6 +5,7 @@ import sys
 import pytest
 
 from potential_meme.spec import SpecError, parse_job, plan_stages
+from potential_meme.spec.plan import resolve_evaluation
 
 GOOD = {
     "apiVersion": "distill.potential-meme.io/v1alpha1",
@@ -109,10 +110,43 @@ def test_evaluation_job_needs_something_to_evaluate():
         "metadata": {"name": "e"},
         "spec": {"teacher": "x"},
     }
-    with pytest.raises(SpecError, match="set 'student' or 'distillationJob'"):
+    with pytest.raises(SpecError, match="set 'student' .* or 'distillationJob'"):
         parse_job(document)
+    document["spec"]["student"] = "y"
+    with pytest.raises(SpecError, match="set 'dataset'"):
+        parse_job(document)
+    del document["spec"]["student"]
     document["spec"]["distillationJob"] = "demo"
     assert parse_job(document).spec.distillation_job == "demo"
+
+
+def test_an_evaluation_takes_what_it_leaves_unset_from_its_distillation_job():
+    distillation = parse_job(GOOD)
+
+    def evaluation_of(**spec):
+        return parse_job(
+            {
+                "apiVersion": "distill.potential-meme.io/v1alpha1",
+                "kind": "EvaluationJob",
+                "metadata": {"name": "e"},
+                "spec": {"distillationJob": "demo", **spec},
+            }
+        )
+
+    evaluation = evaluation_of()
+    [stage] = plan_stages(evaluation)
+    assert (stage.name, stage.kind) == ("evaluate", "evaluate")
+    resolved = resolve_evaluation(evaluation, distillation).spec
+    assert resolved.student == "s3://bucket/runs/demo/distill/student/"
+    assert resolved.teacher == distillation.spec.teacher.model
+    assert resolved.dataset == distillation.spec.dataset
+    assert resolved.output == distillation.spec.output
+    assert resolved.max_seq_length == distillation.spec.training.max_seq_length
+    assert plan_stages(resolve_evaluation(evaluation, distillation))[0].output_uri == "s3://bucket/runs/e/evaluate/"
+
+    own = evaluation_of(teacher="other", output={"uri": "s3://elsewhere"}, maxSeqLength=64)
+    resolved = resolve_evaluation(own, distillation).spec
+    assert (resolved.teacher, resolved.output.uri, resolved.max_seq_length) == ("other", "s3://elsewhere", 64)
 
 
 def test_spec_package_and_cli_do_not_import_torch():

@@ -13,6 +13,7 @@ from pydantic.alias_generators import to_camel
 
 from ..spec import DistillationJob, SpecError, parse_job
 from ..spec.models import KnowledgeMethod, LayerwiseMethod, ProgressiveMethod
+from ..spec.plan import final_artifacts
 from ..storage import open_store, sync_down, sync_up
 
 
@@ -72,9 +73,7 @@ class _Distiller:
         """Copy the distilled student (a Hugging Face folder) to a local path or an s3:// URI."""
         if self.job is None:
             raise RuntimeError("nothing distilled yet: call distill() first")
-        from ..engine.trainer import student_uri
-
-        source = open_store(student_uri(self.job))
+        source = open_store(final_artifacts(self.job)["student"])
         destination = str(path)
         if destination.startswith("s3://"):
             with tempfile.TemporaryDirectory(prefix="potential-meme-copy-") as tmp:

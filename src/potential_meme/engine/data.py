@@ -165,7 +165,9 @@ def load_documents(spec: DatasetSpec) -> tuple[list[Document], list[Document]]:
     return train, validation
 
 
-def pack(documents: list[Document], tokenizer, sequence_length: int) -> torch.Tensor:
+def pack(
+    documents: list[Document], tokenizer, sequence_length: int, length_field: str = "spec.training.maxSeqLength"
+) -> torch.Tensor:
     """Tokenize, join documents with EOS and cut into [N, sequence_length] rows (the tail is dropped)."""
     eos = tokenizer.eos_token_id
     stream: list[int] = []
@@ -177,7 +179,7 @@ def pack(documents: list[Document], tokenizer, sequence_length: int) -> torch.Te
         raise SpecError(
             [
                 (
-                    "spec.training.maxSeqLength",
+                    length_field,
                     f"{len(stream)} tokens make no sequence of {sequence_length}; add data or lower maxSeqLength",
                 )
             ]

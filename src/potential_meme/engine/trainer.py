@@ -1,7 +1,8 @@
-"""The engine: run one planned stage of a DistillationJob, or all of them.
+"""The engine: run one planned stage of a job, or all of them.
 
 One training loop serves the CLI (`run`: every stage in this process), the pods (`train --stage`:
-one stage, possibly under torchrun) and the library classes.
+one stage, possibly under torchrun) and the library classes. An EvaluationJob's one stage
+(`engine.evaluation`) runs through the same `run_stage`, so it skips, resumes and reports alike.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ import contextlib
 import hashlib
 import logging
 import math
-import os
 import sys
 import tempfile
 import time
@@ -25,90 +25,18 @@ from torch import nn
 
 from ..metrics import trainer as metrics
 from ..spec.errors import SpecError, StageError
-from ..spec.models import DistillationJob
+from ..spec.models import DistillationJob, EvaluationJob
 from ..spec.plan import MANIFEST, STUDENT_DIR, Stage, plan_stages, spec_hash
 from ..storage import ArtifactStore, open_store, read_json_if_exists, sync_up, write_json
 from . import checkpoint
 from .data import epoch_order, load_documents, pack, shifted_labels
-from .losses import chunked_nll
+from .evaluation import run_evaluation_stage
 from .models import derive_student, load_model, load_tokenizer, parameter_count, resolve
 from .objective import DistillationObjective, HiddenStateTap, check_layer_indices, hidden_states
 from .pruning import prune_to
+from .runtime import Runtime, perplexity, start_runtime
 
 log = logging.getLogger(__name__)
-
-
-# ---------------------------------------------------------------- processes and devices
-
-
-@dataclass(frozen=True)
-class Runtime:
-    rank: int
-    world_size: int
-    device: torch.device
-    autocast_dtype: torch.dtype | None
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            dist.barrier()
-
-    def all_sum(self, values: list[float]) -> list[float]:
-        if self.world_size == 1:
-            return values
-        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(tensor)
-        return tensor.tolist()
-
-
-def start_runtime(precision: str) -> Runtime:
-    """Join the torchrun process group when WORLD_SIZE > 1; pick device and autocast dtype."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    rank = dist.get_rank() if world_size > 1 else 0
-    bf16_ready = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    use_bf16 = precision == "bf16" or (precision == "auto" and bf16_ready)
-    return Runtime(rank, world_size, device, torch.bfloat16 if use_bf16 else None)
-
-
-# ---------------------------------------------------------------- loss module
-
-
-@torch.no_grad()
-def perplexity(model: nn.Module, sequences: torch.Tensor, runtime: Runtime, batch_size: int, chunk_size: int) -> float:
-    """Held-out perplexity; the processes of a DDP run each take a share of the sequences."""
-    was_training = model.training
-    model.eval()
-    shard = sequences[runtime.rank :: runtime.world_size]
-    total, count = 0.0, 0
-    weight = model.get_output_embeddings().weight
-    for start in range(0, shard.shape[0], batch_size):
-        batch = shard[start : start + batch_size].to(runtime.device)
-        with runtime.autocast():
-            hidden = hidden_states(model, batch)
-        nll, tokens = chunked_nll(
-            hidden.reshape(-1, hidden.shape[-1]).to(weight.dtype), weight, shifted_labels(batch).reshape(-1), chunk_size
-        )
-        total += float(nll)
-        count += tokens
-    total, count = runtime.all_sum([total, float(count)])
-    model.train(was_training)
-    mean_nll = total / max(count, 1)
-    return math.exp(mean_nll) if mean_nll < 700 else math.inf  # a diverged model, not a crash
 
 
 # ---------------------------------------------------------------- schedule and progress
@@ -492,7 +420,7 @@ def run_distill_stage(job: DistillationJob, stage: Stage, runtime: Runtime) -> d
 # ---------------------------------------------------------------- stages and jobs
 
 
-def finished_manifest(job: DistillationJob, stage: Stage) -> dict[str, Any] | None:
+def finished_manifest(job: DistillationJob | EvaluationJob, stage: Stage) -> dict[str, Any] | None:
     """The stage's manifest when it already finished for this spec; StageError when another spec's."""
     manifest = read_json_if_exists(open_store(stage.output_uri), MANIFEST)
     if manifest is None:
@@ -505,11 +433,31 @@ def finished_manifest(job: DistillationJob, stage: Stage) -> dict[str, Any] | No
     return manifest
 
 
-def preflight(job: DistillationJob) -> None:
+def _model_references(job: DistillationJob | EvaluationJob) -> list[tuple[str, str]]:
+    """(field, reference) of every model the job loads."""
+    spec = job.spec
+    if isinstance(job, EvaluationJob):
+        return [(f"spec.{role}", ref) for role, ref in (("student", spec.student), ("teacher", spec.teacher)) if ref]
+    references = [("spec.teacher.model", spec.teacher.model)]
+    if spec.student is not None and spec.student.model is not None:
+        references.append(("spec.student.model", spec.student.model))
+    return references
+
+
+def preflight(job: DistillationJob | EvaluationJob) -> None:
     """Check the local model references before anything loads; SpecError names the field."""
-    references = [("spec.teacher.model", job.spec.teacher.model)]
-    if job.spec.student is not None and job.spec.student.model is not None:
-        references.append(("spec.student.model", job.spec.student.model))
+    if isinstance(job, EvaluationJob) and job.spec.student is None:
+        raise SpecError(
+            [
+                (
+                    "spec.distillationJob",
+                    f"{job.spec.distillation_job!r} is a name in the cluster; here, pass its job file "
+                    "(potential-meme evaluate EVAL.yaml --distillation-job JOB.yaml) or set spec.student",
+                )
+            ],
+            job.metadata.name,
+        )
+    references = _model_references(job)
     problems = []
     for field, reference in references:
         if reference.startswith("s3://"):
@@ -523,7 +471,10 @@ def preflight(job: DistillationJob) -> None:
 
 
 def run_stage(
-    job: DistillationJob, stage: Stage, metrics_port: int | None = None, metrics_address: str = "127.0.0.1"
+    job: DistillationJob | EvaluationJob,
+    stage: Stage,
+    metrics_port: int | None = None,
+    metrics_address: str = "127.0.0.1",
 ) -> dict[str, Any]:
     """Run one stage unless its manifest says it is done; returns the manifest."""
     preflight(job)
@@ -535,11 +486,14 @@ def run_stage(
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # carriage-return bars garble pod logs; ours logs lines instead
-    runtime = start_runtime(job.spec.training.precision)
+    precision = job.spec.precision if isinstance(job, EvaluationJob) else job.spec.training.precision
+    runtime = start_runtime(precision)
     if metrics_port is not None and runtime.is_main:
         metrics.serve(metrics_port, metrics_address)
     metrics.stage_started(job.metadata.name, stage.name, stage.index)
     try:
+        if stage.kind == "evaluate":
+            return run_evaluation_stage(job, stage, runtime)
         return run_distill_stage(job, stage, runtime)  # distill and progressive stages share the loop
     finally:
         metrics.stage_finished(job.metadata.name, stage.name)
@@ -547,20 +501,15 @@ def run_stage(
             dist.destroy_process_group()
 
 
-def run_job(job: DistillationJob, metrics_port: int | None = None) -> list[dict[str, Any]]:
+def run_job(job: DistillationJob | EvaluationJob, metrics_port: int | None = None) -> list[dict[str, Any]]:
     """Every planned stage in order, in this process."""
     return [run_stage(job, stage, metrics_port) for stage in plan_stages(job)]
 
 
-def find_stage(job: DistillationJob, name: str) -> Stage:
+def find_stage(job: DistillationJob | EvaluationJob, name: str) -> Stage:
     stages = plan_stages(job)
     for stage in stages:
         if stage.name == name:
             return stage
     planned = ", ".join(stage.name for stage in stages)
     raise SpecError([("--stage", f"{name!r} is not in the plan; {job.metadata.name} has {planned}")], job.metadata.name)
-
-
-def student_uri(job: DistillationJob) -> str:
-    """Where the final student of a job lands."""
-    return plan_stages(job)[-1].output_uri + STUDENT_DIR

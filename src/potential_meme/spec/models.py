@@ -395,25 +395,57 @@ class EvaluationJobSpec(Model):
     model_config = ConfigDict(
         json_schema_extra={
             "x-kubernetes-validations": [
-                {"rule": "has(self.student) || has(self.distillationJob)", "message": "set student or distillationJob"}
+                {"rule": "has(self.student) || has(self.distillationJob)", "message": "set student or distillationJob"},
+                {"rule": "has(self.dataset) || has(self.distillationJob)", "message": "set dataset or distillationJob"},
             ]
         }
     )
 
-    student: ModelReference | None = None
-    teacher: ModelReference | None = None
-    distillation_job: str | None = Field(
-        default=None, description="Evaluate the final student (and teacher) of this DistillationJob."
+    student: ModelReference | None = Field(
+        default=None,
+        description="The model to evaluate; defaults to the final student of distillationJob.",
+        json_schema_extra=_immutable("student"),
     )
-    dataset: DatasetSpec | None = None
-    output: OutputSpec = Field(default_factory=OutputSpec)
+    teacher: ModelReference | None = Field(
+        default=None,
+        description="The model to compare with; defaults to distillationJob's teacher. Unset: the student alone.",
+        json_schema_extra=_immutable("teacher"),
+    )
+    distillation_job: str | None = Field(
+        default=None,
+        description=(
+            "A DistillationJob in the same namespace: once it has Succeeded, its final student, teacher, "
+            "dataset (held-out split) and output are the defaults of the fields above."
+        ),
+        json_schema_extra=_immutable("distillationJob"),
+    )
+    dataset: DatasetSpec | None = Field(
+        default=None,
+        description="Text whose held-out split is evaluated; defaults to distillationJob's dataset.",
+        json_schema_extra=_immutable("dataset"),
+    )
+    max_seq_length: int = Field(
+        default=512, ge=8, description="Tokens per packed sequence.", json_schema_extra=_immutable("maxSeqLength")
+    )
+    batch_size: int = Field(default=8, ge=1, description="Sequences per forward pass on each process.")
+    chunk_size: int = Field(default=256, ge=1, description="Tokens per chunk of the lm-head projection.")
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    output: OutputSpec = Field(
+        default_factory=OutputSpec,
+        description="Results go to <uri>/<job name>/evaluate/; defaults to distillationJob's output.",
+        json_schema_extra=_immutable("output"),
+    )
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    run_policy: RunPolicySpec = Field(default_factory=RunPolicySpec)
     suspend: bool = False
 
     @model_validator(mode="after")
     def _something_to_evaluate(self) -> EvaluationJobSpec:
-        if self.student is None and self.distillation_job is None:
-            raise ValueError("set 'student' or 'distillationJob'")
+        if self.distillation_job is None:
+            if self.student is None:
+                raise ValueError("set 'student' (a model reference) or 'distillationJob' (a DistillationJob's name)")
+            if self.dataset is None:
+                raise ValueError("set 'dataset': its held-out split is what the models are evaluated on")
         return self
 
 

@@ -5,16 +5,12 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-from .models import format_parameter_count
-
-if TYPE_CHECKING:
-    from .models import DistillationJob
-
+from .models import DistillationJob, EvaluationJob, format_parameter_count
 
 MANIFEST = "manifest.json"  # written last by a stage: its presence means the stage is done
 STUDENT_DIR = "student/"  # the stage's student, a Hugging Face folder
+RESULTS = "results.json"  # an evaluation's results, next to its manifest
 
 
 @dataclass(frozen=True)
@@ -29,20 +25,22 @@ class Stage:
     target_parameters: int | None = None  # progressive: the size this stage prunes to
 
 
-def spec_hash(job: DistillationJob) -> str:
+def spec_hash(job: DistillationJob | EvaluationJob) -> str:
     """Hash of what determines a stage's result; placement, retries and suspension do not."""
     placement = {"suspend": True, "resources": True, "run_policy": True, "output": {"credentials_secret", "endpoint"}}
     relevant = job.spec.model_dump(mode="json", exclude=placement)
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 
 
-def job_output_uri(job: DistillationJob) -> str:
+def job_output_uri(job: DistillationJob | EvaluationJob) -> str:
     return f"{job.spec.output.uri.rstrip('/')}/{job.metadata.name}/"
 
 
-def plan_stages(job: DistillationJob) -> list[Stage]:
-    method = job.spec.method.name
+def plan_stages(job: DistillationJob | EvaluationJob) -> list[Stage]:
     root = job_output_uri(job)
+    if isinstance(job, EvaluationJob):
+        return [Stage(index=0, name="evaluate", kind="evaluate", output_uri=f"{root}evaluate/")]
+    method = job.spec.method.name
     if method in ("knowledge", "layerwise"):
         return [Stage(index=0, name="distill", kind="distill", output_uri=f"{root}distill/")]
     if method == "progressive":
@@ -63,3 +61,32 @@ def plan_stages(job: DistillationJob) -> list[Stage]:
             )
         return stages
     raise NotImplementedError(f"no plan for method {method!r}")  # unreachable: the spec refuses it
+
+
+def final_artifacts(job: DistillationJob | EvaluationJob) -> dict[str, str]:
+    """What a finished job leaves for its users: the final student, or an evaluation's results."""
+    last = plan_stages(job)[-1]
+    if isinstance(job, EvaluationJob):
+        return {"results": last.output_uri + RESULTS}
+    return {"student": last.output_uri + STUDENT_DIR}
+
+
+def resolve_evaluation(evaluation: EvaluationJob, distillation: DistillationJob) -> EvaluationJob:
+    """The evaluation with the DistillationJob's final student, teacher, dataset and output filled in.
+
+    Fields the evaluation sets itself win; the result names its student, so it runs without the cluster.
+    """
+    spec = evaluation.spec
+    resolved = spec.model_copy(
+        update={
+            "student": spec.student or final_artifacts(distillation)["student"],
+            "teacher": spec.teacher or distillation.spec.teacher.model,
+            "dataset": spec.dataset or distillation.spec.dataset,
+            # The same sequences the distillation validated on, so the numbers compare.
+            "max_seq_length": spec.max_seq_length
+            if "max_seq_length" in spec.model_fields_set
+            else distillation.spec.training.max_seq_length,
+            "output": spec.output if "output" in spec.model_fields_set else distillation.spec.output,
+        }
+    )
+    return evaluation.model_copy(update={"spec": resolved})

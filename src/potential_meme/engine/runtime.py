@@ -1,0 +1,83 @@
+"""Where the engine runs: one process or a torchrun group, CPU or GPU, fp32 or bf16; held-out perplexity."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .data import shifted_labels
+from .losses import chunked_nll
+from .objective import hidden_states
+
+
+@dataclass(frozen=True)
+class Runtime:
+    rank: int
+    world_size: int
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def all_sum(self, values: list[float]) -> list[float]:
+        if self.world_size == 1:
+            return values
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor)
+        return tensor.tolist()
+
+
+def start_runtime(precision: str) -> Runtime:
+    """Join the torchrun process group when WORLD_SIZE > 1; pick device and autocast dtype."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank = dist.get_rank() if world_size > 1 else 0
+    bf16_ready = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    use_bf16 = precision == "bf16" or (precision == "auto" and bf16_ready)
+    return Runtime(rank, world_size, device, torch.bfloat16 if use_bf16 else None)
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, sequences: torch.Tensor, runtime: Runtime, batch_size: int, chunk_size: int) -> float:
+    """Held-out perplexity; the processes of a DDP run each take a share of the sequences."""
+    was_training = model.training
+    model.eval()
+    shard = sequences[runtime.rank :: runtime.world_size]
+    total, count = 0.0, 0
+    weight = model.get_output_embeddings().weight
+    for start in range(0, shard.shape[0], batch_size):
+        batch = shard[start : start + batch_size].to(runtime.device)
+        with runtime.autocast():
+            hidden = hidden_states(model, batch)
+        nll, tokens = chunked_nll(
+            hidden.reshape(-1, hidden.shape[-1]).to(weight.dtype), weight, shifted_labels(batch).reshape(-1), chunk_size
+        )
+        total += float(nll)
+        count += tokens
+    total, count = runtime.all_sum([total, float(count)])
+    model.train(was_training)
+    mean_nll = total / max(count, 1)
+    return math.exp(mean_nll) if mean_nll < 700 else math.inf  # a diverged model, not a crash
