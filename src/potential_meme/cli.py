@@ -73,11 +73,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _evaluation(path: str, distillation_path: str | None) -> EvaluationJob:
-    """The EvaluationJob to run: from an EvaluationJob file, or of a DistillationJob's final student."""
+def _finished(job: DistillationJob) -> bool:
     from .engine.trainer import finished_manifest
+    from .spec.plan import plan_stages
+
+    return finished_manifest(job, plan_stages(job)[-1]) is not None
+
+
+def _evaluation(path: str, distillation_path: str | None, require_finished: bool = True) -> EvaluationJob:
+    """The EvaluationJob to run: from an EvaluationJob file, or of a DistillationJob's final student."""
     from .spec.models import EvaluationJobSpec, ObjectMeta
-    from .spec.plan import plan_stages, resolve_evaluation
+    from .spec.plan import resolve_evaluation
 
     job = load_job(path)
     if isinstance(job, DistillationJob):
@@ -95,7 +101,7 @@ def _evaluation(path: str, distillation_path: str | None) -> EvaluationJob:
             raise SpecError([("spec.distillationJob", f"names {wanted!r}, but {distillation_path} is {given!r}")], path)
     else:
         return job
-    if finished_manifest(distillation, plan_stages(distillation)[-1]) is None:
+    if require_finished and not _finished(distillation):
         raise SpecError(
             [
                 (
@@ -131,7 +137,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_render(args: argparse.Namespace) -> int:
     from .operator.render import Defaults, render_job, to_yaml_stream
 
-    job = _distillation_job(args.job)
+    job = load_job(args.job)
+    if isinstance(job, EvaluationJob) or args.distillation_job:
+        # What the operator renders once the DistillationJob has succeeded; here it need not have run.
+        job = _evaluation(args.job, args.distillation_job, require_finished=False)
     if args.namespace:
         job.metadata.namespace = args.namespace
     defaults = Defaults(**{key: value for key, value in (("trainer_image", args.image),) if value})
@@ -199,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("job", help="job file (YAML)")
     render.add_argument("--namespace", help="namespace of the objects (default: the job's, if any)")
     render.add_argument("--image", help="trainer image when the job names none (default: the operator's)")
+    render.add_argument(
+        "--distillation-job", help="for an EvaluationJob: the DistillationJob file its spec.distillationJob names"
+    )
     render.set_defaults(handler=cmd_render)
 
     operator = commands.add_parser("operator", help="reconcile DistillationJobs into PyTorchJobs (kopf)")

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import time
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from potential_meme.storage import open_store
+from potential_meme.storage import open_store, read_json
 
 API = "distill.potential-meme.io/v1alpha1"
 
@@ -29,11 +30,20 @@ def progressive_job(name, tiny_teacher_dir, corpus_dir, steps=3, **spec):
     }
 
 
-def wait_for(cluster, name, predicate, timeout=240, namespace="ml"):
+def evaluation_job(name, distillation_job):
+    return {
+        "apiVersion": API,
+        "kind": "EvaluationJob",
+        "metadata": {"name": name, "namespace": "ml"},
+        "spec": {"distillationJob": distillation_job, "batchSize": 2},
+    }
+
+
+def wait_for(cluster, name, predicate, timeout=240, namespace="ml", plural="distillationjobs"):
     """Poll the job until predicate(job) holds; returns (job, every distinct (phase, currentStage) seen)."""
     seen, deadline = [], time.monotonic() + timeout
     while True:
-        job = cluster.get(API, "distillationjobs", namespace, name)
+        job = cluster.get(API, plural, namespace, name)
         status = (job or {}).get("status") or {}
         state = (status.get("phase"), status.get("currentStage"))
         if not seen or seen[-1] != state:
@@ -48,18 +58,48 @@ def phase_is(*phases):
     return lambda job: (job.get("status") or {}).get("phase") in phases
 
 
-def pytorchjobs(cluster, job_name):
+def condition(job, kind):
+    return next((c for c in (job.get("status") or {}).get("conditions", []) if c["type"] == kind), None)
+
+
+def pytorchjobs(cluster, job_name, kind="DistillationJob"):
     return [
         obj
         for obj in cluster.objects("kubeflow.org/v1/pytorchjobs")
         if obj["metadata"]["labels"].get("distill.potential-meme.io/job") == job_name
+        and obj["metadata"]["labels"].get("distill.potential-meme.io/kind") == kind
     ]
 
 
-def test_progressive_job_runs_stage_by_stage_to_a_student_in_s3(cluster, operator, tiny_teacher_dir, corpus_dir):
+def test_progressive_job_runs_stage_by_stage_to_a_student_in_s3_then_is_evaluated(
+    cluster, operator, tiny_teacher_dir, corpus_dir
+):
+    # The evaluation comes first and shares the job's name: it waits, and nothing of the two collides.
+    assert cluster.apply(evaluation_job("chain", distillation_job="chain"))[0] in (200, 201)
+    evaluation, _ = wait_for(
+        cluster,
+        "chain",
+        lambda j: (condition(j, "Running") or {}).get("reason") == "DistillationJobNotFound",
+        plural="evaluationjobs",
+    )
+    assert evaluation["status"]["phase"] == "Pending"
     status, _ = cluster.apply(progressive_job("chain", tiny_teacher_dir, corpus_dir))
     assert status == 201 or status == 200
-    job, seen = wait_for(cluster, "chain", phase_is("Succeeded", "Failed"))
+    evaluation_seen = []
+
+    def finished_while_the_evaluation_waits(job):
+        evaluation = cluster.get(API, "evaluationjobs", "ml", "chain")
+        running = condition(evaluation, "Running") or {}
+        evaluation_seen.append((evaluation["status"]["phase"], running.get("reason"), running.get("message")))
+        if phase_is("Succeeded", "Failed")(job):
+            return True
+        assert not pytorchjobs(cluster, "chain", kind="EvaluationJob"), "the evaluation started too early"
+        return False
+
+    job, seen = wait_for(cluster, "chain", finished_while_the_evaluation_waits)
+    assert ("Pending", "WaitingForDistillationJob", "DistillationJob chain is Running (stage 2/2 distill-100k)") in (
+        evaluation_seen
+    )
     status = job["status"]
     assert status["phase"] == "Succeeded", json.dumps(status, indent=1)
     assert ("Running", "1/2 distill-150k") in seen and ("Running", "2/2 distill-100k") in seen
@@ -82,14 +122,28 @@ def test_progressive_job_runs_stage_by_stage_to_a_student_in_s3(cluster, operato
     children = pytorchjobs(cluster, "chain")
     assert {child["metadata"]["ownerReferences"][0]["uid"] for child in children} == {job["metadata"]["uid"]}
 
+    evaluation, _ = wait_for(cluster, "chain", phase_is("Succeeded", "Failed"), plural="evaluationjobs")
+    assert evaluation["status"]["phase"] == "Succeeded", json.dumps(evaluation["status"], indent=1)
+    [row] = evaluation["status"]["stages"]
+    assert (row["name"], row["pytorchJob"]) == ("evaluate", "chain-evaluate")
+    # The evaluation inherits the job's output and sequences: it finds the trainer's own figures again.
+    results_uri = evaluation["status"]["artifacts"]["results"]
+    assert results_uri == "s3://models/runs/chain/evaluate/results.json"
+    results = read_json(open_store(results_uri.removesuffix("results.json")), "results.json")
+    assert results["student"]["model"] == status["artifacts"]["student"]
+    assert results["student"]["perplexity"] == pytest.approx(stages[1]["metrics"]["studentPerplexityAfter"], rel=1e-4)
+    assert results["teacher"]["perplexity"] == pytest.approx(stages[0]["metrics"]["teacherPerplexity"], rel=1e-4)
+    assert row["metrics"]["studentPerplexity"] == results["student"]["perplexity"]
+
     samples = {
         (s.name, tuple(sorted(s.labels.items()))): s.value
         for family in text_string_to_metric_families(operator.metrics())
         for s in family.samples
     }
-    assert samples[("potential_meme_operator_pytorchjobs_created_total", ())] == 2
-    assert samples[("potential_meme_operator_jobs", (("phase", "Succeeded"),))] == 1
-    assert samples[("potential_meme_operator_stage_duration_seconds_count", ())] == 2
+    assert samples[("potential_meme_operator_pytorchjobs_created_total", ())] == 3
+    for kind in ("DistillationJob", "EvaluationJob"):
+        assert samples[("potential_meme_operator_jobs", (("kind", kind), ("phase", "Succeeded")))] == 1
+    assert samples[("potential_meme_operator_stage_duration_seconds_count", ())] == 3
     assert (
         samples[
             ("potential_meme_operator_reconciliations_total", (("kind", "DistillationJob"), ("result", "succeeded")))
@@ -98,9 +152,12 @@ def test_progressive_job_runs_stage_by_stage_to_a_student_in_s3(cluster, operato
     )
 
     cluster.delete(API, "distillationjobs", "ml", "chain")
+    cluster.delete(API, "evaluationjobs", "ml", "chain")
     deadline = time.monotonic() + 30
-    while pytorchjobs(cluster, "chain") or [
-        c for c in cluster.objects("v1/configmaps") if c["metadata"]["name"] == "chain-job"
-    ]:
+    while (
+        pytorchjobs(cluster, "chain")
+        or pytorchjobs(cluster, "chain", kind="EvaluationJob")
+        or [c for c in cluster.objects("v1/configmaps") if c["metadata"]["name"].startswith("chain-")]
+    ):
         assert time.monotonic() < deadline, "children outlived their owner"
         time.sleep(0.2)

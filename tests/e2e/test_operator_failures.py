@@ -5,13 +5,9 @@ from __future__ import annotations
 import re
 import time
 
-from test_operator import API, progressive_job, pytorchjobs, wait_for
+from test_operator import API, condition, progressive_job, pytorchjobs, wait_for
 
 from potential_meme.storage import open_store
-
-
-def condition(job, kind):
-    return next((c for c in (job.get("status") or {}).get("conditions", []) if c["type"] == kind), None)
 
 
 def test_a_failing_pod_fails_the_stage_and_the_job_with_its_reason(cluster, operator, tiny_teacher_dir, corpus_dir):

@@ -175,3 +175,47 @@ def test_the_operator_never_imports_torch():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def _evaluation_file(tmp_path):
+    path = tmp_path / "evaluation.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "distill.potential-meme.io/v1alpha1",
+                "kind": "EvaluationJob",
+                "metadata": {"name": "progressive-smollm2", "namespace": "ml"},
+                "spec": {"distillationJob": "progressive-smollm2", "resources": {"gpusPerNode": 1}},
+            }
+        )
+    )
+    return path
+
+
+def test_an_evaluation_job_renders_one_pytorchjob_running_evaluate(tmp_path, pytorchjob_validator):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "potential_meme.cli",
+            "render",
+            str(_evaluation_file(tmp_path)),
+            "--distillation-job",
+            str(EXAMPLES / "progressive-smollm2.yaml"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    configmap, pytorchjob = yaml.safe_load_all(result.stdout)
+    # Same name as the DistillationJob, yet no object of the two collides and each is told apart by kind.
+    distillation_names = {o["metadata"]["name"] for o in render_job(_job())}
+    assert {configmap["metadata"]["name"], pytorchjob["metadata"]["name"]}.isdisjoint(distillation_names)
+    assert pytorchjob["metadata"]["labels"]["distill.potential-meme.io/kind"] == "EvaluationJob"
+    _assert_valid(pytorchjob_validator, pytorchjob)
+    container = pytorchjob["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
+    assert container["command"][4:6] == ["evaluate", "/etc/potential-meme/job.yaml"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    # The pod reads an evaluation that names its student: it needs no access to the cluster.
+    carried = parse_job(yaml.safe_load(configmap["data"]["job.yaml"]))
+    assert carried.spec.student == "file://./runs/progressive-smollm2/distill-70m/student/"

@@ -2,10 +2,12 @@
 
 from pathlib import Path
 
+import jsonschema
 import yaml
 
-from potential_meme.operator.status import child_state, decide, invalid_status
+from potential_meme.operator.status import blocked_status, child_state, decide, distillation_blocker, invalid_status
 from potential_meme.spec import parse_job
+from potential_meme.spec.plan import resolve_evaluation
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "progressive-smollm2.yaml"
 T0, T1, T2 = "2026-01-01T00:00:00Z", "2026-01-01T00:05:00Z", "2026-01-01T00:09:00Z"
@@ -132,8 +134,6 @@ def test_invalid_spec_is_valid_false_with_the_message():
 
 
 def test_every_status_fits_the_crd_status_schema():
-    import jsonschema
-
     from potential_meme.spec.crd import custom_resource_definition
 
     crd = custom_resource_definition("DistillationJob")
@@ -163,3 +163,48 @@ def test_a_spec_change_after_the_start_is_reported_and_not_acted_on():
     document = yaml.safe_load(EXAMPLE.read_text())
     document["spec"]["resources"] = {"gpusPerNode": 8}
     assert _conditions(decide(parse_job(document), {}, {}, started, T1).status)["SpecChangeRefused"][0] == "False"
+
+
+def _evaluation(**spec):
+    return parse_job(
+        {
+            "apiVersion": "distill.potential-meme.io/v1alpha1",
+            "kind": "EvaluationJob",
+            "metadata": {"name": "progressive-smollm2"},  # the same name as the DistillationJob: allowed
+            "spec": {"distillationJob": "progressive-smollm2", **spec},
+        }
+    )
+
+
+def test_an_evaluation_waits_for_its_distillation_job_and_fails_with_it():
+    assert distillation_blocker("d", None).reason == "DistillationJobNotFound"
+    running = {"status": {"phase": "Running", "currentStage": "1/2 distill-100m"}}
+    waiting = distillation_blocker("d", running)
+    assert (waiting.reason, waiting.fatal) == ("WaitingForDistillationJob", False)
+    assert waiting.message == "DistillationJob d is Running (stage 1/2 distill-100m)"
+    assert distillation_blocker("d", {"status": {"phase": "Succeeded"}}) is None
+    failed = distillation_blocker("d", {"status": {"phase": "Failed"}})
+    assert failed.fatal
+
+    pending = blocked_status(None, waiting, T0, 1)
+    assert pending.phase == "Pending" and _conditions(pending)["Running"] == ("False", "WaitingForDistillationJob")
+    gone = blocked_status(pending, failed, T1, 1)
+    assert gone.phase == "Failed" and _conditions(gone)["Failed"] == ("True", "DistillationJobFailed")
+
+
+def test_an_evaluation_runs_one_pytorchjob_and_ends_with_its_results_uri():
+    evaluation = resolve_evaluation(_evaluation(), _job())
+    first = decide(evaluation, {}, {}, None, T0, generation=1)
+    assert first.create.name == "evaluate" and first.status.current_stage == "1/1 evaluate"
+    child = {"progressive-smollm2-evaluate": _pytorchjob(("Succeeded", "s", ""), completion=T2)}
+    done = decide(evaluation, child, {"evaluate": {"metrics": {"studentPerplexity": 21.5}}}, first.status, T2)
+    assert done.status.phase == "Succeeded" and done.create is None
+    assert done.status.artifacts == {"results": "file://./runs/progressive-smollm2/evaluate/results.json"}
+    assert done.status.stages[0].metrics == {"studentPerplexity": 21.5}
+
+    from potential_meme.spec.crd import custom_resource_definition
+
+    schema = custom_resource_definition("EvaluationJob")["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    validator = jsonschema.Draft4Validator(schema["properties"]["status"])
+    for status in (first.status, done.status, blocked_status(None, distillation_blocker("d", None), T0, 1)):
+        assert not list(validator.iter_errors(status.to_yaml_dict()))

@@ -11,7 +11,7 @@ from ..spec.models import JobStatus
 RECONCILIATIONS = Counter(
     "potential_meme_operator_reconciliations", "Reconciliations by kind and result", ("kind", "result")
 )
-JOBS = Gauge("potential_meme_operator_jobs", "DistillationJobs by phase", ("phase",))
+JOBS = Gauge("potential_meme_operator_jobs", "Jobs by kind and phase", ("kind", "phase"))
 STAGE_DURATION = Histogram(
     "potential_meme_operator_stage_duration_seconds",
     "Stage wall time, start to finish",
@@ -19,17 +19,18 @@ STAGE_DURATION = Histogram(
 )
 PYTORCHJOBS_CREATED = Counter("potential_meme_operator_pytorchjobs_created", "PyTorchJobs created")
 
-_phases: dict[tuple[str | None, str], str] = {}
+_phases: dict[tuple[str, str | None, str], str] = {}
 
 
-def job_phase(namespace: str | None, name: str, phase: str | None) -> None:
-    """Record a job's phase (None: deleted) and refresh the per-phase counts."""
+def job_phase(kind: str, namespace: str | None, name: str, phase: str | None) -> None:
+    """Record a job's phase (None: deleted) and refresh the per-phase counts of its kind."""
     if phase is None:
-        _phases.pop((namespace, name), None)
+        _phases.pop((kind, namespace, name), None)
     else:
-        _phases[(namespace, name)] = phase
+        _phases[(kind, namespace, name)] = phase
     for each in ("Pending", "Running", "Succeeded", "Failed", "Suspended"):
-        JOBS.labels(phase=each).set(sum(1 for value in _phases.values() if value == each))
+        count = sum(1 for (job_kind, _, _), value in _phases.items() if job_kind == kind and value == each)
+        JOBS.labels(kind=kind, phase=each).set(count)
 
 
 def _seconds(start: str, finish: str) -> float:

@@ -1,8 +1,9 @@
-"""kopf handlers: DistillationJobs become one Kubeflow PyTorchJob per planned stage, run in order.
+"""kopf handlers: DistillationJobs and EvaluationJobs become one Kubeflow PyTorchJob per planned stage.
 
-Every trigger (the job created, resumed or changed, one of its PyTorchJobs changing, a periodic
+Every trigger (a job created, resumed or changed, one of its PyTorchJobs changing, a periodic
 timer) runs the same `reconcile`: read the children and the stage manifests, `decide`, create
 what is missing, write the status. Reconciling twice is harmless, so no trigger is special.
+An EvaluationJob that names a DistillationJob waits for it to succeed, then runs on its student.
 """
 
 from __future__ import annotations
@@ -15,18 +16,31 @@ from datetime import datetime, timezone
 from typing import Any
 
 import kopf
+import yaml
 from pydantic import ValidationError
 
 from ..metrics import operator as metrics
 from ..spec import SpecError, parse_job
-from ..spec.models import API_GROUP, API_VERSION, DistillationJob, JobStatus
-from ..spec.plan import MANIFEST, plan_stages
+from ..spec.models import API_GROUP, API_VERSION, EvaluationJob, JobStatus
+from ..spec.plan import MANIFEST, plan_stages, resolve_evaluation, resolve_evaluation_as_recorded
 from ..storage import open_store, read_json_if_exists
-from .kube import Kube
-from .render import LABEL_JOB, PYTORCHJOB_API, Defaults, render_configmap, render_pytorchjob
-from .status import decide, invalid_status
+from .kube import PLURALS, Kube
+from .render import (
+    JOB_FILE,
+    LABEL_JOB,
+    LABEL_KIND,
+    PYTORCHJOB_API,
+    Defaults,
+    Job,
+    child_labels,
+    configmap_name,
+    render_configmap,
+    render_pytorchjob,
+)
+from .status import Blocker, blocked_status, decide, distillation_blocker, invalid_status
 
 DISTILLATION_JOBS = (API_GROUP, "v1alpha1", "distillationjobs")
+EVALUATION_JOBS = (API_GROUP, "v1alpha1", "evaluationjobs")
 PYTORCHJOBS = ("kubeflow.org", "v1", "pytorchjobs")
 ANNOTATION_PREFIX = "distill.potential-meme.io"
 
@@ -77,7 +91,7 @@ def _previous_status(body: dict[str, Any]) -> JobStatus | None:
         return None  # written by someone else: start afresh
 
 
-def _manifests(job: DistillationJob, previous: JobStatus | None) -> dict[str, dict[str, Any] | None]:
+def _manifests(job: Job, previous: JobStatus | None) -> dict[str, dict[str, Any] | None]:
     """Each stage's manifest, or None while it is not done (blocking I/O: run in a thread).
 
     A stage the status already shows as Succeeded came from its manifest: it is not read again.
@@ -98,8 +112,26 @@ async def _write_status(kube: Kube, body: dict[str, Any], status: JobStatus) -> 
     if body.get("status") != new:
         meta = body["metadata"]
         await kube.merge_patch(
-            API_VERSION, "distillationjobs", meta.get("namespace"), meta["name"], {"status": new}, sub="status"
+            API_VERSION, PLURALS[body["kind"]], meta.get("namespace"), meta["name"], {"status": new}, sub="status"
         )
+
+
+async def _resolved_evaluation(kube: Kube, job: EvaluationJob) -> tuple[EvaluationJob | None, Blocker | None]:
+    """The evaluation with its DistillationJob's student filled in, or what it waits for.
+
+    The ConfigMap, once made, records the resolution: a later change to (or deletion of) the
+    DistillationJob cannot change what an evaluation that has started runs.
+    """
+    namespace, name = job.metadata.namespace, job.spec.distillation_job
+    configmap = await kube.get("v1", "configmaps", namespace, configmap_name(job))
+    if configmap is not None:
+        recorded = parse_job(yaml.safe_load(configmap["data"][JOB_FILE]), source=configmap_name(job))
+        return resolve_evaluation_as_recorded(job, recorded), None
+    body = await kube.get(API_VERSION, "distillationjobs", namespace, name)
+    blocker = distillation_blocker(name, body)
+    if blocker is not None:
+        return None, blocker
+    return resolve_evaluation(job, parse_job({k: v for k, v in body.items() if k != "status"}, source=name)), None
 
 
 async def reconcile(kube: Kube, defaults: Defaults, body: dict[str, Any]) -> JobStatus:
@@ -107,6 +139,13 @@ async def reconcile(kube: Kube, defaults: Defaults, body: dict[str, Any]) -> Job
     previous, now, generation = _previous_status(body), _now(), meta.get("generation")
     try:
         job = parse_job({key: value for key, value in body.items() if key != "status"}, source=meta["name"])
+        if isinstance(job, EvaluationJob) and job.spec.distillation_job:
+            resolved, blocker = await _resolved_evaluation(kube, job)
+            if blocker is not None:
+                status = blocked_status(previous, blocker, now, generation)
+                await _write_status(kube, body, status)
+                return status
+            job = resolved
     except SpecError as exc:
         # The API server's schema is not the only gate: refuse to act and say why, field by field.
         status = invalid_status(previous, "; ".join(f"{p}: {m}" for p, m in exc.problems), now, generation)
@@ -115,9 +154,7 @@ async def reconcile(kube: Kube, defaults: Defaults, body: dict[str, Any]) -> Job
     await kube.create(render_configmap(job))
     children = {
         child["metadata"]["name"]: child
-        for child in await kube.list(
-            PYTORCHJOB_API, "pytorchjobs", job.metadata.namespace, {LABEL_JOB: job.metadata.name}
-        )
+        for child in await kube.list(PYTORCHJOB_API, "pytorchjobs", job.metadata.namespace, child_labels(job))
     }
     manifests = await asyncio.to_thread(_manifests, job, previous)
     decision = decide(job, children, manifests, previous, now, generation)
@@ -142,11 +179,10 @@ async def reconcile(kube: Kube, defaults: Defaults, body: dict[str, Any]) -> Job
     return decision.status
 
 
-async def _reconcile_counted(memo: kopf.Memo, body: dict[str, Any], kind: str = "DistillationJob") -> None:
-    meta = body["metadata"]
-    async with memo.locks[(meta.get("namespace"), meta["name"])]:
+async def _reconcile_counted(memo: kopf.Memo, kind: str, namespace: str | None, name: str) -> None:
+    async with memo.locks[(kind, namespace, name)]:
         # The body a trigger carries may be stale by the time the lock is ours: read it again.
-        fresh = await memo.kube.get(API_VERSION, "distillationjobs", meta.get("namespace"), meta["name"])
+        fresh = await memo.kube.get(API_VERSION, PLURALS[kind], namespace, name)
         if fresh is None:
             return
         try:
@@ -155,34 +191,53 @@ async def _reconcile_counted(memo: kopf.Memo, body: dict[str, Any], kind: str = 
             metrics.RECONCILIATIONS.labels(kind=kind, result="error").inc()
             raise
         metrics.RECONCILIATIONS.labels(kind=kind, result=status.phase.lower()).inc()
-        metrics.job_phase(meta.get("namespace"), meta["name"], status.phase)
+        metrics.job_phase(kind, namespace, name, status.phase)
 
 
 @kopf.on.create(*DISTILLATION_JOBS)
 @kopf.on.resume(*DISTILLATION_JOBS)
 @kopf.on.update(*DISTILLATION_JOBS)
-async def distillation_job_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    await _reconcile_counted(memo, dict(body))
+@kopf.on.create(*EVALUATION_JOBS)
+@kopf.on.resume(*EVALUATION_JOBS)
+@kopf.on.update(*EVALUATION_JOBS)
+async def job_changed(body: kopf.Body, meta: kopf.Meta, memo: kopf.Memo, **_: Any) -> None:
+    await _reconcile_counted(memo, body["kind"], meta.get("namespace"), meta["name"])
 
 
 @kopf.timer(*DISTILLATION_JOBS, interval=10, initial_delay=10)
-async def distillation_job_tick(body: kopf.Body, memo: kopf.Memo, status: kopf.Status, **_: Any) -> None:
-    """A safety net for missed events; finished jobs are left alone."""
+@kopf.timer(*EVALUATION_JOBS, interval=10, initial_delay=10)
+async def job_tick(body: kopf.Body, meta: kopf.Meta, memo: kopf.Memo, status: kopf.Status, **_: Any) -> None:
+    """A safety net for missed events (and an evaluation's wait for its DistillationJob); finished jobs rest."""
     if status.get("phase") not in ("Succeeded", "Failed"):
-        await _reconcile_counted(memo, dict(body))
+        await _reconcile_counted(memo, body["kind"], meta.get("namespace"), meta["name"])
 
 
 @kopf.on.delete(*DISTILLATION_JOBS, optional=True)
-async def distillation_job_deleted(meta: kopf.Meta, memo: kopf.Memo, **_: Any) -> None:
+@kopf.on.delete(*EVALUATION_JOBS, optional=True)
+async def job_deleted(body: kopf.Body, meta: kopf.Meta, memo: kopf.Memo, **_: Any) -> None:
     # Children go with the job through their owner references; only our own bookkeeping is left.
-    metrics.job_phase(meta.get("namespace"), meta["name"], None)
-    memo.locks.pop((meta.get("namespace"), meta["name"]), None)
+    metrics.job_phase(body["kind"], meta.get("namespace"), meta["name"], None)
+    memo.locks.pop((body["kind"], meta.get("namespace"), meta["name"]), None)
 
 
-@kopf.on.event(*PYTORCHJOBS, labels={LABEL_JOB: kopf.PRESENT})
+@kopf.on.event(*DISTILLATION_JOBS)
+async def distillation_job_event(
+    body: kopf.Body, meta: kopf.Meta, memo: kopf.Memo, status: kopf.Status, type: str | None, **_: Any
+) -> None:
+    """A DistillationJob that has finished wakes the evaluations waiting for it, instead of their next tick."""
+    if type is None or status.get("phase") not in ("Succeeded", "Failed"):
+        return
+    namespace = meta.get("namespace")
+    for evaluation in await memo.kube.list(API_VERSION, "evaluationjobs", namespace, {}):
+        waiting = ((evaluation.get("status") or {}).get("phase") or "Pending") == "Pending"
+        if waiting and (evaluation.get("spec") or {}).get("distillationJob") == meta["name"]:
+            await _reconcile_counted(memo, "EvaluationJob", namespace, evaluation["metadata"]["name"])
+
+
+@kopf.on.event(*PYTORCHJOBS, labels={LABEL_JOB: kopf.PRESENT, LABEL_KIND: kopf.PRESENT})
 async def pytorchjob_changed(meta: kopf.Meta, memo: kopf.Memo, type: str | None, **_: Any) -> None:
     if type is None:
         return  # the initial listing: the jobs' own resume handlers cover it
-    await _reconcile_counted(
-        memo, {"metadata": {"namespace": meta.get("namespace"), "name": meta["labels"][LABEL_JOB]}}
-    )
+    labels = meta["labels"]
+    if labels[LABEL_KIND] in PLURALS:
+        await _reconcile_counted(memo, labels[LABEL_KIND], meta.get("namespace"), labels[LABEL_JOB])

@@ -11,8 +11,10 @@ from typing import Any
 
 import yaml
 
-from ..spec.models import API_VERSION, DistillationJob
+from ..spec.models import API_VERSION, DistillationJob, EvaluationJob
 from ..spec.plan import Stage, plan_stages
+
+Job = DistillationJob | EvaluationJob
 
 PYTORCHJOB_API = "kubeflow.org/v1"
 JOB_FILE_DIR = "/etc/potential-meme"
@@ -20,6 +22,7 @@ JOB_FILE = "job.yaml"
 CONTAINER = "pytorch"  # Kubeflow's training operator looks for this container name
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 LABEL_JOB = "distill.potential-meme.io/job"
+LABEL_KIND = "distill.potential-meme.io/kind"  # a DistillationJob and an EvaluationJob may share a name
 LABEL_STAGE = "distill.potential-meme.io/stage"
 
 
@@ -33,23 +36,23 @@ class Defaults:
     queue_name: str | None = None
 
 
-def configmap_name(job: DistillationJob) -> str:
-    return f"{job.metadata.name}-job"
+def configmap_name(job: Job) -> str:
+    return f"{job.metadata.name}-{'job' if isinstance(job, DistillationJob) else 'evaluation'}"
 
 
-def pytorchjob_name(job: DistillationJob, stage: Stage) -> str:
+def pytorchjob_name(job: Job, stage: Stage) -> str:
     """Deterministic, so a restarted operator finds the child it made instead of making another."""
     return f"{job.metadata.name}-{stage.name}"[:63].rstrip("-")
 
 
-def owner_reference(job: DistillationJob) -> list[dict[str, Any]]:
+def owner_reference(job: Job) -> list[dict[str, Any]]:
     uid = job.metadata.model_extra.get("uid") if job.metadata.model_extra else None
     if not uid:
         return []  # rendered offline: the API server has not given the job a uid yet
     return [
         {
             "apiVersion": API_VERSION,
-            "kind": "DistillationJob",
+            "kind": job.kind,
             "name": job.metadata.name,
             "uid": uid,
             "controller": True,
@@ -58,8 +61,13 @@ def owner_reference(job: DistillationJob) -> list[dict[str, Any]]:
     ]
 
 
-def _metadata(job: DistillationJob, name: str, stage: Stage | None = None) -> dict[str, Any]:
-    labels = {LABEL_JOB: job.metadata.name, "app.kubernetes.io/managed-by": "potential-meme"}
+def child_labels(job: Job) -> dict[str, str]:
+    """The labels that find a job's PyTorchJobs (and tell them from another kind's of the same name)."""
+    return {LABEL_JOB: job.metadata.name, LABEL_KIND: job.kind}
+
+
+def _metadata(job: Job, name: str, stage: Stage | None = None) -> dict[str, Any]:
+    labels = {**child_labels(job), "app.kubernetes.io/managed-by": "potential-meme"}
     if stage is not None:
         labels[LABEL_STAGE] = stage.name
     metadata: dict[str, Any] = {"name": name, "labels": labels}
@@ -71,7 +79,7 @@ def _metadata(job: DistillationJob, name: str, stage: Stage | None = None) -> di
     return metadata
 
 
-def render_configmap(job: DistillationJob) -> dict[str, Any]:
+def render_configmap(job: Job) -> dict[str, Any]:
     """The job spec as the pods read it: apiVersion, kind, name and spec, nothing cluster-specific."""
     document = {
         "apiVersion": job.api_version,
@@ -87,19 +95,17 @@ def render_configmap(job: DistillationJob) -> dict[str, Any]:
     }
 
 
-def _container(job: DistillationJob, stage: Stage, defaults: Defaults) -> dict[str, Any]:
+def _container(job: Job, stage: Stage, defaults: Defaults) -> dict[str, Any]:
     resources = job.spec.resources
     processes = max(resources.gpus_per_node, 1)
+    job_file = f"{JOB_FILE_DIR}/{JOB_FILE}"
+    work = ["evaluate", job_file] if stage.kind == "evaluate" else ["train", "--job", job_file, "--stage", stage.name]
     command = [
         "torchrun",
         f"--nproc-per-node={processes}",
         "--module",
         "potential_meme.cli",
-        "train",
-        "--job",
-        f"{JOB_FILE_DIR}/{JOB_FILE}",
-        "--stage",
-        stage.name,
+        *work,
         "--metrics-port",
         "9400",
     ]
@@ -130,7 +136,7 @@ def _container(job: DistillationJob, stage: Stage, defaults: Defaults) -> dict[s
     return container
 
 
-def _replica(job: DistillationJob, stage: Stage, replicas: int, defaults: Defaults) -> dict[str, Any]:
+def _replica(job: Job, stage: Stage, replicas: int, defaults: Defaults) -> dict[str, Any]:
     resources = job.spec.resources
     pod_spec: dict[str, Any] = {
         "containers": [_container(job, stage, defaults)],
@@ -147,11 +153,11 @@ def _replica(job: DistillationJob, stage: Stage, replicas: int, defaults: Defaul
     return {
         "replicas": replicas,
         "restartPolicy": "OnFailure",
-        "template": {"metadata": {"labels": {LABEL_JOB: job.metadata.name, LABEL_STAGE: stage.name}}, "spec": pod_spec},
+        "template": {"metadata": {"labels": {**child_labels(job), LABEL_STAGE: stage.name}}, "spec": pod_spec},
     }
 
 
-def render_pytorchjob(job: DistillationJob, stage: Stage, defaults: Defaults = Defaults()) -> dict[str, Any]:
+def render_pytorchjob(job: Job, stage: Stage, defaults: Defaults = Defaults()) -> dict[str, Any]:
     resources = job.spec.resources
     run_policy: dict[str, Any] = {
         "backoffLimit": job.spec.run_policy.backoff_limit,
@@ -181,7 +187,7 @@ def render_pytorchjob(job: DistillationJob, stage: Stage, defaults: Defaults = D
     }
 
 
-def render_job(job: DistillationJob, defaults: Defaults = Defaults()) -> list[dict[str, Any]]:
+def render_job(job: Job, defaults: Defaults = Defaults()) -> list[dict[str, Any]]:
     """The ConfigMap, then one PyTorchJob per planned stage, in plan order."""
     return [render_configmap(job), *(render_pytorchjob(job, stage, defaults) for stage in plan_stages(job))]
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..spec.models import Condition, DistillationJob, JobStatus, Phase, StageStatus
-from ..spec.plan import STUDENT_DIR, Stage, plan_stages, spec_hash
-from .render import pytorchjob_name
+from ..spec.models import Condition, JobStatus, Phase, StageStatus
+from ..spec.plan import Stage, final_artifacts, plan_stages, spec_hash
+from .render import Job, pytorchjob_name
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ class Decision:
 
 
 def decide(
-    job: DistillationJob,
+    job: Job,
     children: dict[str, dict[str, Any]],
     manifests: dict[str, dict[str, Any] | None],
     previous: JobStatus | None,
@@ -116,7 +116,7 @@ def decide(
         observed_generation=generation,
         current_stage=f"{current + 1}/{len(rows)} {rows[current].name}",
         stages=rows,
-        artifacts={"student": stages[-1].output_uri + STUDENT_DIR} if phase == "Succeeded" else {},
+        artifacts=final_artifacts(job) if phase == "Succeeded" else {},
     )
     # The spec the stages run is the one first seen; a change that slipped past the CRD's CEL rules
     # (an older CRD, a direct write) is reported and not acted on: the pods read the ConfigMap.
@@ -156,6 +156,54 @@ def decide(
         ],
     )
     return Decision(status, create)
+
+
+@dataclass(frozen=True)
+class Blocker:
+    """Why an EvaluationJob cannot start yet (or ever, when `fatal`)."""
+
+    reason: str
+    message: str
+    fatal: bool = False
+
+
+def distillation_blocker(name: str, distillation: dict[str, Any] | None) -> Blocker | None:
+    """None when the DistillationJob an evaluation names has Succeeded; otherwise what to report."""
+    if distillation is None:
+        return Blocker("DistillationJobNotFound", f"DistillationJob {name} does not exist (yet) in this namespace")
+    status = distillation.get("status") or {}
+    phase = status.get("phase") or "Pending"
+    if phase == "Succeeded":
+        return None
+    if phase == "Failed":
+        return Blocker("DistillationJobFailed", f"DistillationJob {name} failed: there is no student to evaluate", True)
+    progress = f" (stage {status['currentStage']})" if status.get("currentStage") else ""
+    return Blocker("WaitingForDistillationJob", f"DistillationJob {name} is {phase}{progress}")
+
+
+def blocked_status(previous: JobStatus | None, blocker: Blocker, now: str, generation: int | None) -> JobStatus:
+    """Pending while the DistillationJob runs; Failed when it failed."""
+    phase: Phase = "Failed" if blocker.fatal else "Pending"
+    return JobStatus(
+        phase=phase,
+        observed_generation=generation,
+        conditions=conditions(
+            previous,
+            now,
+            generation,
+            [
+                ("Valid", True, "SpecValid", "the spec passed validation"),
+                ("Running", False, blocker.reason, blocker.message),
+                ("Succeeded", False, phase, ""),
+                (
+                    "Failed",
+                    blocker.fatal,
+                    blocker.reason if blocker.fatal else phase,
+                    blocker.message if blocker.fatal else "",
+                ),
+            ],
+        ),
+    )
 
 
 def invalid_status(previous: JobStatus | None, message: str, now: str, generation: int | None) -> JobStatus:

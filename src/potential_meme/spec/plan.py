@@ -71,22 +71,33 @@ def final_artifacts(job: DistillationJob | EvaluationJob) -> dict[str, str]:
     return {"student": last.output_uri + STUDENT_DIR}
 
 
+INHERITED_BY_EVALUATION = ("student", "teacher", "dataset", "output", "max_seq_length")
+
+
+def _fill_unset(evaluation: EvaluationJob, values: dict[str, object]) -> EvaluationJob:
+    spec = evaluation.spec
+    kept = {field: value for field, value in values.items() if field not in spec.model_fields_set}
+    return evaluation.model_copy(update={"spec": spec.model_copy(update=kept)})
+
+
 def resolve_evaluation(evaluation: EvaluationJob, distillation: DistillationJob) -> EvaluationJob:
     """The evaluation with the DistillationJob's final student, teacher, dataset and output filled in.
 
     Fields the evaluation sets itself win; the result names its student, so it runs without the cluster.
+    The sequence length is the distillation's, so the numbers compare with its validation figures.
     """
-    spec = evaluation.spec
-    resolved = spec.model_copy(
-        update={
-            "student": spec.student or final_artifacts(distillation)["student"],
-            "teacher": spec.teacher or distillation.spec.teacher.model,
-            "dataset": spec.dataset or distillation.spec.dataset,
-            # The same sequences the distillation validated on, so the numbers compare.
-            "max_seq_length": spec.max_seq_length
-            if "max_seq_length" in spec.model_fields_set
-            else distillation.spec.training.max_seq_length,
-            "output": spec.output if "output" in spec.model_fields_set else distillation.spec.output,
-        }
+    return _fill_unset(
+        evaluation,
+        {
+            "student": final_artifacts(distillation)["student"],
+            "teacher": distillation.spec.teacher.model,
+            "dataset": distillation.spec.dataset,
+            "output": distillation.spec.output,
+            "max_seq_length": distillation.spec.training.max_seq_length,
+        },
     )
-    return evaluation.model_copy(update={"spec": resolved})
+
+
+def resolve_evaluation_as_recorded(evaluation: EvaluationJob, recorded: EvaluationJob) -> EvaluationJob:
+    """Resolve again from an earlier resolution (the operator's ConfigMap), not from the DistillationJob."""
+    return _fill_unset(evaluation, {field: getattr(recorded.spec, field) for field in INHERITED_BY_EVALUATION})
