@@ -64,17 +64,42 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+OPERATOR_TOKEN = "operator-token"  # tells the operator's requests from the harness's own
+VERBS = {
+    kmock.action.LIST: "list",
+    kmock.action.WATCH: "watch",
+    kmock.action.FETCH: "get",
+    kmock.action.CREATE: "create",
+    kmock.action.DELETE: "delete",
+}
+
+
 class StrictEmulator(kmock.KubernetesEmulator):
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
         self.versions = itertools.count(1)
+        self.operator_calls: set[tuple[str, str, str]] = set()  # (verb, API group, resource[/subresource])
+
+    def _record(self, request) -> None:
+        operator = request.headers.get("Authorization") == f"Bearer {OPERATOR_TOKEN}"
+        if not operator or request.action is None or request.resource is None or not request.resource.plural:
+            return  # the harness's own call, or discovery (every authenticated user may discover)
+        if request.action == kmock.action.UPDATE:
+            verb = "patch" if request.method.value.upper() == "PATCH" else "update"
+        else:
+            verb = VERBS[request.action]
+        resource = request.resource.plural + (f"/{request.subresource}" if request.subresource else "")
+        self.operator_calls.add((verb, request.resource.group or "", resource))
 
     async def _handle(self, request):
+        self._record(request)
         if request.resource is not None and isinstance(request.data, dict):
             if request.action == kmock.action.CREATE:
                 meta = request.data.setdefault("metadata", {})
                 if request.namespace:
                     meta["namespace"] = request.namespace
+                if not meta.get("name") and meta.get("generateName"):  # as the API server does (kopf's events)
+                    meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
                 meta.update(
                     uid=str(uuid.uuid4()),
                     creationTimestamp=_now(),
@@ -147,8 +172,8 @@ class Cluster:
                     "kind": "Config",
                     "current-context": "emulator",
                     "clusters": [{"name": "emulator", "cluster": {"server": self.url}}],
-                    "users": [{"name": "tester", "user": {"token": "test-token"}}],
-                    "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": "tester"}}],
+                    "users": [{"name": "operator", "user": {"token": OPERATOR_TOKEN}}],
+                    "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": "operator"}}],
                 }
             )
         )

@@ -17,12 +17,20 @@ kmock = pytest.importorskip("kmock")
 
 from cluster import Cluster  # noqa: E402 - needs kmock
 
+OPERATOR_API_CALLS: set[tuple[str, str, str]] = set()  # (verb, group, resource) over the whole e2e run
+
 
 @pytest.fixture
 def cluster(tmp_path, s3_endpoint):
     trainer_env = {key: value for key, value in os.environ.items() if key != "WORLD_SIZE"}
     with Cluster(tmp_path, trainer_env) as running:
         yield running
+    OPERATOR_API_CALLS.update(running.emulator.operator_calls)
+
+
+def pytest_sessionfinish(session):
+    if OPERATOR_API_CALLS:
+        print("\noperator API calls:", *sorted(OPERATOR_API_CALLS), sep="\n  ")
 
 
 class Operator:

@@ -107,7 +107,21 @@ def _manifests(job: Job, previous: JobStatus | None) -> dict[str, dict[str, Any]
     }
 
 
+def _announce(body: dict[str, Any], status: JobStatus) -> None:
+    """A Kubernetes Event when the phase changes, so `kubectl describe` and event exporters show the story."""
+    if (body.get("status") or {}).get("phase") == status.phase:
+        return
+    conditions = {condition.type: condition for condition in status.conditions}
+    reason, message = status.phase, status.current_stage or ""
+    if status.phase == "Failed" and "Failed" in conditions:
+        reason, message = conditions["Failed"].reason, conditions["Failed"].message
+    elif status.phase == "Pending" and "Running" in conditions:
+        reason, message = conditions["Running"].reason, conditions["Running"].message
+    kopf.event(body, type="Warning" if status.phase == "Failed" else "Normal", reason=reason, message=message)
+
+
 async def _write_status(kube: Kube, body: dict[str, Any], status: JobStatus) -> None:
+    _announce(body, status)
     new = status.to_yaml_dict()
     if body.get("status") != new:
         meta = body["metadata"]
