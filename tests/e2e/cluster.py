@@ -18,16 +18,20 @@ import itertools
 import json
 import os
 import signal
-import socket
+import subprocess
 import sys
 import tempfile
 import threading
+import time
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import kmock
+
+from helpers import free_port
 
 GROUP_RESOURCES = {
     "v1/namespaces": {"namespaced": False, "kind": "Namespace", "verbs": ["list", "watch", "get"]},
@@ -58,12 +62,6 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 OPERATOR_TOKEN = "operator-token"  # tells the operator's requests from the harness's own
 VERBS = {
     kmock.action.LIST: "list",
@@ -79,6 +77,9 @@ class StrictEmulator(kmock.KubernetesEmulator):
         super().__attrs_post_init__()
         self.versions = itertools.count(1)
         self.operator_calls: set[tuple[str, str, str]] = set()  # (verb, API group, resource[/subresource])
+        self.created_at: dict[tuple[str, str, str], float] = {}  # (plural, namespace, name) -> wall time
+        self.in_flight: set[int] = set()  # ids of the requests being served
+        self.deletions = 0
 
     def _record(self, request) -> None:
         operator = request.headers.get("Authorization") == f"Bearer {OPERATOR_TOKEN}"
@@ -92,7 +93,49 @@ class StrictEmulator(kmock.KubernetesEmulator):
         self.operator_calls.add((verb, request.resource.group or "", resource))
 
     async def _handle(self, request):
+        # kmock keeps every request ever served and matches each new one by scanning that history:
+        # O(n) a request, minutes at the scale benchmark's thousands. Only requests still being
+        # served (watches included) can need matching, so the history is cut down to those.
+        self.in_flight.add(id(request))
+        self._requests[:] = [served for served in self._requests if id(served) in self.in_flight]
+        try:
+            return await self._serve(request)
+        finally:
+            self.in_flight.discard(id(request))
+
+    def _KubernetesEmulator__get_objs(self, request, strict: bool):  # noqa: N802 - overrides kmock's private lookup
+        """A request naming one object finds it by key: kmock scans every object, O(n) a request."""
+        if request.name is not None and (strict or request.namespace is not None):
+            obj = self._objects._objects.get((request.resource, request.namespace, request.name))
+            return [obj] if obj is not None else []
+        return super()._KubernetesEmulator__get_objs(request, strict)
+
+    async def _serve_list(self, request):
+        """Lists honour labelSelector (equality and existence terms), as the API server does."""
+        listing = await super()._serve_list(request)
+        selector = request.params.get("labelSelector")
+        if selector:
+            terms = [term.partition("=") for term in selector.split(",") if term]
+            listing["items"] = [
+                item
+                for item in listing["items"]
+                if all(
+                    key in (labels := (item.get("metadata") or {}).get("labels") or {})
+                    and (not equals or labels[key] == value)
+                    for key, equals, value in terms
+                )
+            ]
+        return listing
+
+    def _get_resources(self):
+        # kmock adds the resource of every stored object, scanning them all on each list and watch;
+        # every object here is of a declared resource.
+        return kmock.KubernetesScaffold._get_resources(self)
+
+    async def _serve(self, request):
         self._record(request)
+        if request.action == kmock.action.DELETE:
+            self.deletions += 1
         if request.resource is not None and isinstance(request.data, dict):
             if request.action == kmock.action.CREATE:
                 meta = request.data.setdefault("metadata", {})
@@ -100,6 +143,7 @@ class StrictEmulator(kmock.KubernetesEmulator):
                     meta["namespace"] = request.namespace
                 if not meta.get("name") and meta.get("generateName"):  # as the API server does (kopf's events)
                     meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
+                self.created_at[(request.resource.plural, request.namespace, meta.get("name"))] = time.time()
                 meta.update(
                     uid=str(uuid.uuid4()),
                     creationTimestamp=_now(),
@@ -118,9 +162,10 @@ class StrictEmulator(kmock.KubernetesEmulator):
 class Cluster:
     """The emulated API server plus the Kubeflow stand-in, in a background thread."""
 
-    def __init__(self, workdir: Path, environment: dict[str, str]):
+    def __init__(self, workdir: Path, environment: dict[str, str], run_pods: bool = True):
         self.workdir = workdir
         self.environment = environment  # what trainer processes get (S3 credentials, endpoint)
+        self.run_pods = run_pods  # False: PyTorchJobs are acknowledged (Created, Running) but nothing runs
         self.ready = threading.Event()
         self.processes: dict[str, list[asyncio.subprocess.Process]] = {}
         self.logs: dict[str, Path] = {}
@@ -205,11 +250,21 @@ class Cluster:
         status, body = self.call(self.request("GET", self.path(api_version, plural, namespace, name)))
         return body if status == 200 else None
 
-    def apply(self, obj: dict[str, Any]) -> tuple[int, Any]:
-        api_version, kind = obj["apiVersion"], obj["kind"]
-        plural = {"DistillationJob": "distillationjobs", "EvaluationJob": "evaluationjobs"}[kind]
+    def _create(self, obj: dict[str, Any]):
+        plural = {"DistillationJob": "distillationjobs", "EvaluationJob": "evaluationjobs"}[obj["kind"]]
         namespace = obj["metadata"].get("namespace", "default")
-        return self.call(self.request("POST", self.path(api_version, plural, namespace), obj))
+        return self.request("POST", self.path(obj["apiVersion"], plural, namespace), obj)
+
+    def apply(self, obj: dict[str, Any]) -> tuple[int, Any]:
+        return self.call(self._create(obj))
+
+    def apply_all(self, objects: list[dict[str, Any]], timeout: float = 300) -> list[tuple[int, Any]]:
+        """Create every object at once, as `kubectl apply -f folder/` of many jobs does."""
+
+        async def create_all():
+            return await asyncio.gather(*(self._create(obj) for obj in objects))
+
+        return self.call(create_all(), timeout)
 
     def patch(self, api_version: str, plural: str, namespace: str, name: str, patch: dict[str, Any]) -> Any:
         return self.call(self.request("PATCH", self.path(api_version, plural, namespace, name), patch))
@@ -220,10 +275,15 @@ class Cluster:
     # ------------------------------------------------------------------ garbage collector
 
     async def _garbage_collector(self) -> None:
+        deletions_seen = 0
         while True:
             await asyncio.sleep(0.2)
-            alive = {obj.get("metadata", {}).get("uid") for obj in self._live_objects()}
-            for obj in self._live_objects():
+            if self.emulator.deletions == deletions_seen:
+                continue  # only a deletion orphans anything
+            deletions_seen = self.emulator.deletions
+            objects = self._live_objects()
+            alive = {obj.get("metadata", {}).get("uid") for obj in objects}
+            for obj in objects:
                 owners = obj.get("metadata", {}).get("ownerReferences") or []
                 if owners and not any(owner["uid"] in alive for owner in owners):
                     meta = obj["metadata"]
@@ -233,8 +293,12 @@ class Cluster:
                             "DELETE", self.path(obj["apiVersion"], plural, meta["namespace"], meta["name"])
                         )
 
-    def _live_objects(self) -> list[dict[str, Any]]:
-        return [dict(obj.raw) for obj in list(self.emulator.objects.values()) if not obj.deleted]
+    def _live_objects(self, plural: str | None = None) -> list[dict[str, Any]]:
+        return [
+            dict(obj.raw)
+            for (resource, _, _), obj in list(self.emulator.objects.items())
+            if not obj.deleted and plural in (None, resource.plural)
+        ]
 
     # ------------------------------------------------------------------ Kubeflow stand-in
 
@@ -242,9 +306,7 @@ class Cluster:
         handled: dict[str, str] = {}  # PyTorchJob uid -> what we last did
         while True:
             await asyncio.sleep(0.2)
-            for job in self._live_objects():
-                if job.get("kind") != "PyTorchJob":
-                    continue
+            for job in self._live_objects("pytorchjobs"):
                 uid = job["metadata"]["uid"]
                 suspended = bool(job["spec"].get("runPolicy", {}).get("suspend"))
                 state = handled.get(uid)
@@ -254,7 +316,10 @@ class Cluster:
                     state = "created"
                 if state in ("created", "suspended") and not suspended:
                     handled[uid] = "running"
-                    asyncio.create_task(self._run(job))
+                    if self.run_pods:
+                        asyncio.create_task(self._run(job))
+                    else:
+                        await self._conditions(job, [("Running", "PyTorchJobRunning", "PyTorchJob is running.")])
                 elif state == "running" and suspended:
                     handled[uid] = "suspended"
                     await self._delete_pods(uid)
@@ -393,3 +458,56 @@ class Cluster:
             if arg.startswith(mount + "/"):
                 return str(folder / arg[len(mount) + 1 :])
         return arg
+
+
+class Operator:
+    def __init__(self, cluster: Cluster, workdir: Path):
+        self.cluster, self.workdir = cluster, workdir
+        self.metrics_port, self.liveness_port = free_port(), free_port()
+        self.process: subprocess.Popen | None = None
+        self.starts = 0
+
+    def start(self) -> Operator:
+        env = dict(os.environ, KUBECONFIG=str(self.cluster.kubeconfig()), PYTHONUNBUFFERED="1")
+        env.pop("WORLD_SIZE", None)
+        self.starts += 1
+        self.log = self.workdir / f"operator-{self.starts}.log"
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "potential_meme.cli",
+                "operator",
+                "--metrics-port",
+                str(self.metrics_port),
+                "--liveness",
+                f"http://127.0.0.1:{self.liveness_port}/healthz",
+            ],
+            env=env,
+            stdout=open(self.log, "w"),
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{self.liveness_port}/healthz", timeout=1)
+                return self
+            except OSError:
+                assert self.process.poll() is None, self.log.read_text()[-3000:]
+                assert time.monotonic() < deadline, "the operator did not become live"
+                time.sleep(0.2)
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait()
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def metrics(self) -> str:
+        return urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).read().decode()

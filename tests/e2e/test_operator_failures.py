@@ -25,7 +25,9 @@ def test_a_failing_pod_fails_the_stage_and_the_job_with_its_reason(cluster, oper
     while not (events := [e for e in cluster.objects("v1/events") if e["involvedObject"]["name"] == "broken"]):
         assert time.monotonic() < deadline, "no event for the failed job"
         time.sleep(0.2)
-    assert [(e["type"], e["reason"]) for e in events if e["type"] == "Warning"] == [("Warning", "PyTorchJobFailed")], events
+    assert [(e["type"], e["reason"]) for e in events if e["type"] == "Warning"] == [("Warning", "PyTorchJobFailed")], (
+        events
+    )
 
 
 def test_a_restarted_operator_adopts_its_children_and_finishes(cluster, operator, tiny_teacher_dir, corpus_dir):

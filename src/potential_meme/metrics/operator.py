@@ -23,14 +23,14 @@ _phases: dict[tuple[str, str | None, str], str] = {}
 
 
 def job_phase(kind: str, namespace: str | None, name: str, phase: str | None) -> None:
-    """Record a job's phase (None: deleted) and refresh the per-phase counts of its kind."""
-    if phase is None:
-        _phases.pop((kind, namespace, name), None)
-    else:
-        _phases[(kind, namespace, name)] = phase
-    for each in ("Pending", "Running", "Succeeded", "Failed", "Suspended"):
-        count = sum(1 for (job_kind, _, _), value in _phases.items() if job_kind == kind and value == each)
-        JOBS.labels(kind=kind, phase=each).set(count)
+    """Record a job's phase (None: deleted); the per-phase gauges move by one, not by a recount."""
+    key = (kind, namespace, name)
+    before = _phases.pop(key, None)
+    if before is not None:
+        JOBS.labels(kind=kind, phase=before).dec()
+    if phase is not None:
+        _phases[key] = phase
+        JOBS.labels(kind=kind, phase=phase).inc()
 
 
 def _seconds(start: str, finish: str) -> float:

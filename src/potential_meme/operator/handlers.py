@@ -34,15 +34,19 @@ from .render import (
     Job,
     child_labels,
     configmap_name,
+    pytorchjob_name,
     render_configmap,
     render_pytorchjob,
 )
-from .status import Blocker, blocked_status, decide, distillation_blocker, invalid_status
+from .status import Blocker, blocked_status, child_state, decide, distillation_blocker, invalid_status
 
 DISTILLATION_JOBS = (API_GROUP, "v1alpha1", "distillationjobs")
 EVALUATION_JOBS = (API_GROUP, "v1alpha1", "evaluationjobs")
 PYTORCHJOBS = ("kubeflow.org", "v1", "pytorchjobs")
 ANNOTATION_PREFIX = "distill.potential-meme.io"
+# Events drive the work; the timer only catches what a lost watch event would leave behind, and
+# costs a reconciliation per unfinished job each round.
+RESYNC_SECONDS = 60
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +74,8 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
     memo.kube = Kube(info)
     memo.defaults = defaults_from_environment()
     memo.locks = collections.defaultdict(asyncio.Lock)
+    memo.waiting = collections.defaultdict(set)  # (namespace, DistillationJob) -> EvaluationJobs waiting on it
+    memo.distillation_progress = {}  # (namespace, DistillationJob) -> (phase, currentStage) last seen
     port = os.environ.get("POTENTIAL_MEME_OPERATOR_METRICS_PORT")
     if port:
         metrics.serve(int(port))
@@ -91,32 +97,38 @@ def _previous_status(body: dict[str, Any]) -> JobStatus | None:
         return None  # written by someone else: start afresh
 
 
-def _manifests(job: Job, previous: JobStatus | None) -> dict[str, dict[str, Any] | None]:
-    """Each stage's manifest, or None while it is not done (blocking I/O: run in a thread).
+def _manifests(
+    job: Job, previous: JobStatus | None, children: dict[str, dict[str, Any]]
+) -> dict[str, dict[str, Any] | None]:
+    """The manifests of the stages whose PyTorchJob has Succeeded (blocking I/O: run in a thread).
 
-    A stage the status already shows as Succeeded came from its manifest: it is not read again.
+    Nothing else is read: a stage with no PyTorchJob yet gets one, and its pod skips the work
+    when the manifest is there already (a stage run before by `potential-meme run`); a stage the
+    status shows as Succeeded was read before.
     """
     known = {
         row.name: {"metrics": row.metrics, "finishedAt": row.finish_time}
         for row in (previous.stages if previous else [])
         if row.phase == "Succeeded"
     }
-    return {
-        stage.name: known.get(stage.name) or read_json_if_exists(open_store(stage.output_uri), MANIFEST)
-        for stage in plan_stages(job)
-    }
+    manifests: dict[str, dict[str, Any] | None] = {}
+    for stage in plan_stages(job):
+        child = children.get(pytorchjob_name(job, stage))
+        if stage.name in known:
+            manifests[stage.name] = known[stage.name]
+        elif child is not None and child_state(child).phase == "Succeeded":
+            manifests[stage.name] = read_json_if_exists(open_store(stage.output_uri), MANIFEST)
+    return manifests
 
 
 def _announce(body: dict[str, Any], status: JobStatus) -> None:
     """A Kubernetes Event when the phase changes, so `kubectl describe` and event exporters show the story."""
-    if (body.get("status") or {}).get("phase") == status.phase:
-        return
+    if (body.get("status") or {}).get("phase", "Pending") == status.phase:
+        return  # a new job starts Pending: that is no news
     conditions = {condition.type: condition for condition in status.conditions}
     reason, message = status.phase, status.current_stage or ""
     if status.phase == "Failed" and "Failed" in conditions:
         reason, message = conditions["Failed"].reason, conditions["Failed"].message
-    elif status.phase == "Pending" and "Running" in conditions:
-        reason, message = conditions["Running"].reason, conditions["Running"].message
     kopf.event(body, type="Warning" if status.phase == "Failed" else "Normal", reason=reason, message=message)
 
 
@@ -165,14 +177,14 @@ async def reconcile(kube: Kube, defaults: Defaults, body: dict[str, Any]) -> Job
         status = invalid_status(previous, "; ".join(f"{p}: {m}" for p, m in exc.problems), now, generation)
         await _write_status(kube, body, status)
         return status
-    await kube.create(render_configmap(job))
     children = {
         child["metadata"]["name"]: child
         for child in await kube.list(PYTORCHJOB_API, "pytorchjobs", job.metadata.namespace, child_labels(job))
     }
-    manifests = await asyncio.to_thread(_manifests, job, previous)
+    manifests = await asyncio.to_thread(_manifests, job, previous, children)
     decision = decide(job, children, manifests, previous, now, generation)
     if decision.create is not None:
+        await kube.create(render_configmap(job))  # the pods mount it: it comes first
         child = render_pytorchjob(job, decision.create, defaults)
         if await kube.create(child):
             metrics.PYTORCHJOBS_CREATED.inc()
@@ -206,6 +218,20 @@ async def _reconcile_counted(memo: kopf.Memo, kind: str, namespace: str | None, 
             raise
         metrics.RECONCILIATIONS.labels(kind=kind, result=status.phase.lower()).inc()
         metrics.job_phase(kind, namespace, name, status.phase)
+        if kind == "EvaluationJob":
+            _track_waiting(memo, fresh, waiting=status.phase == "Pending")
+
+
+def _track_waiting(memo: kopf.Memo, evaluation: dict[str, Any], waiting: bool) -> None:
+    """Remember which evaluations wait on which DistillationJob, so its phase changes wake them."""
+    meta, awaited = evaluation["metadata"], (evaluation.get("spec") or {}).get("distillationJob")
+    if not awaited:
+        return
+    waiters = memo.waiting[(meta.get("namespace"), awaited)]
+    if waiting:
+        waiters.add(meta["name"])
+    else:
+        waiters.discard(meta["name"])
 
 
 @kopf.on.create(*DISTILLATION_JOBS)
@@ -218,8 +244,8 @@ async def job_changed(body: kopf.Body, meta: kopf.Meta, memo: kopf.Memo, **_: An
     await _reconcile_counted(memo, body["kind"], meta.get("namespace"), meta["name"])
 
 
-@kopf.timer(*DISTILLATION_JOBS, interval=10, initial_delay=10)
-@kopf.timer(*EVALUATION_JOBS, interval=10, initial_delay=10)
+@kopf.timer(*DISTILLATION_JOBS, interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS)
+@kopf.timer(*EVALUATION_JOBS, interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS)
 async def job_tick(body: kopf.Body, meta: kopf.Meta, memo: kopf.Memo, status: kopf.Status, **_: Any) -> None:
     """A safety net for missed events (and an evaluation's wait for its DistillationJob); finished jobs rest."""
     if status.get("phase") not in ("Succeeded", "Failed"):
@@ -232,20 +258,22 @@ async def job_deleted(body: kopf.Body, meta: kopf.Meta, memo: kopf.Memo, **_: An
     # Children go with the job through their owner references; only our own bookkeeping is left.
     metrics.job_phase(body["kind"], meta.get("namespace"), meta["name"], None)
     memo.locks.pop((body["kind"], meta.get("namespace"), meta["name"]), None)
+    if body["kind"] == "EvaluationJob":
+        _track_waiting(memo, dict(body), waiting=False)
 
 
 @kopf.on.event(*DISTILLATION_JOBS)
 async def distillation_job_event(
-    body: kopf.Body, meta: kopf.Meta, memo: kopf.Memo, status: kopf.Status, type: str | None, **_: Any
+    meta: kopf.Meta, memo: kopf.Memo, status: kopf.Status, type: str | None, **_: Any
 ) -> None:
-    """A DistillationJob that has finished wakes the evaluations waiting for it, instead of their next tick."""
-    if type is None or status.get("phase") not in ("Succeeded", "Failed"):
+    """A DistillationJob appearing or moving on wakes the evaluations waiting on it, instead of their next tick."""
+    key = (meta.get("namespace"), meta["name"])
+    progress = (status.get("phase"), status.get("currentStage")) if type != "DELETED" else None
+    if memo.distillation_progress.get(key) == progress:
         return
-    namespace = meta.get("namespace")
-    for evaluation in await memo.kube.list(API_VERSION, "evaluationjobs", namespace, {}):
-        waiting = ((evaluation.get("status") or {}).get("phase") or "Pending") == "Pending"
-        if waiting and (evaluation.get("spec") or {}).get("distillationJob") == meta["name"]:
-            await _reconcile_counted(memo, "EvaluationJob", namespace, evaluation["metadata"]["name"])
+    memo.distillation_progress[key] = progress
+    for evaluation in sorted(memo.waiting.get(key, ())):
+        await _reconcile_counted(memo, "EvaluationJob", key[0], evaluation)
 
 
 @kopf.on.event(*PYTORCHJOBS, labels={LABEL_JOB: kopf.PRESENT, LABEL_KIND: kopf.PRESENT})

@@ -26,6 +26,13 @@ LABEL_KIND = "distill.potential-meme.io/kind"  # a DistillationJob and an Evalua
 LABEL_STAGE = "distill.potential-meme.io/stage"
 
 
+_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)  # libyaml when present: ~10x faster
+
+
+def _yaml(document: dict[str, Any]) -> str:
+    return yaml.dump(document, Dumper=_DUMPER, sort_keys=False)
+
+
 @dataclass(frozen=True)
 class Defaults:
     """What the operator's installation decides when a job does not."""
@@ -91,7 +98,7 @@ def render_configmap(job: Job) -> dict[str, Any]:
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": _metadata(job, configmap_name(job)),
-        "data": {JOB_FILE: yaml.safe_dump(document, sort_keys=False)},
+        "data": {JOB_FILE: _yaml(document)},
     }
 
 
@@ -193,4 +200,4 @@ def render_job(job: Job, defaults: Defaults = Defaults()) -> list[dict[str, Any]
 
 
 def to_yaml_stream(objects: list[dict[str, Any]]) -> str:
-    return "".join("---\n" + yaml.safe_dump(item, sort_keys=False) for item in objects)
+    return "".join("---\n" + _yaml(item) for item in objects)
