@@ -75,6 +75,7 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
     memo.defaults = defaults_from_environment()
     memo.locks = collections.defaultdict(asyncio.Lock)
     memo.waiting = collections.defaultdict(set)  # (namespace, DistillationJob) -> EvaluationJobs waiting on it
+    memo.child_states = {}  # (namespace, PyTorchJob) -> ChildState last seen
     memo.distillation_progress = {}  # (namespace, DistillationJob) -> (phase, currentStage) last seen
     port = os.environ.get("POTENTIAL_MEME_OPERATOR_METRICS_PORT")
     if port:
@@ -277,9 +278,19 @@ async def distillation_job_event(
 
 
 @kopf.on.event(*PYTORCHJOBS, labels={LABEL_JOB: kopf.PRESENT, LABEL_KIND: kopf.PRESENT})
-async def pytorchjob_changed(meta: kopf.Meta, memo: kopf.Memo, type: str | None, **_: Any) -> None:
+async def pytorchjob_changed(body: kopf.Body, meta: kopf.Meta, memo: kopf.Memo, type: str | None, **_: Any) -> None:
+    """Reconcile the owning job when what its status reads from this PyTorchJob has changed."""
+    key = (meta.get("namespace"), meta["name"])
+    if type == "DELETED":
+        memo.child_states.pop(key, None)
+    else:
+        # The training operator's Created condition, our own spec patches: nothing the job's status shows.
+        state = child_state(dict(body))
+        unchanged, memo.child_states[key] = memo.child_states.get(key) == state, state
+        if unchanged:
+            return
     if type is None:
-        return  # the initial listing: the jobs' own resume handlers cover it
+        return  # the initial listing is covered by the jobs' own resume handlers
     labels = meta["labels"]
     if labels[LABEL_KIND] in PLURALS:
         await _reconcile_counted(memo, labels[LABEL_KIND], meta.get("namespace"), labels[LABEL_JOB])
