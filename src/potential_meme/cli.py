@@ -158,6 +158,7 @@ def cmd_operator(args: argparse.Namespace) -> int:
     kopf.run(
         clusterwide=not args.namespace,
         namespaces=args.namespace or (),
+        memo=kopf.Memo(namespaces=tuple(args.namespace or ())),
         standalone=not args.peering,
         peering_name=args.peering,
         liveness_endpoint=args.liveness,

@@ -302,14 +302,34 @@ class Cluster:
 
     # ------------------------------------------------------------------ Kubeflow stand-in
 
+    def _changed_pytorchjobs(self, versions: dict[Any, int]) -> list[dict[str, Any]]:
+        """PyTorchJobs written since last asked (an object's history grows by one a write)."""
+        changed = []
+        for key, obj in list(self.emulator.objects.items()):
+            if key[0].plural == "pytorchjobs" and not obj.deleted and versions.get(key) != len(obj.history):
+                versions[key] = len(obj.history)
+                changed.append(dict(obj.raw))
+        return changed
+
     async def _kubeflow(self) -> None:
         handled: dict[str, str] = {}  # PyTorchJob uid -> what we last did
+        versions: dict[Any, int] = {}
         while True:
             await asyncio.sleep(0.2)
-            for job in self._live_objects("pytorchjobs"):
+            for job in self._changed_pytorchjobs(versions):
                 uid = job["metadata"]["uid"]
                 suspended = bool(job["spec"].get("runPolicy", {}).get("suspend"))
                 state = handled.get(uid)
+                if state is None and not self.run_pods and not suspended:
+                    handled[uid] = "running"  # nothing runs: both conditions in one write
+                    await self._conditions(
+                        job,
+                        [
+                            ("Created", "PyTorchJobCreated", "PyTorchJob is created."),
+                            ("Running", "PyTorchJobRunning", "PyTorchJob is running."),
+                        ],
+                    )
+                    continue
                 if state is None:
                     handled[uid] = "created"
                     await self._conditions(job, [("Created", "PyTorchJobCreated", "PyTorchJob is created.")])

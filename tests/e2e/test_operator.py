@@ -99,7 +99,7 @@ def test_progressive_job_runs_stage_by_stage_to_a_student_in_s3_then_is_evaluate
     job, seen = wait_for(cluster, "chain", finished_while_the_evaluation_waits)
     assert ("Pending", "WaitingForDistillationJob", "DistillationJob chain is Running (stage 2/2 distill-100k)") in (
         evaluation_seen
-    )
+    ), evaluation_seen
     status = job["status"]
     assert status["phase"] == "Succeeded", json.dumps(status, indent=1)
     assert ("Running", "1/2 distill-150k") in seen and ("Running", "2/2 distill-100k") in seen

@@ -43,9 +43,8 @@ from .status import Blocker, blocked_status, child_state, decide, distillation_b
 DISTILLATION_JOBS = (API_GROUP, "v1alpha1", "distillationjobs")
 EVALUATION_JOBS = (API_GROUP, "v1alpha1", "evaluationjobs")
 PYTORCHJOBS = ("kubeflow.org", "v1", "pytorchjobs")
-ANNOTATION_PREFIX = "distill.potential-meme.io"
-# Events drive the work; the timer only catches what a lost watch event would leave behind, and
-# costs a reconciliation per unfinished job each round.
+# Events drive the work; the resync only catches what a lost event or a failed reconciliation left
+# behind, and costs a reconciliation per unfinished job each round.
 RESYNC_SECONDS = 60
 
 log = logging.getLogger(__name__)
@@ -64,9 +63,6 @@ def defaults_from_environment() -> Defaults:
 
 @kopf.on.startup()
 async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
-    # Keep kopf's bookkeeping in annotations: the status belongs to the job's users.
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=ANNOTATION_PREFIX)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=ANNOTATION_PREFIX)
     settings.posting.level = logging.WARNING
     info = kopf.login_with_service_account(settings=settings) or kopf.login_with_kubeconfig(settings=settings)
     if info is None:
@@ -77,6 +73,7 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
     memo.waiting = collections.defaultdict(set)  # (namespace, DistillationJob) -> EvaluationJobs waiting on it
     memo.child_states = {}  # (namespace, PyTorchJob) -> ChildState last seen
     memo.distillation_progress = {}  # (namespace, DistillationJob) -> (phase, currentStage) last seen
+    memo.resync = asyncio.create_task(_resync(memo))
     port = os.environ.get("POTENTIAL_MEME_OPERATOR_METRICS_PORT")
     if port:
         metrics.serve(int(port))
@@ -84,6 +81,7 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
 
 @kopf.on.cleanup()
 async def stop(memo: kopf.Memo, **_: Any) -> None:
+    memo.resync.cancel()
     await memo.kube.close()
 
 
@@ -206,10 +204,20 @@ async def reconcile(kube: Kube, defaults: Defaults, body: dict[str, Any]) -> Job
     return decision.status
 
 
-async def _reconcile_counted(memo: kopf.Memo, kind: str, namespace: str | None, name: str) -> None:
-    async with memo.locks[(kind, namespace, name)]:
-        # The body a trigger carries may be stale by the time the lock is ours: read it again.
-        fresh = await memo.kube.get(API_VERSION, PLURALS[kind], namespace, name)
+async def _reconcile_counted(
+    memo: kopf.Memo, kind: str, namespace: str | None, name: str, body: dict[str, Any] | None = None
+) -> None:
+    """Reconcile one job, one reconciliation at a time per job.
+
+    `body`, the object as the triggering event or list carried it, is used when no other
+    reconciliation of the job was under way; otherwise it may be stale once the lock is ours, and
+    the job is read again.
+    """
+    lock = memo.locks[(kind, namespace, name)]
+    if lock.locked():
+        body = None
+    async with lock:
+        fresh = body or await memo.kube.get(API_VERSION, PLURALS[kind], namespace, name)
         if fresh is None:
             return
         try:
@@ -235,46 +243,63 @@ def _track_waiting(memo: kopf.Memo, evaluation: dict[str, Any], waiting: bool) -
         waiters.discard(meta["name"])
 
 
-@kopf.on.create(*DISTILLATION_JOBS)
-@kopf.on.resume(*DISTILLATION_JOBS)
-@kopf.on.update(*DISTILLATION_JOBS)
-@kopf.on.create(*EVALUATION_JOBS)
-@kopf.on.resume(*EVALUATION_JOBS)
-@kopf.on.update(*EVALUATION_JOBS)
-async def job_changed(body: kopf.Body, meta: kopf.Meta, memo: kopf.Memo, **_: Any) -> None:
-    await _reconcile_counted(memo, body["kind"], meta.get("namespace"), meta["name"])
+def _needs_reconcile(event: str | None, body: kopf.Body) -> bool:
+    """A job seen for the first time, or whose spec changed since its status was written.
 
-
-@kopf.timer(*DISTILLATION_JOBS, interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS)
-@kopf.timer(*EVALUATION_JOBS, interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS)
-async def job_tick(body: kopf.Body, meta: kopf.Meta, memo: kopf.Memo, status: kopf.Status, **_: Any) -> None:
-    """A safety net for missed events (and an evaluation's wait for its DistillationJob); finished jobs rest."""
-    if status.get("phase") not in ("Succeeded", "Failed"):
-        await _reconcile_counted(memo, body["kind"], meta.get("namespace"), meta["name"])
-
-
-@kopf.on.delete(*DISTILLATION_JOBS, optional=True)
-@kopf.on.delete(*EVALUATION_JOBS, optional=True)
-async def job_deleted(body: kopf.Body, meta: kopf.Meta, memo: kopf.Memo, **_: Any) -> None:
-    # Children go with the job through their owner references; only our own bookkeeping is left.
-    metrics.job_phase(body["kind"], meta.get("namespace"), meta["name"], None)
-    memo.locks.pop((body["kind"], meta.get("namespace"), meta["name"]), None)
-    if body["kind"] == "EvaluationJob":
-        _track_waiting(memo, dict(body), waiting=False)
+    Our own status writes come back as events too; they need no work. A status that has not
+    caught up with the spec (observedGeneration) always does, so nothing is lost between events.
+    """
+    if event in (None, "ADDED"):  # the operator's first listing (a restart), or a new job
+        return True
+    return (body.get("status") or {}).get("observedGeneration") != body["metadata"].get("generation")
 
 
 @kopf.on.event(*DISTILLATION_JOBS)
-async def distillation_job_event(
-    meta: kopf.Meta, memo: kopf.Memo, status: kopf.Status, type: str | None, **_: Any
-) -> None:
+@kopf.on.event(*EVALUATION_JOBS)
+async def job_event(body: kopf.Body, meta: kopf.Meta, memo: kopf.Memo, type: str | None, **_: Any) -> None:
+    """Every job event: level-triggered, so kopf keeps no bookkeeping on the users' objects."""
+    kind, namespace, name = body["kind"], meta.get("namespace"), meta["name"]
+    if type == "DELETED":
+        # Children go with the job through their owner references; only our own bookkeeping is left.
+        metrics.job_phase(kind, namespace, name, None)
+        memo.locks.pop((kind, namespace, name), None)
+        if kind == "EvaluationJob":
+            _track_waiting(memo, dict(body), waiting=False)
+    elif _needs_reconcile(type, body):
+        await _reconcile_counted(memo, kind, namespace, name, dict(body))
+    if kind == "DistillationJob":
+        await _wake_evaluations(memo, namespace, name, None if type == "DELETED" else body.get("status") or {})
+
+
+async def _wake_evaluations(memo: kopf.Memo, namespace: str | None, name: str, status: dict | None) -> None:
     """A DistillationJob appearing or moving on wakes the evaluations waiting on it, instead of their next tick."""
-    key = (meta.get("namespace"), meta["name"])
-    progress = (status.get("phase"), status.get("currentStage")) if type != "DELETED" else None
+    key = (namespace, name)
+    progress = (status.get("phase"), status.get("currentStage")) if status is not None else None
     if memo.distillation_progress.get(key) == progress:
         return
     memo.distillation_progress[key] = progress
     for evaluation in sorted(memo.waiting.get(key, ())):
-        await _reconcile_counted(memo, "EvaluationJob", key[0], evaluation)
+        await _reconcile_counted(memo, "EvaluationJob", namespace, evaluation)
+
+
+async def _resync(memo: kopf.Memo) -> None:
+    """Reconcile every unfinished job now and then: a safety net for lost events and failed reconciliations.
+
+    One list per kind instead of kopf timers, which would put a finalizer on every job (and deleting a
+    job would then wait for the operator to be up).
+    """
+    while True:
+        await asyncio.sleep(RESYNC_SECONDS)
+        for kind in ("DistillationJob", "EvaluationJob"):
+            for namespace in memo.namespaces or (None,):
+                try:
+                    jobs = await memo.kube.list(API_VERSION, PLURALS[kind], namespace, {})
+                    for job in jobs:
+                        if (job.get("status") or {}).get("phase") not in ("Succeeded", "Failed"):
+                            meta = job["metadata"]
+                            await _reconcile_counted(memo, kind, meta.get("namespace"), meta["name"], job)
+                except Exception:  # the next round tries again; the loop must outlive any one failure
+                    log.exception("resync of %s in %s failed", kind, namespace or "all namespaces")
 
 
 @kopf.on.event(*PYTORCHJOBS, labels={LABEL_JOB: kopf.PRESENT, LABEL_KIND: kopf.PRESENT})
