@@ -155,6 +155,9 @@ def cmd_operator(args: argparse.Namespace) -> int:
 
     if args.metrics_port:
         os.environ["POTENTIAL_MEME_OPERATOR_METRICS_PORT"] = str(args.metrics_port)
+    if not args.verbose:
+        # A line per handler call ("Handler 'job_event' succeeded") buries the operator's own lines.
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     kopf.run(
         clusterwide=not args.namespace,
         namespaces=args.namespace or (),

@@ -142,7 +142,7 @@ class StrictEmulator(kmock.KubernetesEmulator):
                 if request.namespace:
                     meta["namespace"] = request.namespace
                 if not meta.get("name") and meta.get("generateName"):  # as the API server does (kopf's events)
-                    meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
+                    meta["name"] = meta["generateName"] + uuid.uuid4().hex[:8]
                 self.created_at[(request.resource.plural, request.namespace, meta.get("name"))] = time.time()
                 meta.update(
                     uid=str(uuid.uuid4()),

@@ -129,6 +129,17 @@ def _announce(body: dict[str, Any], status: JobStatus) -> None:
     if status.phase == "Failed" and "Failed" in conditions:
         reason, message = conditions["Failed"].reason, conditions["Failed"].message
     kopf.event(body, type="Warning" if status.phase == "Failed" else "Normal", reason=reason, message=message)
+    meta = body["metadata"]
+    log.log(
+        logging.WARNING if status.phase == "Failed" else logging.INFO,
+        "%s %s/%s: %s (%s) %s",
+        body["kind"],
+        meta.get("namespace"),
+        meta["name"],
+        status.phase,
+        reason,
+        message,
+    )
 
 
 async def _write_status(kube: Kube, body: dict[str, Any], status: JobStatus) -> None:
@@ -187,6 +198,9 @@ async def reconcile(kube: Kube, defaults: Defaults, body: dict[str, Any]) -> Job
         child = render_pytorchjob(job, decision.create, defaults)
         if await kube.create(child):
             metrics.PYTORCHJOBS_CREATED.inc()
+            log.info(
+                "%s/%s: created PyTorchJob %s", job.metadata.namespace, job.metadata.name, child["metadata"]["name"]
+            )
         children[child["metadata"]["name"]] = child
         decision = decide(job, children, manifests, previous, now, generation)
     for name, child in children.items():
