@@ -36,6 +36,7 @@ test-fast: $(VENV)/.test
 
 crds: $(VENV)/.demo
 	$(VENV)/bin/potential-meme crds --output-dir crds
+	cp crds/*.yaml charts/potential-meme/crds/   # the chart installs the same CRDs (a test compares)
 
 clean:
 	rm -rf $(VENV) runs

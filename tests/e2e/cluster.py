@@ -62,7 +62,13 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-OPERATOR_TOKEN = "operator-token"  # tells the operator's requests from the harness's own
+OPERATOR_TOKEN = "operator-token"
+# (verb, API group, resource) of every call the operator may make: the chart's RBAC grants exactly these.
+DECLARED_API_CALLS = {
+    tuple(call) for call in json.loads((Path(__file__).parent / "operator_api_calls.json").read_text())
+}
+RECORDED_API_CALLS: set[tuple[str, str, str]] = set()  # what the operator did call, over this session's e2e tests
+E2E_TESTS_PASSED: set[str] = set()  # tells the operator's requests from the harness's own
 VERBS = {
     kmock.action.LIST: "list",
     kmock.action.WATCH: "watch",

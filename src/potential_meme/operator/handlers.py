@@ -37,6 +37,7 @@ from .render import (
     pytorchjob_name,
     render_configmap,
     render_pytorchjob,
+    with_defaults,
 )
 from .status import Blocker, blocked_status, child_state, decide, distillation_blocker, invalid_status
 
@@ -57,6 +58,7 @@ def defaults_from_environment() -> Defaults:
         "s3_endpoint": os.environ.get("POTENTIAL_MEME_S3_ENDPOINT"),
         "credentials_secret": os.environ.get("POTENTIAL_MEME_CREDENTIALS_SECRET"),
         "queue_name": os.environ.get("POTENTIAL_MEME_QUEUE_NAME"),
+        "output_uri": os.environ.get("POTENTIAL_MEME_OUTPUT_URI"),
     }
     return Defaults(**{key: value for key, value in environment.items() if value})
 
@@ -152,7 +154,9 @@ async def _write_status(kube: Kube, body: dict[str, Any], status: JobStatus) -> 
         )
 
 
-async def _resolved_evaluation(kube: Kube, job: EvaluationJob) -> tuple[EvaluationJob | None, Blocker | None]:
+async def _resolved_evaluation(
+    kube: Kube, defaults: Defaults, job: EvaluationJob
+) -> tuple[EvaluationJob | None, Blocker | None]:
     """The evaluation with its DistillationJob's student filled in, or what it waits for.
 
     The ConfigMap, once made, records the resolution: a later change to (or deletion of) the
@@ -167,7 +171,8 @@ async def _resolved_evaluation(kube: Kube, job: EvaluationJob) -> tuple[Evaluati
     blocker = distillation_blocker(name, body)
     if blocker is not None:
         return None, blocker
-    return resolve_evaluation(job, parse_job({k: v for k, v in body.items() if k != "status"}, source=name)), None
+    distillation = parse_job({k: v for k, v in body.items() if k != "status"}, source=name)
+    return resolve_evaluation(job, with_defaults(distillation, defaults)), None
 
 
 async def reconcile(kube: Kube, defaults: Defaults, body: dict[str, Any]) -> JobStatus:
@@ -176,12 +181,13 @@ async def reconcile(kube: Kube, defaults: Defaults, body: dict[str, Any]) -> Job
     try:
         job = parse_job({key: value for key, value in body.items() if key != "status"}, source=meta["name"])
         if isinstance(job, EvaluationJob) and job.spec.distillation_job:
-            resolved, blocker = await _resolved_evaluation(kube, job)
+            resolved, blocker = await _resolved_evaluation(kube, defaults, job)
             if blocker is not None:
                 status = blocked_status(previous, blocker, now, generation)
                 await _write_status(kube, body, status)
                 return status
             job = resolved
+        job = with_defaults(job, defaults)
     except SpecError as exc:
         # The API server's schema is not the only gate: refuse to act and say why, field by field.
         status = invalid_status(previous, "; ".join(f"{p}: {m}" for p, m in exc.problems), now, generation)

@@ -41,6 +41,16 @@ class Defaults:
     s3_endpoint: str | None = None
     credentials_secret: str | None = None
     queue_name: str | None = None
+    output_uri: str | None = None  # where a job that names no output.uri writes (the local default means nothing here)
+
+
+def with_defaults(job: Job, defaults: Defaults) -> Job:
+    """The job as this installation runs it: a job that names no output.uri writes to the default store."""
+    output = job.spec.output
+    if defaults.output_uri is None or "uri" in output.model_fields_set:
+        return job
+    spec = job.spec.model_copy(update={"output": output.model_copy(update={"uri": defaults.output_uri})})
+    return job.model_copy(update={"spec": spec})
 
 
 def configmap_name(job: Job) -> str:
@@ -196,6 +206,7 @@ def render_pytorchjob(job: Job, stage: Stage, defaults: Defaults = Defaults()) -
 
 def render_job(job: Job, defaults: Defaults = Defaults()) -> list[dict[str, Any]]:
     """The ConfigMap, then one PyTorchJob per planned stage, in plan order."""
+    job = with_defaults(job, defaults)
     return [render_configmap(job), *(render_pytorchjob(job, stage, defaults) for stage in plan_stages(job))]
 
 
