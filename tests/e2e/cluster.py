@@ -49,6 +49,11 @@ GROUP_RESOURCES = {
         "subresources": ["status"],
         "verbs": ["list", "watch", "get", "create", "patch", "delete"],
     },
+    "kopf.dev/v1/clusterkopfpeerings": {
+        "namespaced": False,
+        "kind": "ClusterKopfPeering",
+        "verbs": ["list", "watch", "get", "create", "patch"],
+    },
     "distill.potential-meme.io/v1alpha1/evaluationjobs": {
         "namespaced": True,
         "kind": "EvaluationJob",
@@ -62,13 +67,13 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-OPERATOR_TOKEN = "operator-token"
+OPERATOR_TOKEN = "operator-token"  # tells the operator's requests from the harness's own
 # (verb, API group, resource) of every call the operator may make: the chart's RBAC grants exactly these.
-DECLARED_API_CALLS = {
-    tuple(call) for call in json.loads((Path(__file__).parent / "operator_api_calls.json").read_text())
-}
+_DECLARED = json.loads((Path(__file__).parent / "operator_api_calls.json").read_text())
+DECLARED_API_CALLS = {tuple(call) for call in _DECLARED["operator"]}
+DECLARED_PEERING_CALLS = {tuple(call) for call in _DECLARED["clusterPeering"]}  # with --peering, cluster-wide
 RECORDED_API_CALLS: set[tuple[str, str, str]] = set()  # what the operator did call, over this session's e2e tests
-E2E_TESTS_PASSED: set[str] = set()  # tells the operator's requests from the harness's own
+E2E_TESTS_PASSED: set[str] = set()
 VERBS = {
     kmock.action.LIST: "list",
     kmock.action.WATCH: "watch",
@@ -487,8 +492,8 @@ class Cluster:
 
 
 class Operator:
-    def __init__(self, cluster: Cluster, workdir: Path):
-        self.cluster, self.workdir = cluster, workdir
+    def __init__(self, cluster: Cluster, workdir: Path, peering: str | None = None):
+        self.cluster, self.workdir, self.peering = cluster, workdir, peering
         self.metrics_port, self.liveness_port = free_port(), free_port()
         self.process: subprocess.Popen | None = None
         self.starts = 0
@@ -508,6 +513,7 @@ class Operator:
                 str(self.metrics_port),
                 "--liveness",
                 f"http://127.0.0.1:{self.liveness_port}/healthz",
+                *(["--peering", self.peering] if self.peering else []),
             ],
             env=env,
             stdout=open(self.log, "w"),

@@ -47,5 +47,5 @@ app.kubernetes.io/component: operator
 {{- define "potential-meme.peeringRules" -}}
 - apiGroups: ["kopf.dev"]
   resources: [{{ .resource | quote }}]
-  verbs: ["get", "list", "watch", "patch"]
+  verbs: ["list", "watch", "patch"]
 {{- end -}}
