@@ -199,6 +199,11 @@ def test_monitors_select_what_serves_metrics():
     assert not by_kind(render({}), "ServiceMonitor") and not by_kind(render({}), "PodMonitor")
 
 
+def test_chart_crds_are_valid_kubernetes():
+    for path in sorted((CHART / "crds").glob("*.yaml")):
+        kubernetes_validate.validate(yaml.safe_load(path.read_text()), KUBERNETES, strict=True)
+
+
 def test_chart_crds_are_the_generated_crds():
     generated = sorted(path.name for path in (REPO / "crds").glob("*.yaml"))
     assert generated == sorted(path.name for path in (CHART / "crds").glob("*.yaml"))
