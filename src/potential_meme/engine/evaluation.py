@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import logging
 import time
-from datetime import datetime, timezone
 from typing import Any
 
 import torch
 
 from ..metrics import trainer as metrics
 from ..spec.models import EvaluationJob
-from ..spec.plan import MANIFEST, RESULTS, Stage, spec_hash
+from ..spec.plan import MANIFEST, RESULTS, Stage, stage_manifest
 from ..storage import open_store, write_json
 from .data import load_documents, pack
 from .models import load_model, load_tokenizer, parameter_count, resolve
@@ -66,15 +65,7 @@ def run_evaluation_stage(job: EvaluationJob, stage: Stage, runtime: Runtime) -> 
             perplexityRatio=results["student"]["perplexity"] / results["teacher"]["perplexity"],
             parameterRatio=results["student"]["parameters"] / results["teacher"]["parameters"],
         )
-    manifest = {
-        "job": job.metadata.name,
-        "stage": stage.name,
-        "specHash": spec_hash(job),
-        "finishedAt": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "worldSize": runtime.world_size,
-        "metrics": summary,
-        "results": stage.output_uri + RESULTS,
-    }
+    manifest = stage_manifest(job, stage, runtime.world_size, metrics=summary, results=stage.output_uri + RESULTS)
     if runtime.is_main:
         store = open_store(stage.output_uri)
         write_json(store, RESULTS, results)

@@ -15,7 +15,6 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ from torch import nn
 from ..metrics import trainer as metrics
 from ..spec.errors import SpecError, StageError
 from ..spec.models import DistillationJob, EvaluationJob
-from ..spec.plan import MANIFEST, STUDENT_DIR, Stage, plan_stages, spec_hash
+from ..spec.plan import MANIFEST, STUDENT_DIR, Stage, plan_stages, spec_hash, stage_manifest
 from ..storage import ArtifactStore, open_store, read_json_if_exists, sync_up, write_json
 from . import checkpoint
 from .data import epoch_order, load_documents, pack, shifted_labels
@@ -387,14 +386,12 @@ def run_distill_stage(job: DistillationJob, stage: Stage, runtime: Runtime) -> d
     ):
         metrics.VALIDATION_PERPLEXITY.labels(**labels, model=model_name, when=when).set(value)
     steps_run = step - (resumed_from or 0)
-    manifest = {
-        "job": job.metadata.name,
-        "stage": stage.name,
-        "specHash": spec_hash(job),
-        "finishedAt": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "worldSize": runtime.world_size,
-        "resumedFromStep": resumed_from,
-        "metrics": {
+    manifest = stage_manifest(
+        job,
+        stage,
+        runtime.world_size,
+        resumedFromStep=resumed_from,
+        metrics={
             **before,
             "studentPerplexityAfter": after,
             "finalLoss": losses[-1] if losses else None,
@@ -408,7 +405,7 @@ def run_distill_stage(job: DistillationJob, stage: Stage, runtime: Runtime) -> d
             "studentParameters": parameter_count(student),
             **stage_facts,
         },
-    }
+    )
     if runtime.is_main:
         manifest["files"] = _save_student(student, tokenizer, store)
         write_json(store, MANIFEST, manifest)  # last: its presence marks the stage done

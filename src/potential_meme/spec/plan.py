@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
 
 from .models import DistillationJob, EvaluationJob, format_parameter_count
 
@@ -30,6 +32,18 @@ def spec_hash(job: DistillationJob | EvaluationJob) -> str:
     placement = {"suspend": True, "resources": True, "run_policy": True, "output": {"credentials_secret", "endpoint"}}
     relevant = job.spec.model_dump(mode="json", exclude=placement)
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
+
+
+def stage_manifest(job: DistillationJob | EvaluationJob, stage: Stage, world_size: int, **content: Any) -> dict:
+    """What a finished stage records in its MANIFEST: which job, stage and spec, when; then its own content."""
+    return {
+        "job": job.metadata.name,
+        "stage": stage.name,
+        "specHash": spec_hash(job),
+        "finishedAt": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "worldSize": world_size,
+        **content,
+    }
 
 
 def job_output_uri(job: DistillationJob | EvaluationJob) -> str:
