@@ -1,7 +1,8 @@
 """The operator under load: many DistillationJobs created at once, time from each job to its PyTorchJob.
 
 The real operator process (kopf) runs against the test harness's emulated API server (kmock, made
-stricter) with the Kubeflow stand-in acknowledging each PyTorchJob (Created, Running: no pods run)
+stricter) with the Kubeflow stand-in acknowledging each PyTorchJob (Created; its pods never start, as
+on a cluster without a free GPU for 500 jobs)
 and S3 on moto's server, as in tests/e2e. Prints p50/p95/max seconds from a job's creation to its
 first PyTorchJob's creation (both stamped by the API server), the operator's peak RSS (VmHWM) and
 the CPU the operator and the emulated API server each used, for two submissions side by side: every

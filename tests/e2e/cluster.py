@@ -115,6 +115,14 @@ class StrictEmulator(kmock.KubernetesEmulator):
         finally:
             self.in_flight.discard(id(request))
 
+    def stored(self, plural: str, namespace: str | None, name: str) -> dict[str, Any] | None:
+        """An object as stored now, read in-process (as the training operator reads its informer cache)."""
+        keys = self.keys_by_plural.get(plural)
+        if not keys:
+            return None
+        obj = self._objects._objects.get((next(iter(keys))[0], namespace, name))
+        return None if obj is None or obj.deleted else obj.raw
+
     def _KubernetesEmulator__get_objs(self, request, strict: bool):  # noqa: N802 - overrides kmock's private lookup
         """A request naming one object finds it by key: kmock scans every object, O(n) a request."""
         if request.name is not None and (strict or request.namespace is not None):
@@ -182,7 +190,7 @@ class Cluster:
     def __init__(self, workdir: Path, environment: dict[str, str], run_pods: bool = True):
         self.workdir = workdir
         self.environment = environment  # what trainer processes get (S3 credentials, endpoint)
-        self.run_pods = run_pods  # False: PyTorchJobs are acknowledged (Created, Running) but nothing runs
+        self.run_pods = run_pods  # False: PyTorchJobs are acknowledged (Created) and their pods never start
         self.ready = threading.Event()
         self.processes: dict[str, list[asyncio.subprocess.Process]] = {}
         self.logs: dict[str, Path] = {}
@@ -345,15 +353,9 @@ class Cluster:
                 uid = job["metadata"]["uid"]
                 suspended = bool(job["spec"].get("runPolicy", {}).get("suspend"))
                 state = handled.get(uid)
-                if state is None and not self.run_pods and not suspended:
-                    handled[uid] = "running"  # nothing runs: both conditions in one write
-                    await self._conditions(
-                        job,
-                        [
-                            ("Created", "PyTorchJobCreated", "PyTorchJob is created."),
-                            ("Running", "PyTorchJobRunning", "PyTorchJob is running."),
-                        ],
-                    )
+                if state is None and not self.run_pods:
+                    handled[uid] = "pending"  # as on a cluster with no free GPU: its pods wait
+                    await self._conditions(job, [("Created", "PyTorchJobCreated", "PyTorchJob is created.")])
                     continue
                 if state is None:
                     handled[uid] = "created"
@@ -389,9 +391,7 @@ class Cluster:
         self, job: dict[str, Any], new: list[tuple[str, str, str]], running: bool | None = None, **status: Any
     ) -> None:
         meta = job["metadata"]
-        current = (
-            await self.request("GET", self.path(job["apiVersion"], "pytorchjobs", meta["namespace"], meta["name"]))
-        )[1]
+        current = self.emulator.stored("pytorchjobs", meta["namespace"], meta["name"]) or {}
         conditions = [
             c
             for c in (current.get("status") or {}).get("conditions", [])

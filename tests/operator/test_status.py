@@ -208,3 +208,12 @@ def test_an_evaluation_runs_one_pytorchjob_and_ends_with_its_results_uri():
     validator = jsonschema.Draft4Validator(schema["properties"]["status"])
     for status in (first.status, done.status, blocked_status(None, distillation_blocker("d", None), T0, 1)):
         assert not list(validator.iter_errors(status.to_yaml_dict()))
+
+
+def test_what_a_job_shows_of_a_child_ignores_what_it_does_not_show():
+    waiting, created = child_state({}), child_state(_pytorchjob(("Created", "PyTorchJobCreated", ""), start=None))
+    assert waiting.reason != created.reason and waiting.shown == created.shown
+    running = child_state(_pytorchjob(("Running", "r", "")))
+    assert running.shown != created.shown  # started: the stage shows Running and its start time
+    one, other = (child_state(_pytorchjob(("Failed", "F", message))) for message in ("OOMKilled", "exit 1"))
+    assert one.shown != other.shown  # the failure's message is in the job's Failed condition

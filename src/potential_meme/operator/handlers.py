@@ -73,7 +73,7 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
     memo.defaults = defaults_from_environment()
     memo.locks = collections.defaultdict(asyncio.Lock)
     memo.waiting = collections.defaultdict(set)  # (namespace, DistillationJob) -> EvaluationJobs waiting on it
-    memo.child_states = {}  # (namespace, PyTorchJob) -> ChildState last seen
+    memo.child_states = {}  # (namespace, PyTorchJob) -> what the job's status showed of it, last seen
     memo.distillation_progress = {}  # (namespace, DistillationJob) -> (phase, currentStage) last seen
     memo.resync = asyncio.create_task(_resync(memo))
     port = os.environ.get("POTENTIAL_MEME_OPERATOR_METRICS_PORT")
@@ -175,7 +175,10 @@ async def _resolved_evaluation(
     return resolve_evaluation(job, with_defaults(distillation, defaults)), None
 
 
-async def reconcile(kube: Kube, defaults: Defaults, body: dict[str, Any]) -> JobStatus:
+async def reconcile(kube: Kube, defaults: Defaults, body: dict[str, Any], new: bool = False) -> JobStatus:
+    """One reconciliation. `new`: the job has just appeared (its ADDED event) and has no status, so
+    nothing was made for it yet and there are no children to look up; a name clash with a deleted
+    namesake's leftovers shows as a conflict on create and is put right by the child's next event."""
     meta = body["metadata"]
     previous, now, generation = _previous_status(body), _now(), meta.get("generation")
     try:
@@ -193,10 +196,12 @@ async def reconcile(kube: Kube, defaults: Defaults, body: dict[str, Any]) -> Job
         status = invalid_status(previous, "; ".join(f"{p}: {m}" for p, m in exc.problems), now, generation)
         await _write_status(kube, body, status)
         return status
-    children = {
-        child["metadata"]["name"]: child
-        for child in await kube.list(PYTORCHJOB_API, "pytorchjobs", job.metadata.namespace, child_labels(job))
-    }
+    listed = (
+        []
+        if new and previous is None
+        else await kube.list(PYTORCHJOB_API, "pytorchjobs", job.metadata.namespace, child_labels(job))
+    )
+    children = {child["metadata"]["name"]: child for child in listed}
     manifests = await asyncio.to_thread(_manifests, job, previous, children)
     decision = decide(job, children, manifests, previous, now, generation)
     if decision.create is not None:
@@ -225,7 +230,7 @@ async def reconcile(kube: Kube, defaults: Defaults, body: dict[str, Any]) -> Job
 
 
 async def _reconcile_counted(
-    memo: kopf.Memo, kind: str, namespace: str | None, name: str, body: dict[str, Any] | None = None
+    memo: kopf.Memo, kind: str, namespace: str | None, name: str, body: dict[str, Any] | None = None, new: bool = False
 ) -> None:
     """Reconcile one job, one reconciliation at a time per job.
 
@@ -241,7 +246,7 @@ async def _reconcile_counted(
         if fresh is None:
             return
         try:
-            status = await reconcile(memo.kube, memo.defaults, fresh)
+            status = await reconcile(memo.kube, memo.defaults, fresh, new=new and body is fresh)
         except Exception:
             metrics.RECONCILIATIONS.labels(kind=kind, result="error").inc()
             raise
@@ -286,7 +291,7 @@ async def job_event(body: kopf.Body, meta: kopf.Meta, memo: kopf.Memo, type: str
         if kind == "EvaluationJob":
             _track_waiting(memo, dict(body), waiting=False)
     elif _needs_reconcile(type, body):
-        await _reconcile_counted(memo, kind, namespace, name, dict(body))
+        await _reconcile_counted(memo, kind, namespace, name, dict(body), new=type == "ADDED")
     if kind == "DistillationJob":
         await _wake_evaluations(memo, namespace, name, None if type == "DELETED" else body.get("status") or {})
 
@@ -322,6 +327,9 @@ async def _resync(memo: kopf.Memo) -> None:
                     log.exception("resync of %s in %s failed", kind, namespace or "all namespaces")
 
 
+NOT_STARTED = child_state({}).shown
+
+
 @kopf.on.event(*PYTORCHJOBS, labels={LABEL_JOB: kopf.PRESENT, LABEL_KIND: kopf.PRESENT})
 async def pytorchjob_changed(body: kopf.Body, meta: kopf.Meta, memo: kopf.Memo, type: str | None, **_: Any) -> None:
     """Reconcile the owning job when what its status reads from this PyTorchJob has changed."""
@@ -330,9 +338,11 @@ async def pytorchjob_changed(body: kopf.Body, meta: kopf.Meta, memo: kopf.Memo, 
         memo.child_states.pop(key, None)
     else:
         # The training operator's Created condition, our own spec patches: nothing the job's status shows.
-        state = child_state(dict(body))
-        unchanged, memo.child_states[key] = memo.child_states.get(key) == state, state
-        if unchanged:
+        # Nor does a new PyTorchJob that has not started: the reconciliation that made it wrote that.
+        shown = child_state(dict(body)).shown
+        before = memo.child_states.get(key, NOT_STARTED if type == "ADDED" else None)
+        memo.child_states[key] = shown
+        if before == shown:
             return
     if type is None:
         return  # the initial listing is covered by the jobs' own resume handlers

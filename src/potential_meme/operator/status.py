@@ -22,6 +22,12 @@ class ChildState:
     start_time: str | None = None
     finish_time: str | None = None
 
+    @property
+    def shown(self) -> tuple:
+        """What a job's status shows of this child: a change elsewhere needs no reconciliation."""
+        failure = (self.reason, self.message) if self.phase == "Failed" else ()
+        return (self.phase, self.start_time, self.finish_time, *failure)
+
 
 def _true(conditions: list[dict[str, Any]], kind: str) -> dict[str, Any] | None:
     for condition in conditions:
