@@ -155,9 +155,7 @@ def main() -> int:
     if args.workdir is None:
         shutil.rmtree(workdir)
 
-    print(
-        f"\n{args.jobs} DistillationJobs, creation -> PyTorchJob (stamped by the API server), {os.cpu_count()} cores"
-    )
+    print(f"\n{args.jobs} DistillationJobs, creation -> PyTorchJob (stamped by the API server), {os.cpu_count()} cores")
     print(
         f"  {'submission':<44}{'submit s':>9}{'all s':>7}{'p50 s':>7}{'p95 s':>7}{'max s':>7}"
         f"{'op CPU s':>9}{'API CPU s':>10}{'op RSS MiB':>11}"
