@@ -29,6 +29,8 @@ demo: $(VENV)/.demo
 	$(VENV)/bin/potential-meme run examples/kd-smollm2.yaml
 
 test: $(VENV)/.test
+	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m ruff format --check src tests benchmarks
 	$(PY) -m pytest
 
 test-fast: $(VENV)/.test
