@@ -48,6 +48,13 @@ def test_evaluating_a_finished_distillation_reproduces_its_validation_numbers(jo
     again = cli("evaluate", str(distillation))
     assert again.returncode == 0 and "skipped" in again.stderr
 
+    # An EvaluationJob naming the job, resolved from its file: the same figures under its own name.
+    named = evaluation_file(tmp_path, name="named", distillationJob="tiny")
+    by_name = cli("evaluate", str(named), "--distillation-job", str(distillation))
+    assert by_name.returncode == 0, by_name.stderr
+    named_results = json.loads((tmp_path / "runs" / "named" / "evaluate" / "results.json").read_text())
+    assert named_results["student"]["perplexity"] == pytest.approx(results["student"]["perplexity"], rel=1e-6)
+
 
 def test_an_evaluation_job_of_model_references(tmp_path, tiny_teacher_dir, corpus_dir):
     dataset = {"source": str(corpus_dir), "validationFraction": 0.3, "maxValidationSequences": 4}
