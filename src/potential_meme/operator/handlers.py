@@ -1,7 +1,7 @@
 """kopf handlers: DistillationJobs and EvaluationJobs become one Kubeflow PyTorchJob per planned stage.
 
-Every trigger (a job created, resumed or changed, one of its PyTorchJobs changing, a periodic
-timer) runs the same `reconcile`: read the children and the stage manifests, `decide`, create
+Every trigger (a job appearing or its spec changing, one of its PyTorchJobs changing, the periodic
+resync) runs the same `reconcile`: read the children and the stage manifests, `decide`, create
 what is missing, write the status. Reconciling twice is harmless, so no trigger is special.
 An EvaluationJob that names a DistillationJob waits for it to succeed, then runs on its student.
 """
@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from ..metrics import operator as metrics
 from ..spec import SpecError, parse_job
 from ..spec.models import API_GROUP, API_VERSION, EvaluationJob, JobStatus
-from ..spec.plan import MANIFEST, plan_stages, resolve_evaluation, resolve_evaluation_as_recorded
+from ..spec.plan import MANIFEST, Stage, plan_stages, resolve_evaluation, resolve_evaluation_as_recorded
 from ..storage import open_store, read_json_if_exists
 from .kube import PLURALS, Kube
 from .render import (
@@ -100,26 +100,31 @@ def _previous_status(body: dict[str, Any]) -> JobStatus | None:
 
 def _manifests(
     job: Job, previous: JobStatus | None, children: dict[str, dict[str, Any]]
-) -> dict[str, dict[str, Any] | None]:
-    """The manifests of the stages whose PyTorchJob has Succeeded (blocking I/O: run in a thread).
+) -> tuple[dict[str, dict[str, Any]], list[Stage]]:
+    """The manifests the status already holds, and the stages whose manifest must be read.
 
-    Nothing else is read: a stage with no PyTorchJob yet gets one, and its pod skips the work
-    when the manifest is there already (a stage run before by `potential-meme run`); a stage the
-    status shows as Succeeded was read before.
+    Only a stage whose PyTorchJob has Succeeded is read: a stage with no PyTorchJob yet gets one,
+    and its pod skips the work when the manifest is there already (a stage run before by
+    `potential-meme run`); a stage the status shows as Succeeded was read before.
     """
     known = {
         row.name: {"metrics": row.metrics, "finishedAt": row.finish_time}
         for row in (previous.stages if previous else [])
         if row.phase == "Succeeded"
     }
-    manifests: dict[str, dict[str, Any] | None] = {}
-    for stage in plan_stages(job):
-        child = children.get(pytorchjob_name(job, stage))
-        if stage.name in known:
-            manifests[stage.name] = known[stage.name]
-        elif child is not None and child_state(child).phase == "Succeeded":
-            manifests[stage.name] = read_json_if_exists(open_store(stage.output_uri), MANIFEST)
-    return manifests
+    unread = [
+        stage
+        for stage in plan_stages(job)
+        if stage.name not in known
+        and (child := children.get(pytorchjob_name(job, stage))) is not None
+        and child_state(child).phase == "Succeeded"
+    ]
+    return known, unread
+
+
+def _read_manifests(stages: list[Stage]) -> dict[str, dict[str, Any] | None]:
+    """Blocking I/O: run in a thread."""
+    return {stage.name: read_json_if_exists(open_store(stage.output_uri), MANIFEST) for stage in stages}
 
 
 def _announce(body: dict[str, Any], status: JobStatus) -> None:
@@ -198,11 +203,13 @@ async def reconcile(kube: Kube, defaults: Defaults, body: dict[str, Any], new: b
         return status
     listed = (
         []
-        if new and previous is None
+        if new and not body.get("status")
         else await kube.list(PYTORCHJOB_API, "pytorchjobs", job.metadata.namespace, child_labels(job))
     )
     children = {child["metadata"]["name"]: child for child in listed}
-    manifests = await asyncio.to_thread(_manifests, job, previous, children)
+    manifests, unread = _manifests(job, previous, children)
+    if unread:
+        manifests.update(await asyncio.to_thread(_read_manifests, unread))
     decision = decide(job, children, manifests, previous, now, generation)
     if decision.create is not None:
         await kube.create(render_configmap(job))  # the pods mount it: it comes first
