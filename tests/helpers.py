@@ -47,12 +47,14 @@ def cli_env() -> dict[str, str]:
     return env
 
 
+CLI = [sys.executable, "-m", "potential_meme.cli"]
+
+
 def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """`potential-meme ARGS` in a subprocess, as a user runs it."""
-    return subprocess.run(
-        [sys.executable, "-m", "potential_meme.cli", *args],
-        capture_output=True,
-        text=True,
-        env=cli_env(),
-        timeout=timeout,
-    )
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, env=cli_env(), timeout=timeout)
+
+
+def start_cli(*args: str) -> subprocess.Popen:
+    """`potential-meme ARGS` started in the background, output (both streams) on its stdout pipe."""
+    return subprocess.Popen([*CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=cli_env())

@@ -7,7 +7,7 @@ import sys
 import torch
 from safetensors.torch import load_file
 
-from helpers import cli_env, free_port
+from helpers import cli, cli_env, free_port
 
 
 def assert_same_weights(first, second):
@@ -48,13 +48,7 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(job_file
         timeout=600,
     )
     assert ddp.returncode == 0, ddp.stderr[-4000:]
-    single = subprocess.run(
-        [sys.executable, "-m", "potential_meme.cli", "train", "--job", str(single_job), "--stage", "distill"],
-        capture_output=True,
-        text=True,
-        env=cli_env(),
-        timeout=600,
-    )
+    single = cli("train", "--job", str(single_job), "--stage", "distill", timeout=600)
     assert single.returncode == 0, single.stderr[-4000:]
 
     runs = tmp_path / "runs"

@@ -2,8 +2,6 @@
 
 import json
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
@@ -17,7 +15,7 @@ from potential_meme.engine.trainer import EarlyStopping
 from potential_meme.spec import SpecError, parse_job, plan_stages
 from potential_meme.spec.models import DatasetSpec, format_parameter_count, parse_parameter_count
 
-from helpers import cli_env
+from helpers import cli, start_cli
 
 
 def test_sizes_parse_from_every_accepted_form():
@@ -189,9 +187,9 @@ def test_a_killed_chain_keeps_finished_stages_and_continues_with_the_next(tiny_t
     )
     path = tmp_path / "prog.yaml"
     path.write_text(yaml.safe_dump(document))
-    command = [sys.executable, "-m", "potential_meme.cli", "run", str(path), "--metrics-port", "0"]
+    command = ("run", str(path), "--metrics-port", "0")
     runs = tmp_path / "runs" / "prog"
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=cli_env())
+    process = start_cli(*command)
     deadline = time.monotonic() + 300
     while not list((runs / "distill-100k").glob("checkpoints/step-*/COMPLETE")):
         assert process.poll() is None, process.stdout.read()[-3000:]
@@ -202,7 +200,7 @@ def test_a_killed_chain_keeps_finished_stages_and_continues_with_the_next(tiny_t
     first_manifest = (runs / "distill-150k" / "manifest.json").read_text()
     assert not (runs / "distill-100k" / "manifest.json").exists()
 
-    rerun = subprocess.run(command, capture_output=True, text=True, env=cli_env(), timeout=600)
+    rerun = cli(*command, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "stage distill-150k of prog is done (manifest.json exists): skipped" in rerun.stderr
     assert "resuming prog/distill-100k from checkpoint" in rerun.stderr
@@ -217,13 +215,7 @@ def test_each_stage_runs_alone_once_the_one_before_is_done(tiny_teacher_dir, cor
     path.write_text(yaml.safe_dump(_document(tiny_teacher_dir, corpus_dir, tmp_path, maxSteps=2)))
 
     def train(stage):
-        return subprocess.run(
-            [sys.executable, "-m", "potential_meme.cli", "train", "--job", str(path), "--stage", stage],
-            capture_output=True,
-            text=True,
-            env=cli_env(),
-            timeout=300,
-        )
+        return cli("train", "--job", str(path), "--stage", stage)
 
     early = train("distill-100k")
     assert early.returncode == 1 and "Traceback" not in early.stderr

@@ -4,23 +4,15 @@ import hashlib
 import json
 import re
 import signal
-import subprocess
-import sys
 import time
 
-from helpers import cli_env
+from helpers import start_cli
 
 STEPS = 240
 
 
 def _start(path):
-    return subprocess.Popen(
-        [sys.executable, "-m", "potential_meme.cli", "run", str(path), "--metrics-port", "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=cli_env(),
-    )
+    return start_cli("run", str(path), "--metrics-port", "0")
 
 
 def _weights_digest(stage):

@@ -1,15 +1,13 @@
 """Teacher, data and output on a real S3 server (moto's server mode) on 127.0.0.1, over HTTP."""
 
 import json
-import subprocess
-import sys
 
 import boto3
 
 from potential_meme.engine.models import load_model
 from potential_meme.storage import open_store, sync_up
 
-from helpers import cli_env
+from helpers import cli
 
 
 def test_store_round_trip(s3_endpoint, tmp_path):
@@ -39,13 +37,7 @@ def test_job_reads_teacher_and_data_from_s3_and_publishes_the_student_there(
         training={"maxSteps": 4},
         output={"uri": "s3://models/runs"},
     )
-    result = subprocess.run(
-        [sys.executable, "-m", "potential_meme.cli", "run", str(path), "--metrics-port", "0"],
-        capture_output=True,
-        text=True,
-        env=cli_env(),
-        timeout=300,
-    )
+    result = cli("run", str(path), "--metrics-port", "0")
     assert result.returncode == 0, result.stderr
     store = open_store("s3://models/runs/tiny/distill")
     manifest = json.loads(store.read_bytes("manifest.json"))

@@ -12,7 +12,7 @@ import yaml
 from potential_meme.operator.render import Defaults, render_job, render_pytorchjob, to_yaml_stream
 from potential_meme.spec import parse_job, plan_stages
 
-from helpers import SHARED
+from helpers import SHARED, cli
 
 KUBEFLOW_CRD = SHARED / "k8s" / "kubeflow.org_pytorchjobs.yaml"
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -193,18 +193,8 @@ def _evaluation_file(tmp_path):
 
 
 def test_an_evaluation_job_renders_one_pytorchjob_running_evaluate(tmp_path, pytorchjob_validator):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "potential_meme.cli",
-            "render",
-            str(_evaluation_file(tmp_path)),
-            "--distillation-job",
-            str(EXAMPLES / "progressive-smollm2.yaml"),
-        ],
-        capture_output=True,
-        text=True,
+    result = cli(
+        "render", str(_evaluation_file(tmp_path)), "--distillation-job", str(EXAMPLES / "progressive-smollm2.yaml")
     )
     assert result.returncode == 0, result.stderr
     configmap, pytorchjob = yaml.safe_load_all(result.stdout)

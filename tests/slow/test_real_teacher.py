@@ -2,8 +2,6 @@
 
 import importlib.util
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +9,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from helpers import cli_env
+from helpers import cli
 
 pytestmark = [
     pytest.mark.slow,
@@ -28,13 +26,7 @@ def test_example_job_distills_the_gguf_teacher_into_a_loadable_student(tmp_path)
     spec["output"]["uri"] = str(tmp_path / "runs")
     job = tmp_path / "job.yaml"
     job.write_text(yaml.safe_dump(document))
-    result = subprocess.run(
-        [sys.executable, "-m", "potential_meme.cli", "run", str(job), "--metrics-port", "0"],
-        capture_output=True,
-        text=True,
-        env=cli_env(),
-        timeout=900,
-    )
+    result = cli("run", str(job), "--metrics-port", "0", timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
 
     stage = tmp_path / "runs" / "kd-smollm2" / "distill"
