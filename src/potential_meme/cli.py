@@ -80,12 +80,14 @@ def _finished(job: DistillationJob) -> bool:
     return finished_manifest(job, plan_stages(job)[-1]) is not None
 
 
-def _evaluation(path: str, distillation_path: str | None, require_finished: bool = True) -> EvaluationJob:
-    """The EvaluationJob to run: from an EvaluationJob file, or of a DistillationJob's final student."""
+def _evaluation(
+    job: DistillationJob | EvaluationJob, path: str, distillation_path: str | None, require_finished: bool = True
+) -> EvaluationJob:
+    """The EvaluationJob to run, from the job read from `path`: that EvaluationJob, or one of that
+    DistillationJob's final student."""
     from .spec.models import EvaluationJobSpec, ObjectMeta
     from .spec.plan import resolve_evaluation
 
-    job = load_job(path)
     if isinstance(job, DistillationJob):
         if distillation_path:
             raise SpecError([("--distillation-job", "JOB is a DistillationJob already; pass one or the other")], path)
@@ -115,7 +117,7 @@ def _evaluation(path: str, distillation_path: str | None, require_finished: bool
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    job = _evaluation(args.job, args.distillation_job)
+    job = _evaluation(load_job(args.job), args.job, args.distillation_job)
     from .engine.trainer import run_stage
     from .spec.plan import plan_stages
 
@@ -140,7 +142,7 @@ def cmd_render(args: argparse.Namespace) -> int:
     job = load_job(args.job)
     if isinstance(job, EvaluationJob) or args.distillation_job:
         # What the operator renders once the DistillationJob has succeeded; here it need not have run.
-        job = _evaluation(args.job, args.distillation_job, require_finished=False)
+        job = _evaluation(job, args.job, args.distillation_job, require_finished=False)
     if args.namespace:
         job.metadata.namespace = args.namespace
     defaults = Defaults(**{key: value for key, value in (("trainer_image", args.image),) if value})

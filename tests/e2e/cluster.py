@@ -90,7 +90,8 @@ class StrictEmulator(kmock.KubernetesEmulator):
         self.operator_calls: set[tuple[str, str, str]] = set()  # (verb, API group, resource[/subresource])
         self.created_at: dict[tuple[str, str, str], float] = {}  # (plural, namespace, name) -> wall time
         self.in_flight: set[int] = set()  # ids of the requests being served
-        self.keys_by_plural: dict[str, dict[tuple, None]] = {}  # every object ever created, by resource (ordered)
+        # Every object ever created: plural -> (namespace, name) -> kmock's key, in creation order.
+        self.keys_by_plural: dict[str, dict[tuple[str | None, str], tuple]] = {}
         self.deletions = 0
 
     def _record(self, request) -> None:
@@ -117,11 +118,13 @@ class StrictEmulator(kmock.KubernetesEmulator):
 
     def stored(self, plural: str, namespace: str | None, name: str) -> dict[str, Any] | None:
         """An object as stored now, read in-process (as the training operator reads its informer cache)."""
-        keys = self.keys_by_plural.get(plural)
-        if not keys:
-            return None
-        obj = self._objects._objects.get((next(iter(keys))[0], namespace, name))
+        key = self.keys_by_plural.get(plural, {}).get((namespace, name))
+        obj = self._objects._objects.get(key) if key else None
         return None if obj is None or obj.deleted else obj.raw
+
+    def stored_objects(self, plural: str) -> list[tuple[tuple, Any]]:
+        """(kmock key, kmock object) of every object of a resource ever created, deleted ones included."""
+        return [(key, self._objects._objects[key]) for key in list(self.keys_by_plural.get(plural, {}).values())]
 
     def _KubernetesEmulator__get_objs(self, request, strict: bool):  # noqa: N802 - overrides kmock's private lookup
         """A request naming one object finds it by key: kmock scans every object, O(n) a request."""
@@ -140,8 +143,7 @@ class StrictEmulator(kmock.KubernetesEmulator):
             return await super()._serve_list(request)  # kmock's own 404
         terms = [term.partition("=") for term in (request.params.get("labelSelector") or "").split(",") if term]
         items = []
-        for key in self.keys_by_plural.get(request.resource.plural, ()):
-            obj = self._objects._objects[key]
+        for key, obj in self.stored_objects(request.resource.plural):
             if obj.deleted or (request.namespace is not None and key[1] != request.namespace):
                 continue
             raw = obj.raw
@@ -168,7 +170,7 @@ class StrictEmulator(kmock.KubernetesEmulator):
                     meta["name"] = meta["generateName"] + uuid.uuid4().hex[:8]
                 self.created_at[(request.resource.plural, request.namespace, meta.get("name"))] = time.time()
                 key = (request.resource, request.namespace or meta.get("namespace"), meta.get("name"))
-                self.keys_by_plural.setdefault(request.resource.plural, {})[key] = None
+                self.keys_by_plural.setdefault(request.resource.plural, {})[key[1:]] = key
                 meta.update(
                     uid=str(uuid.uuid4()),
                     creationTimestamp=_now(),
@@ -326,20 +328,16 @@ class Cluster:
                             "DELETE", self.path(obj["apiVersion"], plural, meta["namespace"], meta["name"])
                         )
 
-    def _live_objects(self, plural: str | None = None) -> list[dict[str, Any]]:
-        return [
-            dict(obj.raw)
-            for (resource, _, _), obj in list(self.emulator.objects.items())
-            if not obj.deleted and plural in (None, resource.plural)
-        ]
+    def _live_objects(self) -> list[dict[str, Any]]:
+        return [dict(obj.raw) for obj in list(self.emulator.objects.values()) if not obj.deleted]
 
     # ------------------------------------------------------------------ Kubeflow stand-in
 
     def _changed_pytorchjobs(self, versions: dict[Any, int]) -> list[dict[str, Any]]:
         """PyTorchJobs written since last asked (an object's history grows by one a write)."""
         changed = []
-        for key, obj in list(self.emulator.objects.items()):
-            if key[0].plural == "pytorchjobs" and not obj.deleted and versions.get(key) != len(obj.history):
+        for key, obj in self.emulator.stored_objects("pytorchjobs"):
+            if not obj.deleted and versions.get(key) != len(obj.history):
                 versions[key] = len(obj.history)
                 changed.append(dict(obj.raw))
         return changed

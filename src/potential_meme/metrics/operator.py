@@ -38,7 +38,7 @@ def _seconds(start: str, finish: str) -> float:
     return (parse(finish) - parse(start)).total_seconds()
 
 
-def stage_durations(job: str, previous: JobStatus | None, current: JobStatus) -> None:
+def stage_durations(previous: JobStatus | None, current: JobStatus) -> None:
     """Observe each stage once, when it first shows as Succeeded with both times known."""
     done_before = {row.name for row in (previous.stages if previous else []) if row.phase == "Succeeded"}
     for row in current.stages:

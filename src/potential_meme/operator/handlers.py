@@ -231,7 +231,7 @@ async def reconcile(kube: Kube, defaults: Defaults, body: dict[str, Any], new: b
                 name,
                 {"spec": {"runPolicy": {"suspend": job.spec.suspend}}},
             )
-    metrics.stage_durations(job.metadata.name, previous, decision.status)
+    metrics.stage_durations(previous, decision.status)
     await _write_status(kube, body, decision.status)
     return decision.status
 
