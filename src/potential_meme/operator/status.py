@@ -126,9 +126,10 @@ def decide(
     )
     # The spec the stages run is the one first seen; a change that slipped past the CRD's CEL rules
     # (an older CRD, a direct write) is reported and not acted on: the pods read the ConfigMap.
-    accepted = previous.spec_hash if previous is not None and previous.spec_hash else spec_hash(job)
+    current_hash = spec_hash(job)
+    accepted = previous.spec_hash if previous is not None and previous.spec_hash else current_hash
     status.spec_hash = accepted
-    changed = spec_hash(job) != accepted
+    changed = current_hash != accepted
     failure = child_state(children[failed.pytorch_job]) if failed is not None and failed.pytorch_job else None
     status.conditions = conditions(
         previous,
