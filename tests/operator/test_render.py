@@ -5,34 +5,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jsonschema
-import pytest
 import yaml
 
 from potential_meme.operator.render import Defaults, render_job, render_pytorchjob, to_yaml_stream
 from potential_meme.spec import parse_job, plan_stages
 
-from helpers import SHARED, cli
+from helpers import cli
 
-KUBEFLOW_CRD = SHARED / "k8s" / "kubeflow.org_pytorchjobs.yaml"
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-
-
-@pytest.fixture(scope="module")
-def pytorchjob_validator():
-    if not KUBEFLOW_CRD.exists():
-        pytest.skip(f"{KUBEFLOW_CRD} is absent (a checkout outside the workplace)")
-    schema = yaml.safe_load(KUBEFLOW_CRD.read_text())["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
-
-    # Kubernetes' int-or-string fields (quantities, ports) carry no `type`: teach jsonschema the rule.
-    def int_or_string(validator, value, instance, schema_node):
-        if value and not isinstance(instance, (int, str)):
-            yield jsonschema.ValidationError(f"{instance!r} is neither an integer nor a string")
-
-    validator_class = jsonschema.validators.extend(
-        jsonschema.Draft4Validator, {"x-kubernetes-int-or-string": int_or_string}
-    )
-    return validator_class(schema)
 
 
 def _job(**spec_changes):
@@ -93,6 +73,9 @@ def test_gpus_nodes_and_placement_reach_the_pods(pytorchjob_validator):
             "priorityClassName": "high",
             "serviceAccountName": "trainer",
             "queueName": "team-a",
+            "secretEnv": [{"name": "HF_TOKEN", "secret": "hub", "key": "token"}],
+            "modelCache": {"persistentVolumeClaim": "models"},
+            "sharedMemory": "32Gi",
         },
         runPolicy={"backoffLimit": 1, "activeDeadlineSeconds": 3600, "ttlSecondsAfterFinished": 600},
         output={"uri": "s3://bucket/runs", "credentialsSecret": "s3-creds", "endpoint": "http://minio:9000"},
@@ -124,7 +107,13 @@ def test_gpus_nodes_and_placement_reach_the_pods(pytorchjob_validator):
         assert {"name": "AWS_ENDPOINT_URL_S3", "value": "http://minio:9000"} in container["env"]
         assert pod["nodeSelector"] == {"gpu": "h100"} and pod["tolerations"] == [{"key": "gpu", "operator": "Exists"}]
         assert pod["priorityClassName"] == "high" and pod["serviceAccountName"] == "trainer"
-        assert pod["volumes"] == [{"name": "job", "configMap": {"name": "progressive-smollm2-job"}}]
+        assert pod["volumes"] == [
+            {"name": "job", "configMap": {"name": "progressive-smollm2-job"}},
+            {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "32Gi"}},
+            {"name": "model-cache", "persistentVolumeClaim": {"claimName": "models"}},
+        ]
+        assert {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hub", "key": "token"}}} in container["env"]
+        assert pod["automountServiceAccountToken"] is True  # the job named an account: it may need its token
 
 
 def test_single_node_cpu_job_has_only_a_master_and_operator_defaults_fill_gaps(pytorchjob_validator):
@@ -136,6 +125,10 @@ def test_single_node_cpu_job_has_only_a_master_and_operator_defaults_fill_gaps(p
     assert list(rendered["spec"]["pytorchReplicaSpecs"]) == ["Master"]
     container = rendered["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
     assert container["image"] == "img:2" and "resources" not in container
+    pod = rendered["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False
+    assert {"name": "model-cache", "emptyDir": {}} in pod["volumes"]
+    assert {"name": "HF_HOME", "value": "/var/cache/potential-meme/huggingface"} in container["env"]
     assert container["envFrom"] == [{"secretRef": {"name": "default-creds"}}]
     assert rendered["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "q"
 

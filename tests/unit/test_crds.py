@@ -78,3 +78,27 @@ def test_spec_fields_other_than_suspend_and_placement_are_immutable_in_the_crd()
     for field in ("suspend", "resources", "runPolicy"):
         assert "x-kubernetes-validations" not in spec[field]
     assert len(spec["student"]["x-kubernetes-validations"]) == 2  # its own rule is kept
+
+
+@pytest.mark.parametrize("kind", ["DistillationJob", "EvaluationJob"])
+def test_crd_refuses_a_name_the_operator_cannot_serve_and_says_why(kind):
+    """The root CEL rules, run by a real CEL interpreter: exactly the names the models accept pass."""
+    import celpy
+
+    environment = celpy.Environment()
+    rules = _version(kind)["schema"]["openAPIV3Schema"]["x-kubernetes-validations"]
+
+    def refusals(name: str) -> list[str]:
+        document = celpy.json_to_cel({"metadata": {"name": name}, "spec": {}})
+        return [
+            rule["message"]
+            for rule in rules
+            if not environment.program(environment.compile(rule["rule"])).evaluate({"self": document})
+        ]
+
+    for name in ("a", "8b-to-1b", "x" * 63, "0" * 63):
+        assert refusals(name) == [], name
+    (too_long,) = refusals("x" * 64)
+    assert "at most 63 characters" in too_long
+    (dotted,) = refusals("team.kd-smollm2")
+    assert "(no '.')" in dotted

@@ -13,6 +13,7 @@ import yaml
 
 from ..spec.models import API_VERSION, DistillationJob, EvaluationJob
 from ..spec.plan import Stage, plan_stages
+from . import names
 
 Job = DistillationJob | EvaluationJob
 
@@ -21,6 +22,8 @@ JOB_FILE_DIR = "/etc/potential-meme"
 JOB_FILE = "job.yaml"
 CONTAINER = "pytorch"  # Kubeflow's training operator looks for this container name
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+MODEL_CACHE_DIR = "/var/cache/potential-meme"
+TRAINER_UID = 10001  # the trainer image's user (trainer_image/Dockerfile)
 LABEL_JOB = "distill.potential-meme.io/job"
 LABEL_KIND = "distill.potential-meme.io/kind"  # a DistillationJob and an EvaluationJob may share a name
 LABEL_STAGE = "distill.potential-meme.io/stage"
@@ -54,12 +57,12 @@ def with_defaults(job: Job, defaults: Defaults) -> Job:
 
 
 def configmap_name(job: Job) -> str:
-    return f"{job.metadata.name}-{'job' if isinstance(job, DistillationJob) else 'evaluation'}"
+    return names.configmap_name(job.kind, job.metadata.name)
 
 
 def pytorchjob_name(job: Job, stage: Stage) -> str:
     """Deterministic, so a restarted operator finds the child it made instead of making another."""
-    return f"{job.metadata.name}-{stage.name}"[:63].rstrip("-")
+    return names.pytorchjob_name(job.kind, job.metadata.name, stage.name)
 
 
 def owner_reference(job: Job) -> list[dict[str, Any]]:
@@ -133,17 +136,33 @@ def _container(job: Job, stage: Stage, defaults: Defaults) -> dict[str, Any]:
     for key, value in (("cpu", resources.cpu), ("memory", resources.memory)):
         if value:
             requests[key] = limits[key] = value
-    env = [{"name": "PYTHONUNBUFFERED", "value": "1"}]
+    env = [
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+        {"name": "HF_HOME", "value": f"{MODEL_CACHE_DIR}/huggingface"},
+    ]
     endpoint = job.spec.output.endpoint or defaults.s3_endpoint
     if endpoint:
         env.append({"name": "AWS_ENDPOINT_URL_S3", "value": endpoint})
+    env += [
+        {"name": item.name, "valueFrom": {"secretKeyRef": {"name": item.secret, "key": item.key}}}
+        for item in resources.secret_env
+    ]
     container: dict[str, Any] = {
         "name": CONTAINER,
         "image": resources.image or defaults.trainer_image,
         "command": command,
         "env": env,
         "ports": [{"name": "metrics", "containerPort": 9400}],
-        "volumeMounts": [{"name": "job", "mountPath": JOB_FILE_DIR, "readOnly": True}],
+        "volumeMounts": [
+            {"name": "job", "mountPath": JOB_FILE_DIR, "readOnly": True},
+            {"name": "shm", "mountPath": "/dev/shm"},
+            {"name": "model-cache", "mountPath": MODEL_CACHE_DIR},
+        ],
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+            "runAsNonRoot": True,
+        },
     }
     secret = job.spec.output.credentials_secret or defaults.credentials_secret
     if secret:
@@ -157,7 +176,21 @@ def _replica(job: Job, stage: Stage, replicas: int, defaults: Defaults) -> dict[
     resources = job.spec.resources
     pod_spec: dict[str, Any] = {
         "containers": [_container(job, stage, defaults)],
-        "volumes": [{"name": "job", "configMap": {"name": configmap_name(job)}}],
+        "volumes": [
+            {"name": "job", "configMap": {"name": configmap_name(job)}},
+            {"name": "shm", "emptyDir": _without_none({"medium": "Memory", "sizeLimit": resources.shared_memory})},
+            _model_cache_volume(job),
+        ],
+        # The Kubernetes "restricted" Pod Security Standard, so a locked-down namespace admits the pods.
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": TRAINER_UID,
+            "runAsGroup": TRAINER_UID,
+            "fsGroup": TRAINER_UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        # Trainers never call the Kubernetes API: no token in the pod unless the job names an account.
+        "automountServiceAccountToken": bool(resources.service_account_name),
     }
     if resources.node_selector:
         pod_spec["nodeSelector"] = dict(resources.node_selector)
@@ -172,6 +205,17 @@ def _replica(job: Job, stage: Stage, replicas: int, defaults: Defaults) -> dict[
         "restartPolicy": "OnFailure",
         "template": {"metadata": {"labels": {**child_labels(job), LABEL_STAGE: stage.name}}, "spec": pod_spec},
     }
+
+
+def _without_none(values: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in values.items() if value is not None}
+
+
+def _model_cache_volume(job: Job) -> dict[str, Any]:
+    cache = job.spec.resources.model_cache
+    if cache.persistent_volume_claim:
+        return {"name": "model-cache", "persistentVolumeClaim": {"claimName": cache.persistent_volume_claim}}
+    return {"name": "model-cache", "emptyDir": _without_none({"sizeLimit": cache.size_limit})}
 
 
 def render_pytorchjob(job: Job, stage: Stage, defaults: Defaults = Defaults()) -> dict[str, Any]:

@@ -26,6 +26,20 @@ RESOURCES: dict[str, tuple[str, list[str], type[BaseModel]]] = {
 }
 
 
+# The job's name is a label value on every object the operator makes for it (at most 63 characters, no
+# dots), and the operator derives valid child names from any such name (operator/names.py).
+NAME_RULES = [
+    {
+        "rule": "self.metadata.name.size() <= 63",
+        "message": "metadata.name must be at most 63 characters: it labels the job's PyTorchJobs; shorten it",
+    },
+    {
+        "rule": "self.metadata.name.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')",
+        "message": "metadata.name must be lowercase letters, digits and '-' (no '.'): it labels the job's PyTorchJobs",
+    },
+]
+
+
 def _merge(type_schema: dict[str, Any], field_schema: dict[str, Any]) -> dict[str, Any]:
     """A field's schema over its type's; the CEL rules of both apply."""
     rules = type_schema.get(CEL, []) + field_schema.get(CEL, [])
@@ -117,6 +131,7 @@ def custom_resource_definition(kind: str) -> dict[str, Any]:
                             "type": "object",
                             "description": (spec_model.__doc__ or kind).strip().splitlines()[0],
                             "required": ["spec"],
+                            CEL: NAME_RULES,
                             "properties": {
                                 "apiVersion": {"type": "string"},
                                 "kind": {"type": "string"},

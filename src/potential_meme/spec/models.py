@@ -14,6 +14,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSche
 from pydantic.alias_generators import to_camel
 
 API_GROUP = "distill.potential-meme.io"
+MAX_PARAMETERS = 10**15  # a thousand times today's largest models; exact in a float, short in a stage name
+MAX_NODES = 10_000  # pods of one stage; Kubeflow's replica names must still fit a DNS label
 API_VERSION = f"{API_GROUP}/v1alpha1"
 
 
@@ -194,17 +196,18 @@ def parse_parameter_count(value: Any) -> Any:
 ParameterCount = Annotated[
     int,
     BeforeValidator(parse_parameter_count),
-    Field(gt=0),
+    Field(gt=0, le=MAX_PARAMETERS),
     WithJsonSchema({"x-kubernetes-int-or-string": True, "description": "Parameters: 7e9, '13B', '350M', 60000000."}),
 ]
 
 
-def format_parameter_count(count: int) -> str:
-    """A DNS-label-safe short form: 13000000000 -> '13b', 1500000000 -> '1p5b', 67300000 -> '67p3m'."""
-    for unit, size in (("t", 10**12), ("b", 10**9), ("m", 10**6), ("k", 10**3)):
+def format_parameter_count(count: int, digits: int = 3) -> str:
+    """A DNS-label-safe short form of `digits` significant digits: 13000000000 -> '13b',
+    1500000000 -> '1p5b', 67300000 -> '67p3m', 10**18 -> '1e6t'."""
+    for unit, size in (("t", 10**12), ("b", 10**9), ("m", 10**6), ("k", 10**3), ("", 1)):
         if count >= size:
-            text = f"{count / size:.3g}"
-            return text.replace(".", "p") + unit
+            text = f"{count / size:.{digits}g}".replace("e+", "e").replace(".", "p")
+            return text + unit
     return str(count)
 
 
@@ -327,10 +330,30 @@ class OutputSpec(Model):
 Quantity = Annotated[str, Field(pattern=r"^[0-9]+(\.[0-9]+)?(m|k|Ki|Mi|Gi|Ti|M|G|T)?$")]
 
 
+class SecretEnv(Model):
+    """One environment variable of the trainer, read from a Secret by the kubelet: its value never passes
+    through the job, the operator, its ConfigMap, status or Events."""
+
+    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="Variable name, e.g. HF_TOKEN.")
+    secret: str = Field(min_length=1, description="Secret in the job's namespace.")
+    key: str = Field(min_length=1, description="Key of the Secret holding the value.")
+
+
+class ModelCacheSpec(Model):
+    """Where the trainer pods keep downloaded models (HF_HOME)."""
+
+    persistent_volume_claim: str | None = Field(
+        default=None,
+        description="A PersistentVolumeClaim shared as the model cache (ReadWriteMany for several nodes); "
+        "unset: an emptyDir per pod.",
+    )
+    size_limit: Quantity | None = Field(default=None, description="sizeLimit of the emptyDir cache.")
+
+
 class ResourcesSpec(Model):
     """Where and how big the trainer pods are; changing it does not change the result."""
 
-    nodes: int = Field(default=1, ge=1, description="Pods: one Master, nodes - 1 Workers.")
+    nodes: int = Field(default=1, ge=1, le=MAX_NODES, description="Pods: one Master, nodes - 1 Workers.")
     gpus_per_node: int = Field(default=0, ge=0, description="nvidia.com/gpu per pod; also processes per pod.")
     image: str | None = Field(default=None, description="Trainer image; the operator's default when unset.")
     cpu: Quantity | None = None
@@ -340,6 +363,15 @@ class ResourcesSpec(Model):
     priority_class_name: str | None = None
     service_account_name: str | None = None
     queue_name: str | None = Field(default=None, description="Kueue LocalQueue (label kueue.x-k8s.io/queue-name).")
+    secret_env: list[SecretEnv] = Field(
+        default_factory=list, description="More trainer environment from Secrets (e.g. HF_TOKEN for a gated teacher)."
+    )
+    model_cache: ModelCacheSpec = Field(default_factory=ModelCacheSpec)
+    shared_memory: Quantity | None = Field(
+        default=None,
+        description="sizeLimit of the memory-backed /dev/shm (NCCL and data loaders outgrow the 64 MiB default); "
+        "unset: bounded by the pod's memory.",
+    )
 
 
 class RunPolicySpec(Model):

@@ -59,10 +59,12 @@ def plan_stages(job: DistillationJob | EvaluationJob) -> list[Stage]:
         return [Stage(index=0, name="distill", kind="distill", output_uri=f"{root}distill/")]
     if method == "progressive":
         stages: list[Stage] = []
-        for index, size in enumerate(job.spec.method.progressive.sizes):
-            name = f"distill-{format_parameter_count(size)}"
-            if any(stage.name == name for stage in stages):  # sizes too close for the short form
-                name = f"distill-{size}"
+        sizes = job.spec.method.progressive.sizes
+        digits = 3
+        while len({format_parameter_count(size, digits) for size in sizes}) < len(sizes):
+            digits += 1  # sizes too close for the short form: as many digits as tell them apart
+        for index, size in enumerate(sizes):
+            name = f"distill-{format_parameter_count(size, digits)}"
             stages.append(
                 Stage(
                     index=index,

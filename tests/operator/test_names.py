@@ -1,0 +1,150 @@
+"""Names at Kubernetes' limits, and pods a locked-down namespace admits: what a real cluster refuses, checked."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import yaml
+
+from potential_meme.operator import names
+from potential_meme.operator.render import render_job
+from potential_meme.spec import parse_job, plan_stages
+
+from helpers import REPO
+from k8s_rules import dns1035_problems, kubeflow_webhook_problems, restricted_problems
+
+LONGEST = "a" * 20 + "-platform-team-distillation-" + "b" * 15  # 63 characters
+
+
+def _progressive(name: str, nodes: int = 1, sizes=("100M", "70M"), final="40M", namespace="ml") -> dict:
+    document = yaml.safe_load((REPO / "examples" / "progressive-smollm2.yaml").read_text())
+    document["metadata"] = {"name": name, "namespace": namespace, "uid": f"uid-{name}"}
+    document["spec"]["method"]["progressive"].update(intermediateSizes=list(sizes), finalSize=final)
+    document["spec"]["resources"] = {"nodes": nodes, "gpusPerNode": 8}
+    return document
+
+
+def _knowledge(name: str) -> dict:
+    document = yaml.safe_load((REPO / "examples" / "kd-smollm2.yaml").read_text())
+    document["metadata"] = {"name": name, "namespace": "ml", "uid": f"uid-{name}"}
+    return document
+
+
+def _problems(objects: list[dict], validator) -> list[str]:
+    problems = []
+    for obj in objects:
+        problems += dns1035_problems(obj["metadata"]["name"], obj["kind"])
+        if obj["kind"] == "PyTorchJob":
+            problems += [f"{error.json_path}: {error.message}" for error in validator.iter_errors(obj)]
+            problems += kubeflow_webhook_problems(obj)
+            for replica in obj["spec"]["pytorchReplicaSpecs"].values():
+                problems += restricted_problems(replica["template"]["spec"])
+    return problems
+
+
+def _child_names(objects: list[dict]) -> list[str]:
+    """Every name a job's objects take in the namespace: theirs and Kubeflow's replica pods and Services."""
+    result = []
+    for obj in objects:
+        result.append(obj["metadata"]["name"])
+        if obj["kind"] == "PyTorchJob":
+            nodes = sum(replica["replicas"] for replica in obj["spec"]["pytorchReplicaSpecs"].values())
+            result += names.replica_names(obj["metadata"]["name"], nodes)
+    return result
+
+
+@pytest.mark.parametrize(
+    "document",
+    [
+        _progressive(LONGEST, sizes=("100M", "70M")),  # 63 characters, three stages
+        _progressive("8b-to-1b"),  # digit first: Kubeflow's webhook refuses a PyTorchJob named so
+        _progressive("two-nodes", nodes=2),
+        _progressive(LONGEST, nodes=names.MAX_NODES),  # the longest name and the longest replica index
+        _progressive("0" * 63),
+    ],
+    ids=["63-characters-3-stages", "digit-first", "two-nodes", "63-characters-max-nodes", "63-digits"],
+)
+def test_every_rendered_object_passes_a_real_clusters_checks(document, pytorchjob_validator):
+    job = parse_job(document)
+    objects = render_job(job)
+    assert [o["kind"] for o in objects] == ["ConfigMap"] + ["PyTorchJob"] * len(plan_stages(job))
+    assert _problems(objects, pytorchjob_validator) == []
+    children = _child_names(objects)
+    assert len(children) == len(set(children)), "two objects of one job share a name"
+    assert render_job(parse_job(copy.deepcopy(document))) == objects  # deterministic
+
+
+def test_the_checks_can_fail(pytorchjob_validator):
+    objects = render_job(parse_job(_progressive("fine")))
+    pod = objects[1]["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    pod["securityContext"]["runAsUser"] = 0
+    pod["containers"][0]["securityContext"]["capabilities"] = {"add": ["SYS_ADMIN"]}
+    pod["volumes"].append({"name": "host", "hostPath": {"path": "/"}})
+    objects[1]["metadata"]["name"] = "8b-" + "x" * 60
+    problems = _problems(objects, pytorchjob_validator)
+    for expected in ("runAsUser is 0", "do not drop ALL", "hostPath", "PyTorchJob name '8b-", "replica Service"):
+        assert any(expected in problem for problem in problems), (expected, problems)
+
+
+def test_readable_names_where_they_fit():
+    objects = render_job(parse_job(_progressive("kd-team", sizes=("100M",), final="70M")))
+    assert [o["metadata"]["name"] for o in objects] == ["kd-team-job", "kd-team-distill-100m", "kd-team-distill-70m"]
+
+
+@pytest.mark.parametrize("length", [55, 62, 63])
+def test_a_job_and_its_name_with_a_stage_appended_share_nothing_in_one_namespace(length, pytorchjob_validator):
+    base = ("x" * length)[: length - 8] if length > 55 else "x" * length
+    jobs = [_knowledge(base), _knowledge(f"{base}-distill"[:63]), _progressive(base), _progressive(f"{base}-job"[:63])]
+    evaluation = {
+        "apiVersion": "distill.potential-meme.io/v1alpha1",
+        "kind": "EvaluationJob",
+        "metadata": {"name": base, "namespace": "ml"},
+        "spec": {"student": "file:///models/s", "dataset": {"source": "builtin:python-stdlib"}},
+    }
+    seen: dict[str, str] = {}
+    for document in [*jobs, evaluation]:
+        job = parse_job(document)
+        objects = render_job(job)
+        assert _problems(objects, pytorchjob_validator) == []
+        for name in _child_names(objects):
+            owner = f"{job.kind}/{job.metadata.name}"
+            assert seen.setdefault(name, owner) == owner, f"{name} belongs to {seen[name]} and {owner}"
+
+
+@pytest.mark.parametrize(
+    "sizes",
+    [
+        ["1T", "999B", "998B"],
+        [10**15, 10**15 - 1],  # the largest size the spec accepts, and its neighbour
+        [100_000_001, 100_000_000, 99_999_999],
+        [3_000, 2_999, 2, 1],
+        ["1.5T", "1.25T", "1.125T"],
+    ],
+)
+def test_sizes_of_any_magnitude_make_distinct_valid_stage_names(sizes, pytorchjob_validator):
+    document = _progressive("sizes", sizes=tuple(sizes[:-1]), final=sizes[-1])
+    job = parse_job(document)
+    stage_names = [stage.name for stage in plan_stages(job)]
+    assert len(set(stage_names)) == len(sizes)
+    assert all(len(name) <= 63 and name.replace("-", "").isalnum() and name.islower() for name in stage_names)
+    assert _problems(render_job(job), pytorchjob_validator) == []
+
+
+def test_a_size_beyond_the_limit_is_refused_with_the_field():
+    from potential_meme.spec import SpecError
+
+    with pytest.raises(SpecError) as refused:
+        parse_job(_progressive("huge", sizes=(), final="2000T"))
+    assert "spec.method.progressive.finalSize" in str(refused.value)
+
+
+def test_secret_environment_is_referenced_never_copied():
+    document = _knowledge("gated")
+    document["spec"]["resources"] = {"secretEnv": [{"name": "HF_TOKEN", "secret": "hub-token", "key": "token"}]}
+    configmap, pytorchjob = render_job(parse_job(document))
+    container = pytorchjob["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
+    assert {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hub-token", "key": "token"}}} in container[
+        "env"
+    ]
+    assert all("value" not in item for item in container["env"] if item["name"] == "HF_TOKEN")
