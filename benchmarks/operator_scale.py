@@ -8,7 +8,10 @@ first PyTorchJob's creation (both stamped by the API server), the operator's pea
 the CPU the operator and the emulated API server each used, for two submissions side by side: every
 creation in flight at once (a burst the API server queues), and 8 at a time.
 
-    python benchmarks/operator_scale.py --jobs 500
+    python benchmarks/operator_scale.py --jobs 500 --steady-jobs 2000
+
+Then a steady state: 2,000 unfinished jobs, the operator's CPU per resync and API requests per minute
+while nothing changes (each resync reads every unfinished job's children from its watch, not a LIST).
 
 Targets (issue 5): p95 <= 2 s, peak RSS <= 200 MB, on this 2-core machine.
 """
@@ -133,11 +136,42 @@ def run_scenario(jobs: int, parallel: int, timeout: float, workdir: Path) -> dic
     }
 
 
+def run_steady_state(jobs: int, window: float, timeout: float, workdir: Path) -> dict:
+    """`jobs` unfinished jobs (each with a Created PyTorchJob whose pods wait); what the operator costs
+    while nothing changes: its CPU per resync and its API requests per minute, over `window` seconds."""
+    from potential_meme.operator.handlers import RESYNC_SECONDS
+
+    with Cluster(workdir, {}, run_pods=False) as cluster:
+        operator = Operator(cluster, workdir).start()
+        try:
+            statuses = cluster.apply_all([distillation_job(i) for i in range(jobs)], timeout=timeout, parallel=8)
+            assert all(status in (200, 201) for status, _ in statuses), {status for status, _ in statuses}
+            started = time.monotonic()
+            while len({key[2] for key in list(cluster.emulator.created_at) if key[0] == "pytorchjobs"}) < jobs:
+                if time.monotonic() - started > timeout:
+                    raise SystemExit(f"timed out: not every job reached a PyTorchJob in {timeout:.0f} s")
+                time.sleep(0.5)
+            time.sleep(10)  # the last events settle
+            requests, cpu = cluster.emulator.operator_requests, cpu_seconds(operator.process.pid)
+            time.sleep(window)
+            requests = cluster.emulator.operator_requests - requests
+            cpu = cpu_seconds(operator.process.pid) - cpu
+            peak = peak_rss_mib(operator.process.pid)
+        finally:
+            operator.stop()
+    resyncs = window / RESYNC_SECONDS
+    return {"cpu_per_resync": cpu / resyncs, "requests_per_minute": requests * 60 / window, "peak": peak}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=500)
     parser.add_argument("--timeout", type=float, default=600, help="seconds to wait for every PyTorchJob")
     parser.add_argument("--workdir", type=Path, help="keep the operator's logs here (default: a temporary folder)")
+    parser.add_argument(
+        "--steady-jobs", type=int, default=2000, help="unfinished jobs in the steady-state run (0: skip)"
+    )
+    parser.add_argument("--window", type=float, default=180, help="seconds the steady state is measured over")
     args = parser.parse_args()
 
     s3 = start_s3()
@@ -151,6 +185,11 @@ def main() -> int:
         folder = workdir / f"parallel-{parallel}"
         folder.mkdir(parents=True, exist_ok=True)
         results[name] = run_scenario(args.jobs, parallel, args.timeout, folder)
+    steady = None
+    if args.steady_jobs:
+        folder = workdir / "steady"
+        folder.mkdir(parents=True, exist_ok=True)
+        steady = run_steady_state(args.steady_jobs, args.window, max(args.timeout, 1800), folder)
     s3.stop()
     if args.workdir is None:
         shutil.rmtree(workdir)
@@ -168,6 +207,12 @@ def main() -> int:
         )
     print("  targets: p95 <= 2 s, operator RSS <= 200 MB; 'API CPU' is the emulated API server, stand-in and S3,")
     print(f"  sharing the cores with the operator (operator RSS idle after start-up: {results[name]['idle']:.0f} MiB)")
+    if steady is not None:
+        print(
+            f"\nsteady state, {args.steady_jobs} unfinished jobs, {args.window:.0f} s: operator CPU per resync "
+            f"{steady['cpu_per_resync']:.2f} s, API requests {steady['requests_per_minute']:.0f}/min, "
+            f"operator RSS {steady['peak']:.0f} MiB"
+        )
     return 0
 
 

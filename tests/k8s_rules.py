@@ -11,7 +11,11 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
+
+import jsonschema
+import yaml
 
 DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 RESTRICTED_VOLUMES = {
@@ -24,6 +28,40 @@ RESTRICTED_VOLUMES = {
     "projected",
     "secret",
 }
+
+
+def strict(schema: Any) -> Any:
+    """The schema with unknown fields refused, as `kubectl apply` (strict field validation) refuses them."""
+    if isinstance(schema, dict):
+        schema = {key: strict(value) for key, value in schema.items()}
+        if "properties" in schema and not schema.get("x-kubernetes-preserve-unknown-fields"):
+            schema.setdefault("additionalProperties", False)
+    elif isinstance(schema, list):
+        schema = [strict(item) for item in schema]
+    return schema
+
+
+def _int_or_string(validator, value, instance, schema_node):
+    if value and not isinstance(instance, (int, str)):
+        yield jsonschema.ValidationError(f"{instance!r} is neither an integer nor a string")
+
+
+# Kubernetes' int-or-string fields (quantities, ports) carry no `type`: jsonschema learns the rule.
+_VALIDATOR = jsonschema.validators.extend(jsonschema.Draft4Validator, {"x-kubernetes-int-or-string": _int_or_string})
+
+
+def crd_validator(crd: dict[str, Any] | Path, version: str | None = None) -> jsonschema.Validator:
+    """Validates objects against a CustomResourceDefinition's schema (a file or the CRD itself), unknown fields
+    refused; `version`: the served version's name (default: the first)."""
+    if isinstance(crd, Path):
+        crd = yaml.safe_load(crd.read_text())
+    versions = crd["spec"]["versions"]
+    chosen = next(v for v in versions if v["name"] == version) if version else versions[0]
+    return _VALIDATOR(strict(chosen["schema"]["openAPIV3Schema"]))
+
+
+def schema_problems(validator: jsonschema.Validator, obj: dict[str, Any]) -> list[str]:
+    return [f"{error.json_path}: {error.message}" for error in validator.iter_errors(obj)]
 
 
 def dns1035_problems(name: str, what: str) -> list[str]:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import random
 import sys
 from pathlib import Path
 
+from .launch import EXIT_SPEC_ERROR, EXIT_STAGE_ERROR
 from .spec import DistillationJob, EvaluationJob, SpecError, load_job
 from .spec.errors import StageError
 
@@ -166,6 +168,7 @@ def cmd_operator(args: argparse.Namespace) -> int:
         memo=kopf.Memo(namespaces=tuple(args.namespace or ())),
         standalone=not args.peering,
         peering_name=args.peering,
+        priority=args.priority,
         liveness_endpoint=args.liveness,
     )
     return 0
@@ -177,6 +180,15 @@ def cmd_crds(args: argparse.Namespace) -> int:
     for path in write_crds(args.output_dir):
         print(path)
     return 0
+
+
+def cmd_launch(args: argparse.Namespace) -> int:
+    from .launch import launch
+
+    work = args.work[1:] if args.work[:1] == ["--"] else args.work
+    if not work or work[0] not in ("train", "evaluate"):
+        raise SpecError([("launch", "give the command to run: launch [--nproc-per-node N] -- train|evaluate ...")])
+    return launch(args.nproc_per_node, work)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -199,6 +211,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--stage", required=True, help="stage name from the job's plan")
     train.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus metrics on PORT (0: off)")
     train.set_defaults(handler=cmd_train)
+
+    launch = commands.add_parser(
+        "launch",
+        help="torchrun around train or evaluate, exiting 2/3 when a retry cannot help and 128 when it may "
+        "(what a trainer pod runs)",
+    )
+    launch.add_argument("--nproc-per-node", type=int, default=1, help="processes in this pod (one per GPU)")
+    launch.add_argument("work", nargs=argparse.REMAINDER, help="the train or evaluate command and its arguments")
+    launch.set_defaults(handler=cmd_launch)
 
     evaluate = commands.add_parser(
         "evaluate", help="held-out perplexity of a student and its teacher (what an EvaluationJob's pod runs)"
@@ -224,6 +245,13 @@ def build_parser() -> argparse.ArgumentParser:
     operator.add_argument("--metrics-port", type=int, default=9090, help="Prometheus metrics port (0: off)")
     operator.add_argument("--liveness", default="http://0.0.0.0:8080/healthz", help="kopf's liveness endpoint")
     operator.add_argument("--peering", help="kopf peering name, for more than one replica")
+    operator.add_argument(
+        "--priority",
+        type=int,
+        default=random.randint(1, 2**31 - 1),
+        help="peering priority: the live replica with the highest works, the others stand by; replicas need "
+        "distinct ones (default: random)",
+    )
     operator.set_defaults(handler=cmd_operator)
 
     crds = commands.add_parser("crds", help="write the CustomResourceDefinitions generated from the spec models")
@@ -239,10 +267,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args)
     except SpecError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_SPEC_ERROR
     except StageError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_STAGE_ERROR
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume from the newest checkpoint", file=sys.stderr)
         return 130

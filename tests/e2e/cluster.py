@@ -31,21 +31,23 @@ from typing import Any
 import aiohttp
 import kmock
 
+from potential_meme.spec.crd import RESOURCES
+from potential_meme.spec.models import API_VERSION
+
+import kubectl_api
 from helpers import free_port
 
 GROUP_RESOURCES = {
     "v1/namespaces": {"namespaced": False, "kind": "Namespace", "verbs": ["list", "watch", "get"]},
-    "v1/configmaps": {"namespaced": True, "kind": "ConfigMap", "verbs": ["list", "watch", "get", "create", "patch"]},
-    "v1/events": {"namespaced": True, "kind": "Event", "verbs": ["create"]},
+    "v1/configmaps": {
+        "namespaced": True,
+        "kind": "ConfigMap",
+        "verbs": ["list", "watch", "get", "create", "patch", "delete"],
+    },
+    "v1/events": {"namespaced": True, "kind": "Event", "verbs": ["create", "list"]},
     "kubeflow.org/v1/pytorchjobs": {
         "namespaced": True,
         "kind": "PyTorchJob",
-        "subresources": ["status"],
-        "verbs": ["list", "watch", "get", "create", "patch", "delete"],
-    },
-    "distill.potential-meme.io/v1alpha1/distillationjobs": {
-        "namespaced": True,
-        "kind": "DistillationJob",
         "subresources": ["status"],
         "verbs": ["list", "watch", "get", "create", "patch", "delete"],
     },
@@ -54,13 +56,22 @@ GROUP_RESOURCES = {
         "kind": "ClusterKopfPeering",
         "verbs": ["list", "watch", "get", "create", "patch"],
     },
-    "distill.potential-meme.io/v1alpha1/evaluationjobs": {
-        "namespaced": True,
-        "kind": "EvaluationJob",
-        "subresources": ["status"],
-        "verbs": ["list", "watch", "get", "create", "patch", "delete"],
+    # Our own kinds, named as their CRDs name them (kubectl finds `distillationjob`, `dj`).
+    **{
+        f"{API_VERSION}/{plural}": {
+            "namespaced": True,
+            "kind": kind,
+            "singular": kind.lower(),
+            "shortnames": short_names,
+            "categories": ["potential-meme"],
+            "subresources": ["status"],
+            "verbs": ["list", "watch", "get", "create", "patch", "delete"],
+        }
+        for kind, (plural, short_names, _) in RESOURCES.items()
     },
 }
+
+GROUP_RESOURCES_BY_PLURAL = {key.rsplit("/", 1)[1]: info for key, info in GROUP_RESOURCES.items()}
 
 
 def _now() -> str:
@@ -83,9 +94,47 @@ VERBS = {
 }
 
 
+class Fault:
+    """The operator's calls of one verb on one resource answered with an error, a number of times or for a while."""
+
+    def __init__(
+        self,
+        verb: str,
+        resource: str,
+        status: int,
+        message: str,
+        times: int | None,
+        seconds: float | None,
+        name: str | None,
+    ):
+        self.verb, self.resource, self.status, self.message, self.name = verb, resource, status, message, name
+        self.times, self.until = times, (time.monotonic() + seconds) if seconds is not None else None
+        self.served = 0
+
+    def clear(self) -> None:
+        self.times = 0
+
+    def matches(self, verb: str, resource: str, name: str | None) -> bool:
+        if (verb, resource) != (self.verb, self.resource) or self.name not in (None, name):
+            return False
+        if self.times is not None and self.served >= self.times:
+            return False
+        return self.until is None or time.monotonic() < self.until
+
+    def response(self) -> aiohttp.web.Response:
+        self.served += 1
+        body = {"apiVersion": "v1", "kind": "Status", "status": "Failure", "code": self.status, "message": self.message}
+        headers = {"Retry-After": "1"} if self.status == 429 else {}
+        return aiohttp.web.json_response(body, status=self.status, headers=headers)
+
+
 class StrictEmulator(kmock.KubernetesEmulator):
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
+        self.faults: list[Fault] = []
+        self.accepted_tokens = {OPERATOR_TOKEN}
+        self.unauthorized = 0  # requests refused for a token no longer accepted
+        self.operator_requests = 0  # every request the operator sent (watch streams count once)
         self.versions = itertools.count(1)
         self.operator_calls: set[tuple[str, str, str]] = set()  # (verb, API group, resource[/subresource])
         self.created_at: dict[tuple[str, str, str], float] = {}  # (plural, namespace, name) -> wall time
@@ -94,16 +143,45 @@ class StrictEmulator(kmock.KubernetesEmulator):
         self.keys_by_plural: dict[str, dict[tuple[str | None, str], tuple]] = {}
         self.deletions = 0
 
-    def _record(self, request) -> None:
-        operator = request.headers.get("Authorization") == f"Bearer {OPERATOR_TOKEN}"
-        if not operator or request.action is None or request.resource is None or not request.resource.plural:
-            return  # the harness's own call, or discovery (every authenticated user may discover)
+    @staticmethod
+    def _call_of(request) -> tuple[str, str, str] | None:
+        """(verb, API group, resource[/subresource]) of an API request; None for discovery."""
+        if request.action is None or request.resource is None or not request.resource.plural:
+            return None
         if request.action == kmock.action.UPDATE:
             verb = "patch" if request.method.value.upper() == "PATCH" else "update"
         else:
             verb = VERBS[request.action]
         resource = request.resource.plural + (f"/{request.subresource}" if request.subresource else "")
-        self.operator_calls.add((verb, request.resource.group or "", resource))
+        return verb, request.resource.group or "", resource
+
+    def _is_operator(self, request) -> bool:
+        return (request.headers.get("Authorization") or "").removeprefix("Bearer ") in self.accepted_tokens | {
+            OPERATOR_TOKEN
+        }
+
+    def _record(self, request) -> None:
+        if not self._is_operator(request):
+            return  # the harness's own call
+        self.operator_requests += 1
+        call = self._call_of(request)
+        if call is not None:  # not discovery
+            self.operator_calls.add(call)
+
+    def _fault(self, request) -> aiohttp.web.Response | None:
+        """An injected fault, or 401 for a token the API server no longer accepts (a rotated one)."""
+        token = (request.headers.get("Authorization") or "").removeprefix("Bearer ")
+        if token and token not in self.accepted_tokens and self._is_operator(request):
+            self.unauthorized += 1
+            return aiohttp.web.json_response({"kind": "Status", "code": 401, "message": "Unauthorized"}, status=401)
+        call = self._call_of(request)
+        if call is None or not self._is_operator(request):
+            return None
+        name = request.name or ((request.data or {}).get("metadata") or {}).get("name")
+        for fault in self.faults:
+            if fault.matches(call[0], call[2], name):
+                return fault.response()
+        return None
 
     async def _handle(self, request):
         # kmock keeps every request ever served and matches each new one by scanning that history:
@@ -149,8 +227,15 @@ class StrictEmulator(kmock.KubernetesEmulator):
             raw = obj.raw
             labels = (raw.get("metadata") or {}).get("labels") or {}
             if all(label in labels and (not equals or labels[label] == value) for label, equals, value in terms):
-                items.append(raw)
-        return {"metadata": {"resourceVersion": "..."}, "items": items}
+                if kubectl_api.field_selected(raw, request.params.get("fieldSelector")):
+                    items.append(raw)
+        if "as=Table" in (request.headers.get("Accept") or ""):
+            rendered = kubectl_api.table(request.resource.plural, items)
+            if rendered is not None:
+                return rendered
+        kind = GROUP_RESOURCES_BY_PLURAL.get(request.resource.plural, {}).get("kind", "")
+        api_version = f"{request.resource.group}/{request.resource.version}".lstrip("/")
+        return {"kind": f"{kind}List", "apiVersion": api_version, "metadata": {"resourceVersion": "1"}, "items": items}
 
     def _get_resources(self):
         # kmock adds the resource of every stored object, scanning them all on each list and watch;
@@ -158,7 +243,25 @@ class StrictEmulator(kmock.KubernetesEmulator):
         return kmock.KubernetesScaffold._get_resources(self)
 
     async def _serve(self, request):
+        fault = self._fault(request)
+        if fault is not None:
+            return fault
         self._record(request)
+        path = request.url.path
+        if path == "/openapi/v3":
+            return aiohttp.web.json_response(kubectl_api.openapi_index())
+        if path == f"/openapi/v3/{kubectl_api.GROUP_VERSION}":
+            return aiohttp.web.json_response(kubectl_api.openapi_group())
+        if (
+            request.action == kmock.action.CREATE
+            and request.params.get("fieldValidation") == "Strict"
+            and (problems := kubectl_api.strict_problems(request.resource.plural, request.data))
+        ):
+            message = f"{request.data.get('kind')} in version {kubectl_api.VERSION} cannot be handled: " + "; ".join(
+                problems
+            )
+            body = {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 422, "message": message}
+            return aiohttp.web.json_response(body, status=422)
         if request.action == kmock.action.DELETE:
             self.deletions += 1
         if request.resource is not None and isinstance(request.data, dict):
@@ -193,6 +296,7 @@ class Cluster:
         self.workdir = workdir
         self.environment = environment  # what trainer processes get (S3 credentials, endpoint)
         self.run_pods = run_pods  # False: PyTorchJobs are acknowledged (Created) and their pods never start
+        self.token = OPERATOR_TOKEN  # what the operator's kubeconfig holds
         self.ready = threading.Event()
         self.processes: dict[str, list[asyncio.subprocess.Process]] = {}
         self.logs: dict[str, Path] = {}
@@ -235,20 +339,47 @@ class Cluster:
         """Run a coroutine on the cluster's loop from the test's thread."""
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
 
-    def kubeconfig(self) -> Path:
-        path = self.workdir / "kubeconfig.json"
-        path.write_text(
+    def inject(
+        self,
+        verb: str,
+        resource: str,
+        status: int,
+        message: str,
+        times: int | None = None,
+        seconds: float | None = None,
+        name: str | None = None,
+    ) -> Fault:
+        """Answer the operator's `verb` calls on `resource` (of object `name`, or any) with `status`,
+        `times` times, or for `seconds`, or until cleared."""
+        fault = Fault(verb, resource, status, message, times, seconds, name)
+        self.emulator.faults.append(fault)
+        return fault
+
+    def rotate_token(self, new: str) -> None:
+        """The API server accepts only `new` from now on; the kubeconfig the operator reads holds it."""
+        self.token = new
+        self.emulator.accepted_tokens = {new}
+        self.kubeconfig()
+
+    def kubeconfig(self, user: str = "operator") -> Path:
+        """The operator's kubeconfig, or a user's (`user`: a token of their own, so their calls are not
+        counted as the operator's)."""
+        path = self.workdir / ("kubeconfig.json" if user == "operator" else f"kubeconfig-{user}.json")
+        token = self.token if user == "operator" else f"{user}-token"
+        partial = path.with_suffix(".partial")  # renamed into place: a reader never sees half a file
+        partial.write_text(
             json.dumps(
                 {
                     "apiVersion": "v1",
                     "kind": "Config",
                     "current-context": "emulator",
                     "clusters": [{"name": "emulator", "cluster": {"server": self.url}}],
-                    "users": [{"name": "operator", "user": {"token": OPERATOR_TOKEN}}],
-                    "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": "operator"}}],
+                    "users": [{"name": user, "user": {"token": token}}],
+                    "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": user}}],
                 }
             )
         )
+        os.replace(partial, path)
         return path
 
     # ------------------------------------------------------------------ API over HTTP
@@ -278,7 +409,11 @@ class Cluster:
         return body if status == 200 else None
 
     def _create(self, obj: dict[str, Any]):
-        plural = {"DistillationJob": "distillationjobs", "EvaluationJob": "evaluationjobs"}[obj["kind"]]
+        plural = {
+            "DistillationJob": "distillationjobs",
+            "EvaluationJob": "evaluationjobs",
+            "PyTorchJob": "pytorchjobs",
+        }[obj["kind"]]
         namespace = obj["metadata"].get("namespace", "default")
         return self.request("POST", self.path(obj["apiVersion"], plural, namespace), obj)
 
@@ -333,21 +468,37 @@ class Cluster:
 
     # ------------------------------------------------------------------ Kubeflow stand-in
 
-    def _changed_pytorchjobs(self, versions: dict[Any, int]) -> list[dict[str, Any]]:
-        """PyTorchJobs written since last asked (an object's history grows by one a write)."""
-        changed = []
+    def _changed_pytorchjobs(
+        self, versions: dict[Any, int], live: dict[Any, str]
+    ) -> tuple[list[dict[str, Any]], list[str]]:
+        """PyTorchJobs written since last asked (an object's history grows by one a write), and the uids
+        of those deleted since (`live`: key -> uid of the object last seen under it)."""
+        changed, gone = [], []
         for key, obj in self.emulator.stored_objects("pytorchjobs"):
-            if not obj.deleted and versions.get(key) != len(obj.history):
+            if obj.deleted:
+                if key in live:
+                    gone.append(live.pop(key))
+                continue
+            uid = obj.raw["metadata"]["uid"]
+            if live.get(key, uid) != uid:  # deleted and made again between two looks
+                gone.append(live[key])
+            live[key] = uid
+            if versions.get(key) != len(obj.history):
                 versions[key] = len(obj.history)
                 changed.append(dict(obj.raw))
-        return changed
+        return changed, gone
 
     async def _kubeflow(self) -> None:
         handled: dict[str, str] = {}  # PyTorchJob uid -> what we last did
         versions: dict[Any, int] = {}
+        live: dict[Any, str] = {}
         while True:
             await asyncio.sleep(0.2)
-            for job in self._changed_pytorchjobs(versions):
+            changed, gone = self._changed_pytorchjobs(versions, live)
+            for uid in gone:  # the garbage collector deletes a deleted PyTorchJob's pods
+                if handled.pop(uid, None) == "running":
+                    asyncio.create_task(self._delete_pods(uid))
+            for job in changed:
                 uid = job["metadata"]["uid"]
                 suspended = bool(job["spec"].get("runPolicy", {}).get("suspend"))
                 state = handled.get(uid)
@@ -415,7 +566,23 @@ class Cluster:
         )
 
     async def _run(self, job: dict[str, Any]) -> None:
-        """Start every replica as a local process, as the training operator starts pods."""
+        """Run the pods; with restartPolicy ExitCode, restart them on a code of 128 or more, up to backoffLimit."""
+        restarts = 0
+        while True:
+            failure = await self._run_pods(job)
+            if failure is None:
+                return
+            code, message = failure
+            policy = job["spec"]["pytorchReplicaSpecs"]["Master"].get("restartPolicy")
+            if policy == "ExitCode" and code >= 128 and restarts < job["spec"]["runPolicy"].get("backoffLimit", 0):
+                restarts += 1
+                await self._conditions(job, [("Restarting", "PyTorchJobRestarting", message)])
+                continue
+            await self._conditions(job, [("Failed", "PyTorchJobFailed", message)], running=False, completionTime=_now())
+            return
+
+    async def _run_pods(self, job: dict[str, Any]) -> tuple[int, str] | None:
+        """Start every replica as a local process, as the training operator starts pods; the first failure."""
         meta, spec = job["metadata"], job["spec"]
         uid = meta["uid"]
         mounts = await self._volumes(job)
@@ -430,7 +597,14 @@ class Cluster:
             container = spec["pytorchReplicaSpecs"][kind]["template"]["spec"]["containers"][0]
             command = [self._localize(arg, mounts) for arg in container["command"]]
             env = dict(self.environment)
-            env.update({item["name"]: item["value"] for item in container.get("env", [])})
+            # Secret references have no Secret to read here; every other value is localized like the command.
+            env.update(
+                {
+                    item["name"]: self._localize(item["value"], mounts)
+                    for item in container.get("env", [])
+                    if "value" in item
+                }
+            )
             env.update(
                 MASTER_ADDR="127.0.0.1",
                 MASTER_PORT=str(port),
@@ -462,7 +636,7 @@ class Cluster:
         codes = [await process.wait() for process in processes]
         if uid in self.deleted:
             self.deleted.discard(uid)
-            return  # its pods were deleted (suspension): no verdict
+            return None  # its pods were deleted (suspension): no verdict
         if all(code == 0 for code in codes):
             await self._conditions(
                 job,
@@ -470,26 +644,26 @@ class Cluster:
                 running=False,
                 completionTime=_now(),
             )
-        else:
-            failed = next(i for i, code in enumerate(codes) if code != 0)
-            kind, index = replicas[failed]
-            message = f"{meta['name']}-{kind.lower()}-{index} exited with code {codes[failed]}"
-            await self._conditions(job, [("Failed", "PyTorchJobFailed", message)], running=False, completionTime=_now())
+            return None
+        failed = next(i for i, code in enumerate(codes) if code != 0)
+        kind, index = replicas[failed]
+        return codes[failed], f"{meta['name']}-{kind.lower()}-{index} exited with code {codes[failed]}"
 
     async def _volumes(self, job: dict[str, Any]) -> dict[str, Path]:
-        """ConfigMap volumes as local folders: mountPath -> folder."""
+        """Volumes as local folders (a ConfigMap's keys as files, any other volume empty): mountPath -> folder."""
         mounts = {}
         pod = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
         container = pod["containers"][0]
         for volume in pod.get("volumes", []):
-            name = volume["configMap"]["name"]
-            status, configmap = await self.request(
-                "GET", self.path("v1", "configmaps", job["metadata"]["namespace"], name)
-            )
-            assert status == 200, f"ConfigMap {name} is missing: the pod could not start"
-            folder = Path(tempfile.mkdtemp(dir=self.workdir, prefix=f"{name}-"))
-            for key, value in configmap.get("data", {}).items():
-                (folder / key).write_text(value)
+            folder = Path(tempfile.mkdtemp(dir=self.workdir, prefix=f"{volume['name']}-"))
+            if "configMap" in volume:
+                name = volume["configMap"]["name"]
+                status, configmap = await self.request(
+                    "GET", self.path("v1", "configmaps", job["metadata"]["namespace"], name)
+                )
+                assert status == 200, f"ConfigMap {name} is missing: the pod could not start"
+                for key, value in configmap.get("data", {}).items():
+                    (folder / key).write_text(value)
             for mount in container.get("volumeMounts", []):
                 if mount["name"] == volume["name"]:
                     mounts[mount["mountPath"]] = folder
@@ -504,17 +678,34 @@ class Cluster:
 
 
 class Operator:
-    def __init__(self, cluster: Cluster, workdir: Path, peering: str | None = None):
+    def __init__(
+        self,
+        cluster: Cluster,
+        workdir: Path,
+        peering: str | None = None,
+        resync_seconds: float = 60,
+        priority: int | None = None,
+        name: str = "operator",
+        environment: dict[str, str] | None = None,
+    ):
         self.cluster, self.workdir, self.peering = cluster, workdir, peering
+        self.resync_seconds, self.priority, self.name = resync_seconds, priority, name
+        self.environment = environment or {}  # over the test's own (e.g. another S3 endpoint)
         self.metrics_port, self.liveness_port = free_port(), free_port()
         self.process: subprocess.Popen | None = None
         self.starts = 0
 
     def start(self) -> Operator:
-        env = dict(os.environ, KUBECONFIG=str(self.cluster.kubeconfig()), PYTHONUNBUFFERED="1")
+        env = dict(
+            os.environ,
+            KUBECONFIG=str(self.cluster.kubeconfig()),
+            PYTHONUNBUFFERED="1",
+            POTENTIAL_MEME_RESYNC_SECONDS=str(self.resync_seconds),
+            **self.environment,
+        )
         env.pop("WORLD_SIZE", None)
         self.starts += 1
-        self.log = self.workdir / f"operator-{self.starts}.log"
+        self.log = self.workdir / f"{self.name}-{self.starts}.log"
         self.process = subprocess.Popen(
             [
                 sys.executable,
@@ -526,6 +717,7 @@ class Operator:
                 "--liveness",
                 f"http://127.0.0.1:{self.liveness_port}/healthz",
                 *(["--peering", self.peering] if self.peering else []),
+                *(["--priority", str(self.priority)] if self.priority is not None else []),
             ],
             env=env,
             stdout=open(self.log, "w"),

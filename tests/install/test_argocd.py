@@ -6,7 +6,8 @@ import yaml
 from potential_meme.operator.status import blocked_status, decide, distillation_blocker, invalid_status
 from potential_meme.spec import parse_job
 
-from helpers import REPO
+from helpers import REPO, SHARED
+from k8s_rules import crd_validator, schema_problems
 
 lupa = pytest.importorskip("lupa")
 
@@ -123,3 +124,15 @@ def test_the_applications_point_at_what_exists_here():
 
 def test_the_chart_docs_carry_the_same_script():
     assert (ARGOCD / "health.lua").read_text() in (REPO / "charts" / "potential-meme" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("name", ["application-operator.yaml", "application-jobs.yaml"])
+def test_the_applications_pass_argo_cds_own_crd(name):
+    crd = SHARED / "k8s" / "argoproj.io_applications.yaml"
+    if not crd.exists():
+        pytest.skip(f"{crd} is absent (a checkout outside the workplace)")
+    application = yaml.safe_load((ARGOCD / name).read_text())
+    validator = crd_validator(crd, version=application["apiVersion"].split("/")[1])
+    assert schema_problems(validator, application) == []
+    application["spec"]["syncPolicy"] = {"automated": {"prune": "yes"}}
+    assert schema_problems(validator, application)  # the check can fail

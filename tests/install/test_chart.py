@@ -7,7 +7,8 @@ import json
 import pytest
 import yaml
 
-from helpers import REPO
+from helpers import REPO, SHARED
+from k8s_rules import crd_validator, schema_problems
 
 helm = pytest.importorskip("helm_python")
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
@@ -197,6 +198,18 @@ def test_monitors_select_what_serves_metrics():
     assert pod_monitor["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"  # the trainer container's port name
     assert pod_monitor["spec"]["namespaceSelector"] == {"any": True}
     assert not by_kind(render({}), "ServiceMonitor") and not by_kind(render({}), "PodMonitor")
+
+
+@pytest.mark.parametrize("kind", ["ServiceMonitor", "PodMonitor"])
+def test_monitors_pass_the_prometheus_operators_own_crds(kind):
+    crd = SHARED / "k8s" / f"monitoring.coreos.com_{kind.lower()}s.yaml"
+    if not crd.exists():
+        pytest.skip(f"{crd} is absent (a checkout outside the workplace)")
+    [monitor] = by_kind(render(MODES["monitoring"]), kind)
+    validator = crd_validator(crd, version=monitor["apiVersion"].split("/")[1])
+    assert schema_problems(validator, monitor) == []
+    monitor["spec"]["endpoints" if kind == "ServiceMonitor" else "podMetricsEndpoints"][0]["interval"] = 30
+    assert schema_problems(validator, monitor)  # the check can fail: an interval is a duration string
 
 
 def test_chart_crds_are_valid_kubernetes():

@@ -39,7 +39,7 @@ def test_run_distills_saves_a_loadable_student_and_skips_when_rerun(job_file, tm
 def test_a_changed_spec_does_not_silently_reuse_a_finished_stage(job_file, tmp_path):
     assert cli("run", str(job_file(training={"maxSteps": 2})), "--metrics-port", "0").returncode == 0
     changed = cli("run", str(job_file(training={"maxSteps": 3})), "--metrics-port", "0")
-    assert changed.returncode == 1
+    assert changed.returncode == 3  # permanent: a retry cannot help
     assert "different spec" in changed.stderr and "Traceback" not in changed.stderr
 
 
@@ -116,3 +116,31 @@ def test_progress_bar_on_a_terminal_and_log_lines_elsewhere(job_file):
     text = screen.decode(errors="replace")
     assert "tiny/distill" in text and "3/3" in text and "tok_s=" in text and "loss=" in text
     assert "step 3/3 loss" not in text  # the bar replaces the log lines
+
+
+def test_the_pod_launcher_says_whether_a_retry_can_help(job_file, tmp_path):
+    """What Kubeflow's restartPolicy ExitCode reads: 1-127 fail the stage at once, 128 and above restart the pod."""
+    from potential_meme.launch import pod_exit_code
+
+    def launch(path):
+        return cli("launch", "--nproc-per-node=1", "--", "train", "--job", str(path), "--stage", "distill")
+
+    missing_data = launch(job_file(dataset={"source": str(tmp_path / "nowhere")}))
+    assert missing_data.returncode == 2, missing_data.stderr  # torchrun alone exits 1 for any failure
+    assert "spec.dataset.source" in missing_data.stderr
+
+    broken_teacher = tmp_path / "broken-teacher"
+    broken_teacher.mkdir()
+    (broken_teacher / "config.json").write_text("{not json")
+    crash = launch(job_file("crash", teacher={"model": str(broken_teacher)}))
+    assert crash.returncode == 128, crash.stderr  # an unforeseen crash: worth a restart within backoffLimit
+
+    # A stage error (3, test_a_changed_spec_does_not_silently_reuse_a_finished_stage) wins over a crash too.
+    assert [pod_exit_code(codes) for codes in ([0, 0], [1, 0], [-9, 0], [2, -15], [3, 1], [137])] == [
+        0,
+        128,
+        128,
+        2,
+        3,
+        128,
+    ]

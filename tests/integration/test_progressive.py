@@ -218,7 +218,7 @@ def test_each_stage_runs_alone_once_the_one_before_is_done(tiny_teacher_dir, cor
         return cli("train", "--job", str(path), "--stage", stage)
 
     early = train("distill-100k")
-    assert early.returncode == 1 and "Traceback" not in early.stderr
+    assert early.returncode == 3 and "Traceback" not in early.stderr
     assert "distill-150k, which has not finished" in early.stderr
     assert train("distill-150k").returncode == 0
     assert train("distill-100k").returncode == 0

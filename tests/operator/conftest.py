@@ -1,11 +1,9 @@
-"""What the operator tests share: the real Kubeflow PyTorchJob schema, the webhook's rules, the restricted
-Pod Security Standard."""
+"""What the operator tests share: the real Kubeflow PyTorchJob schema."""
 
-import jsonschema
 import pytest
-import yaml
 
 from helpers import SHARED
+from k8s_rules import crd_validator
 
 KUBEFLOW_CRD = SHARED / "k8s" / "kubeflow.org_pytorchjobs.yaml"
 
@@ -14,14 +12,4 @@ KUBEFLOW_CRD = SHARED / "k8s" / "kubeflow.org_pytorchjobs.yaml"
 def pytorchjob_validator():
     if not KUBEFLOW_CRD.exists():
         pytest.skip(f"{KUBEFLOW_CRD} is absent (a checkout outside the workplace)")
-    schema = yaml.safe_load(KUBEFLOW_CRD.read_text())["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
-
-    # Kubernetes' int-or-string fields (quantities, ports) carry no `type`: teach jsonschema the rule.
-    def int_or_string(validator, value, instance, schema_node):
-        if value and not isinstance(instance, (int, str)):
-            yield jsonschema.ValidationError(f"{instance!r} is neither an integer nor a string")
-
-    validator_class = jsonschema.validators.extend(
-        jsonschema.Draft4Validator, {"x-kubernetes-int-or-string": int_or_string}
-    )
-    return validator_class(schema)
+    return crd_validator(KUBEFLOW_CRD)

@@ -101,7 +101,8 @@ def test_gpus_nodes_and_placement_reach_the_pods(pytorchjob_validator):
         (container,) = pod["containers"]
         assert container["name"] == "pytorch" and container["image"] == "registry.example/trainer:1"
         assert container["resources"]["limits"] == {"nvidia.com/gpu": 8, "cpu": "16", "memory": "200Gi"}
-        assert container["command"][:2] == ["torchrun", "--nproc-per-node=8"]
+        assert container["command"][:4] == ["potential-meme", "launch", "--nproc-per-node=8", "--"]
+        assert replica["restartPolicy"] == "ExitCode"  # the launcher's 2 and 3 are not retried, 128 is
         assert container["command"][-5:-2] == ["/etc/potential-meme/job.yaml", "--stage", "distill-70m"]
         assert container["envFrom"] == [{"secretRef": {"name": "s3-creds"}}]
         assert {"name": "AWS_ENDPOINT_URL_S3", "value": "http://minio:9000"} in container["env"]
@@ -202,3 +203,18 @@ def test_an_evaluation_job_renders_one_pytorchjob_running_evaluate(tmp_path, pyt
     # The pod reads an evaluation that names its student: it needs no access to the cluster.
     carried = parse_job(yaml.safe_load(configmap["data"]["job.yaml"]))
     assert carried.spec.student == "file://./runs/progressive-smollm2/distill-70m/student/"
+
+
+def test_the_default_store_keeps_tenants_apart():
+    from potential_meme.operator.render import with_defaults
+
+    defaults = Defaults(output_uri="s3://models/runs/")
+    outputs = set()
+    for namespace in ("team-a", "team-b"):
+        document = yaml.safe_load((EXAMPLES / "kd-smollm2.yaml").read_text())
+        document["metadata"]["namespace"] = namespace
+        del document["spec"]["output"]  # the job names no store: the installation's default applies
+        job = with_defaults(parse_job(document), defaults)
+        assert job.spec.output.uri == f"s3://models/runs/{namespace}"
+        outputs.add(plan_stages(job)[0].output_uri)
+    assert outputs == {"s3://models/runs/team-a/kd-smollm2/distill/", "s3://models/runs/team-b/kd-smollm2/distill/"}

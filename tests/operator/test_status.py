@@ -217,3 +217,44 @@ def test_what_a_job_shows_of_a_child_ignores_what_it_does_not_show():
     assert running.shown != created.shown  # started: the stage shows Running and its start time
     one, other = (child_state(_pytorchjob(("Failed", "F", message))) for message in ("OOMKilled", "exit 1"))
     assert one.shown != other.shown  # the failure's message is in the job's Failed condition
+
+
+def test_a_failed_stage_stays_failed_when_its_pytorchjob_goes_away():
+    job = _job()
+    children = {
+        "progressive-smollm2-distill-100m": _pytorchjob(("Failed", "PyTorchJobFailed", "master-0 exited with code 2"))
+    }
+    failed = decide(job, children, {}, None, T1).status
+    gone = decide(job, {}, {}, failed, T2)  # a TTL after finish, or `kubectl delete pytorchjob`
+    assert gone.create is None and gone.status.phase == "Failed"
+    assert [row.phase for row in gone.status.stages] == ["Failed", "Pending"]
+    condition = next(c for c in gone.status.conditions if c.type == "Failed")
+    assert (condition.reason, condition.last_transition_time) == ("PyTorchJobFailed", T1)
+    assert "distill-100m: master-0 exited with code 2" in condition.message
+    # What a retry hands decide: the status without its failed rows. The stage runs again.
+    cleared = failed.model_copy(update={"stages": [r for r in failed.stages if r.phase != "Failed"]})
+    assert decide(job, {}, {}, cleared, T2).create.name == "distill-100m"
+
+
+def test_a_manifest_of_another_spec_is_not_taken_as_done():
+    job = _job()
+    children = {"progressive-smollm2-distill-100m": _pytorchjob(("Succeeded", "s", ""), completion=T2)}
+    stale = decide(job, children, {"distill-100m": {"specHash": "0" * 64, "metrics": {}}}, None, T2)
+    assert stale.create is None and stale.status.phase == "Failed"
+    failed = next(c for c in stale.status.conditions if c.type == "Failed")
+    assert failed.reason == "StaleArtifacts" and "another spec" in failed.message
+    assert "file://./runs/progressive-smollm2/distill-100m/" in failed.message
+
+
+def test_what_the_operator_cannot_read_or_create_is_a_condition_that_says_what_to_fix():
+    from potential_meme.operator.status import Problem
+
+    job = _job()
+    children = {"progressive-smollm2-distill-100m": _pytorchjob(("Succeeded", "s", ""), completion=T2)}
+    unreadable = {"distill-100m": Problem("StoreUnreachable", "cannot read s3://b/manifest.json: timeout")}
+    decision = decide(job, children, {}, None, T2, unreadable=unreadable)
+    assert decision.create is None and decision.status.phase == "Running"
+    assert _conditions(decision.status)["ArtifactsVerified"] == ("False", "StoreUnreachable")
+    blocked = decide(job, {}, {}, None, T0, blocked_by=Problem("NameConflict", "PyTorchJob x is not this job's"))
+    assert _conditions(blocked.status)["Blocked"] == ("True", "NameConflict")
+    assert _conditions(decide(job, {}, {}, None, T0).status)["Blocked"] == ("False", "NotBlocked")

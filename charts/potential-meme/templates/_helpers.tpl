@@ -34,7 +34,7 @@ app.kubernetes.io/component: operator
   verbs: ["patch"]
 - apiGroups: ["kubeflow.org"]
   resources: ["pytorchjobs"]
-  verbs: ["create", "list", "watch", "patch"]
+  verbs: ["create", "get", "list", "watch", "patch", "delete"]
 - apiGroups: [""]
   resources: ["configmaps"]
   verbs: ["create", "get"]
@@ -47,5 +47,5 @@ app.kubernetes.io/component: operator
 {{- define "potential-meme.peeringRules" -}}
 - apiGroups: ["kopf.dev"]
   resources: [{{ .resource | quote }}]
-  verbs: ["list", "watch", "patch"]
+  verbs: ["get", "list", "watch", "patch"]
 {{- end -}}

@@ -18,6 +18,12 @@ STAGE_DURATION = Histogram(
     buckets=(60, 300, 900, 1800, 3600, 7200, 14400, 43200, 86400, 172800, float("inf")),
 )
 PYTORCHJOBS_CREATED = Counter("potential_meme_operator_pytorchjobs_created", "PyTorchJobs created")
+API_REQUESTS = Counter(
+    "potential_meme_operator_api_requests",
+    "Kubernetes API requests of the operator's own client (kopf's watches aside), by method and outcome: "
+    "ok, retried (throttled, 5xx, timeout or 401, then sent again), refused (another 4xx), failed (out of attempts)",
+    ("method", "outcome"),
+)
 
 _phases: dict[tuple[str, str | None, str], str] = {}
 

@@ -12,7 +12,7 @@ import asyncio
 import collections
 import logging
 import os
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import kopf
@@ -24,7 +24,7 @@ from ..spec import SpecError, parse_job
 from ..spec.models import API_GROUP, API_VERSION, EvaluationJob, JobStatus
 from ..spec.plan import MANIFEST, Stage, plan_stages, resolve_evaluation, resolve_evaluation_as_recorded
 from ..storage import open_store, read_json_if_exists
-from .kube import PLURALS, Kube
+from .kube import PLURALS, Kube, KubeError
 from .render import (
     JOB_FILE,
     LABEL_JOB,
@@ -39,14 +39,19 @@ from .render import (
     render_pytorchjob,
     with_defaults,
 )
-from .status import Blocker, blocked_status, child_state, decide, distillation_blocker, invalid_status
+from .status import Blocker, Problem, blocked_status, child_state, decide, distillation_blocker, invalid_status
 
 DISTILLATION_JOBS = (API_GROUP, "v1alpha1", "distillationjobs")
 EVALUATION_JOBS = (API_GROUP, "v1alpha1", "evaluationjobs")
 PYTORCHJOBS = ("kubeflow.org", "v1", "pytorchjobs")
 # Events drive the work; the resync only catches what a lost event or a failed reconciliation left
 # behind, and costs a reconciliation per unfinished job each round.
-RESYNC_SECONDS = 60
+RESYNC_SECONDS = float(os.environ.get("POTENTIAL_MEME_RESYNC_SECONDS", "60"))
+# `kubectl annotate --overwrite distillationjob NAME distill.potential-meme.io/retry=$(date +%s)`: a new value
+# retries a Failed job's failed stages. A failed stage otherwise stays failed, even when its PyTorchJob is gone.
+RETRY_ANNOTATION = f"{API_GROUP}/retry"
+PEERING_LIFETIME_SECONDS = 20
+RESYNC_CONCURRENCY = 8  # reconciliations in flight during a resync: the API server sees a steady trickle
 
 log = logging.getLogger(__name__)
 
@@ -66,14 +71,23 @@ def defaults_from_environment() -> Defaults:
 @kopf.on.startup()
 async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     settings.posting.level = logging.WARNING
-    info = kopf.login_with_service_account(settings=settings) or kopf.login_with_kubeconfig(settings=settings)
-    if info is None:
-        raise kopf.PermanentError("no Kubernetes credentials: neither a service account nor KUBECONFIG")
-    memo.kube = Kube(info)
+
+    def login() -> kopf.ConnectionInfo:
+        """Read afresh each time: a bound service-account token is rotated on disk by the kubelet."""
+        info = kopf.login_with_service_account(settings=settings) or kopf.login_with_kubeconfig(settings=settings)
+        if info is None:
+            raise kopf.PermanentError("no Kubernetes credentials: neither a service account nor KUBECONFIG")
+        return info
+
+    memo.kube = Kube(login)
+    # A dead replica's peering record expires after this long; a standby then takes over (kopf's default: 60 s).
+    settings.peering.lifetime = PEERING_LIFETIME_SECONDS
+    memo.peering = settings.peering
     memo.defaults = defaults_from_environment()
     memo.locks = collections.defaultdict(asyncio.Lock)
     memo.waiting = collections.defaultdict(set)  # (namespace, DistillationJob) -> EvaluationJobs waiting on it
     memo.child_states = {}  # (namespace, PyTorchJob) -> what the job's status showed of it, last seen
+    memo.children = {}  # (namespace, kind, job) -> {PyTorchJob name: body}, as the watch last saw them
     memo.distillation_progress = {}  # (namespace, DistillationJob) -> (phase, currentStage) last seen
     memo.resync = asyncio.create_task(_resync(memo))
     port = os.environ.get("POTENTIAL_MEME_OPERATOR_METRICS_PORT")
@@ -122,9 +136,33 @@ def _manifests(
     return known, unread
 
 
-def _read_manifests(stages: list[Stage]) -> dict[str, dict[str, Any] | None]:
-    """Blocking I/O: run in a thread."""
-    return {stage.name: read_json_if_exists(open_store(stage.output_uri), MANIFEST) for stage in stages}
+def _read_manifests(job: Job, stages: list[Stage]) -> tuple[dict[str, dict[str, Any] | None], dict[str, Problem]]:
+    """The manifests of `stages`, read as the pods wrote them (the job's own endpoint), and what could not be.
+
+    Blocking I/O: run in a thread. The operator reads with its own credentials: it never reads the job's
+    Secret, so the store must grant the operator read access to the job's prefix (README: storage).
+    """
+    endpoint = job.spec.output.endpoint
+    manifests: dict[str, dict[str, Any] | None] = {}
+    problems: dict[str, Problem] = {}
+    for stage in stages:
+        where = f"{stage.output_uri}{MANIFEST}" + (f" at {endpoint}" if endpoint else "")
+        try:
+            manifests[stage.name] = manifest = read_json_if_exists(open_store(stage.output_uri, endpoint), MANIFEST)
+        except Exception as exc:  # noqa: BLE001 - any store failure is reported on the job, not raised
+            problems[stage.name] = Problem(
+                "StoreUnreachable",
+                f"stage {stage.name} finished but the operator cannot read {where}: {type(exc).__name__}: {exc}; "
+                "give the operator's credentials read access to the job's output (it retries every resync)",
+            )
+            continue
+        if manifest is None:
+            problems[stage.name] = Problem(
+                "ManifestNotFound",
+                f"stage {stage.name}: its PyTorchJob succeeded but {where} does not exist; the operator reads "
+                "the store with its own credentials and endpoint: check they reach the job's output",
+            )
+    return manifests, problems
 
 
 def _announce(body: dict[str, Any], status: JobStatus) -> None:
@@ -180,10 +218,103 @@ async def _resolved_evaluation(
     return resolve_evaluation(job, with_defaults(distillation, defaults)), None
 
 
-async def reconcile(kube: Kube, defaults: Defaults, body: dict[str, Any], new: bool = False) -> JobStatus:
+def _owned_by(obj: dict[str, Any], uid: str | None) -> bool:
+    return any(owner.get("uid") == uid for owner in obj.get("metadata", {}).get("ownerReferences") or [])
+
+
+def _name_taken(obj: dict[str, Any], existing: dict[str, Any]) -> Problem:
+    owners = existing["metadata"].get("ownerReferences") or []
+    holder = ", ".join(f"{o.get('kind')} {o.get('name')} (uid {o.get('uid')})" for o in owners) or "no owner"
+    return Problem(
+        "NameConflict",
+        f"{obj['kind']} {obj['metadata']['name']} already exists and is not this job's (it belongs to {holder}); "
+        "delete it, or give the job another name",
+    )
+
+
+def _refused(obj: dict[str, Any], exc: KubeError) -> Problem:
+    what = f"{obj['kind']} {obj['metadata']['name']}"
+    if exc.status == 404 and obj["kind"] == "PyTorchJob":
+        return Problem(
+            "KubeflowMissing",
+            f"cannot create {what}: the API server has no {PYTORCHJOB_API} PyTorchJobs; install Kubeflow's "
+            "training operator (its PyTorchJob CRD) in the cluster",
+        )
+    return Problem("CreateRefused", f"the API server refused to create {what}: {exc}")
+
+
+async def _ensure(kube: Kube, obj: dict[str, Any], uid: str | None, look_first: bool = False) -> Problem | None:
+    """Make `obj` exist as this job's child; a same-named object of someone else's is reported, never adopted.
+
+    `look_first`: read before creating, for an object that usually exists already.
+    """
+    meta = obj["metadata"]
+    plural = PLURALS[obj["kind"]]
+    if look_first:
+        existing = await kube.get(obj["apiVersion"], plural, meta.get("namespace"), meta["name"])
+        if existing is not None:
+            return None if _owned_by(existing, uid) else _name_taken(obj, existing)
+    try:
+        if await kube.create(obj):
+            return None
+    except KubeError as exc:
+        if exc.status in (400, 403, 404, 422):
+            return _refused(obj, exc)
+        raise
+    existing = await kube.get(obj["apiVersion"], plural, meta.get("namespace"), meta["name"])
+    if existing is None:  # deleted between our create and our read: the next reconciliation makes it
+        return Problem("ChildGone", f"{obj['kind']} {meta['name']} was deleted while being made; retrying")
+    return None if _owned_by(existing, uid) else _name_taken(obj, existing)
+
+
+def _retry_requested(body: dict[str, Any], previous: JobStatus | None) -> str | None:
+    """The retry annotation's value when it is new since the status last acted on one."""
+    requested = (body["metadata"].get("annotations") or {}).get(RETRY_ANNOTATION)
+    return requested if requested is not None and requested != (previous.retry if previous else None) else None
+
+
+async def _retry(kube: Kube, job: Job, previous: JobStatus, children: dict[str, dict[str, Any]]) -> JobStatus:
+    """Forget the failed stages so they run again: their PyTorchJobs are deleted, their rows and Failed cleared."""
+    failed = [row.name for row in previous.stages if row.phase == "Failed"]
+    for stage in plan_stages(job):
+        name = pytorchjob_name(job, stage)
+        if stage.name in failed and name in children:
+            await kube.delete(PYTORCHJOB_API, "pytorchjobs", job.metadata.namespace, name)
+            children.pop(name)
+    log.info("%s/%s: retrying stage(s) %s", job.metadata.namespace, job.metadata.name, ", ".join(failed))
+    return previous.model_copy(
+        update={
+            "stages": [row for row in previous.stages if row.phase != "Failed"],
+            "conditions": [condition for condition in previous.conditions if condition.type != "Failed"],
+        }
+    )
+
+
+def _cluster_problems(job: Job) -> list[tuple[str, str]]:
+    """What the operator refuses in a cluster though a laptop runs it: output to the pod's own disk."""
+    uri = job.spec.output.uri
+    if "://" in uri and not uri.startswith("file://"):
+        return []
+    return [
+        (
+            "spec.output.uri",
+            f"{uri!r} is a folder on the trainer pod's own disk, lost with the pod; in a cluster set "
+            "s3://bucket/prefix, or install the operator with a default store (Helm value s3.bucket)",
+        )
+    ]
+
+
+async def reconcile(
+    kube: Kube,
+    defaults: Defaults,
+    body: dict[str, Any],
+    new: bool = False,
+    watched: dict[str, dict[str, Any]] | None = None,
+) -> JobStatus:
     """One reconciliation. `new`: the job has just appeared (its ADDED event) and has no status, so
     nothing was made for it yet and there are no children to look up; a name clash with a deleted
-    namesake's leftovers shows as a conflict on create and is put right by the child's next event."""
+    namesake's leftovers shows as a conflict on create and is put right by the child's next event.
+    `watched`: the job's PyTorchJobs as the operator's watch last saw them, instead of a LIST."""
     meta = body["metadata"]
     previous, now, generation = _previous_status(body), _now(), meta.get("generation")
     try:
@@ -196,31 +327,57 @@ async def reconcile(kube: Kube, defaults: Defaults, body: dict[str, Any], new: b
                 return status
             job = resolved
         job = with_defaults(job, defaults)
+        refusals = _cluster_problems(job)
+        if refusals:
+            raise SpecError(refusals)
     except SpecError as exc:
         # The API server's schema is not the only gate: refuse to act and say why, field by field.
         status = invalid_status(previous, "; ".join(f"{p}: {m}" for p, m in exc.problems), now, generation)
         await _write_status(kube, body, status)
         return status
-    listed = (
-        []
-        if new and not body.get("status")
-        else await kube.list(PYTORCHJOB_API, "pytorchjobs", job.metadata.namespace, child_labels(job))
-    )
-    children = {child["metadata"]["name"]: child for child in listed}
+    uid = meta.get("uid")
+    kubeflow_missing: Problem | None = None
+    if watched is not None:
+        listed = list(watched.values())
+    elif new and not body.get("status"):
+        listed = []
+    else:
+        try:
+            listed = await kube.list(PYTORCHJOB_API, "pytorchjobs", job.metadata.namespace, child_labels(job))
+        except KubeError as exc:
+            if exc.status != 404:
+                raise
+            listed, kubeflow_missing = [], _refused({"kind": "PyTorchJob", "metadata": {"name": "(any)"}}, exc)
+    # Only children this job owns count: a deleted namesake's leftovers carry the same labels.
+    children = {child["metadata"]["name"]: child for child in listed if _owned_by(child, uid)}
+    going = {name for name, child in children.items() if child["metadata"].get("deletionTimestamp")}
+    retry = _retry_requested(body, previous)
+    if retry is not None and previous is not None and previous.phase == "Failed":
+        previous = await _retry(kube, job, previous, children)
+    children = {name: child for name, child in children.items() if name not in going}
     manifests, unread = _manifests(job, previous, children)
+    unreadable: dict[str, Problem] = {}
     if unread:
-        manifests.update(await asyncio.to_thread(_read_manifests, unread))
-    decision = decide(job, children, manifests, previous, now, generation)
-    if decision.create is not None:
-        await kube.create(render_configmap(job))  # the pods mount it: it comes first
-        child = render_pytorchjob(job, decision.create, defaults)
-        if await kube.create(child):
-            metrics.PYTORCHJOBS_CREATED.inc()
-            log.info(
-                "%s/%s: created PyTorchJob %s", job.metadata.namespace, job.metadata.name, child["metadata"]["name"]
-            )
-        children[child["metadata"]["name"]] = child
-        decision = decide(job, children, manifests, previous, now, generation)
+        read, unreadable = await asyncio.to_thread(_read_manifests, job, unread)
+        manifests.update(read)
+    decision = decide(job, children, manifests, previous, now, generation, unreadable)
+    blocked_by = kubeflow_missing
+    active = any(child_state(child).phase not in ("Succeeded", "Failed") for child in children.values())
+    if meta.get("deletionTimestamp") or kubeflow_missing is not None:
+        pass  # being deleted, or nothing can be made: no new children
+    elif decision.create is not None or active:
+        # The pods mount the ConfigMap: it comes first, and comes back if deleted while a stage runs.
+        blocked_by = await _ensure(kube, render_configmap(job), uid, look_first=decision.create is None)
+        create = decision.create
+        if create is not None and blocked_by is None and pytorchjob_name(job, create) not in going:
+            child = render_pytorchjob(job, create, defaults)
+            blocked_by = await _ensure(kube, child, uid)
+            if blocked_by is None:
+                metrics.PYTORCHJOBS_CREATED.inc()
+                log.info("%s/%s: PyTorchJob %s", job.metadata.namespace, job.metadata.name, child["metadata"]["name"])
+                children[child["metadata"]["name"]] = child
+    decision = decide(job, children, manifests, previous, now, generation, unreadable, blocked_by)
+    decision.status.retry = retry if retry is not None else (previous.retry if previous else None)
     for name, child in children.items():
         suspended = bool(child.get("spec", {}).get("runPolicy", {}).get("suspend"))
         if suspended != job.spec.suspend and decision.status.phase not in ("Succeeded", "Failed"):
@@ -237,13 +394,19 @@ async def reconcile(kube: Kube, defaults: Defaults, body: dict[str, Any], new: b
 
 
 async def _reconcile_counted(
-    memo: kopf.Memo, kind: str, namespace: str | None, name: str, body: dict[str, Any] | None = None, new: bool = False
+    memo: kopf.Memo,
+    kind: str,
+    namespace: str | None,
+    name: str,
+    body: dict[str, Any] | None = None,
+    new: bool = False,
+    from_watch: bool = False,
 ) -> None:
     """Reconcile one job, one reconciliation at a time per job.
 
     `body`, the object as the triggering event or list carried it, is used when no other
     reconciliation of the job was under way; otherwise it may be stale once the lock is ours, and
-    the job is read again.
+    the job is read again. `from_watch`: take the job's children from the PyTorchJob watch, not a LIST.
     """
     lock = memo.locks[(kind, namespace, name)]
     if lock.locked():
@@ -252,8 +415,9 @@ async def _reconcile_counted(
         fresh = body or await memo.kube.get(API_VERSION, PLURALS[kind], namespace, name)
         if fresh is None:
             return
+        watched = dict(memo.children.get((namespace, kind, name), {})) if from_watch else None
         try:
-            status = await reconcile(memo.kube, memo.defaults, fresh, new=new and body is fresh)
+            status = await reconcile(memo.kube, memo.defaults, fresh, new=new and body is fresh, watched=watched)
         except Exception:
             metrics.RECONCILIATIONS.labels(kind=kind, result="error").inc()
             raise
@@ -283,7 +447,11 @@ def _needs_reconcile(event: str | None, body: kopf.Body) -> bool:
     """
     if event in (None, "ADDED"):  # the operator's first listing (a restart), or a new job
         return True
-    return (body.get("status") or {}).get("observedGeneration") != body["metadata"].get("generation")
+    status = body.get("status") or {}
+    retry = (body["metadata"].get("annotations") or {}).get(RETRY_ANNOTATION)
+    return status.get("observedGeneration") != body["metadata"].get("generation") or (
+        retry is not None and retry != status.get("retry")
+    )
 
 
 @kopf.on.event(*DISTILLATION_JOBS)
@@ -314,24 +482,56 @@ async def _wake_evaluations(memo: kopf.Memo, namespace: str | None, name: str, s
         await _reconcile_counted(memo, "EvaluationJob", namespace, evaluation)
 
 
+async def _leading(memo: kopf.Memo) -> bool:
+    """Whether this replica is the one that works: no live peer in the peering object has a higher priority.
+
+    kopf pauses the handlers of a replica that sees a higher-priority peer; the resync is ours, not
+    kopf's, so it asks the same question of the same object. Replicas get distinct priorities
+    (`potential-meme operator --priority`, random by default), so exactly one works.
+    """
+    peering = memo.peering
+    if peering.standalone or not peering.name:
+        return True
+    plural, namespace = ("clusterkopfpeerings", None) if peering.clusterwide else ("kopfpeerings", memo.namespaces[0])
+    body = await memo.kube.get("kopf.dev/v1", plural, namespace, peering.name)
+    now = datetime.now(timezone.utc)
+    for record in ((body or {}).get("status") or {}).values():
+        seen = datetime.fromisoformat(record.get("lastseen") or now.isoformat())
+        alive = seen + timedelta(seconds=int(record.get("lifetime", 60))) > now
+        if alive and int(record.get("priority", 0)) > peering.priority:
+            return False
+    return True
+
+
 async def _resync(memo: kopf.Memo) -> None:
     """Reconcile every unfinished job now and then: a safety net for lost events and failed reconciliations.
 
     One list per kind instead of kopf timers, which would put a finalizer on every job (and deleting a
     job would then wait for the operator to be up).
     """
+    gate = asyncio.Semaphore(RESYNC_CONCURRENCY)
+
+    async def resync_one(kind: str, job: dict[str, Any]) -> None:
+        meta = job["metadata"]
+        async with gate:
+            try:
+                await _reconcile_counted(memo, kind, meta.get("namespace"), meta["name"], job, from_watch=True)
+            except Exception:  # one job's failure must not stop the others'
+                log.exception("resync of %s %s/%s failed", kind, meta.get("namespace"), meta["name"])
+
     while True:
         await asyncio.sleep(RESYNC_SECONDS)
+        if not await _leading(memo):
+            continue  # a standby replica: kopf has paused its handlers, and the resync waits too
         for kind in ("DistillationJob", "EvaluationJob"):
             for namespace in memo.namespaces or (None,):
                 try:
                     jobs = await memo.kube.list(API_VERSION, PLURALS[kind], namespace, {})
-                    for job in jobs:
-                        if (job.get("status") or {}).get("phase") not in ("Succeeded", "Failed"):
-                            meta = job["metadata"]
-                            await _reconcile_counted(memo, kind, meta.get("namespace"), meta["name"], job)
                 except Exception:  # the next round tries again; the loop must outlive any one failure
                     log.exception("resync of %s in %s failed", kind, namespace or "all namespaces")
+                    continue
+                unfinished = [j for j in jobs if (j.get("status") or {}).get("phase") not in ("Succeeded", "Failed")]
+                await asyncio.gather(*(resync_one(kind, job) for job in unfinished))
 
 
 NOT_STARTED = child_state({}).shown
@@ -341,9 +541,13 @@ NOT_STARTED = child_state({}).shown
 async def pytorchjob_changed(body: kopf.Body, meta: kopf.Meta, memo: kopf.Memo, type: str | None, **_: Any) -> None:
     """Reconcile the owning job when what its status reads from this PyTorchJob has changed."""
     key = (meta.get("namespace"), meta["name"])
+    labels = meta["labels"]
+    siblings = memo.children.setdefault((meta.get("namespace"), labels[LABEL_KIND], labels[LABEL_JOB]), {})
     if type == "DELETED":
         memo.child_states.pop(key, None)
+        siblings.pop(meta["name"], None)
     else:
+        siblings[meta["name"]] = dict(body)
         # The training operator's Created condition, our own spec patches: nothing the job's status shows.
         # Nor does a new PyTorchJob that has not started: the reconciliation that made it wrote that.
         shown = child_state(dict(body)).shown
@@ -353,6 +557,5 @@ async def pytorchjob_changed(body: kopf.Body, meta: kopf.Meta, memo: kopf.Memo, 
             return
     if type is None:
         return  # the initial listing is covered by the jobs' own resume handlers
-    labels = meta["labels"]
     if labels[LABEL_KIND] in PLURALS:
         await _reconcile_counted(memo, labels[LABEL_KIND], meta.get("namespace"), labels[LABEL_JOB])

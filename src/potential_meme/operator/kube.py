@@ -6,13 +6,18 @@ resources; kopf already brings aiohttp and the credentials, so no client library
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import random
 import ssl
 import tempfile
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
 import kopf
+
+from ..metrics.operator import API_REQUESTS
 
 
 class KubeError(Exception):
@@ -54,26 +59,77 @@ def path(api_version: str, plural: str, namespace: str | None, name: str | None 
     return "/".join(parts)
 
 
+TIMEOUT = aiohttp.ClientTimeout(total=30, connect=5)
+ATTEMPTS = 6  # a call is tried this often through throttling, 5xx and timeouts (~20 s of backoff at most)
+BACKOFF_SECONDS, BACKOFF_CAP_SECONDS = 0.2, 8.0
+
+
+def backoff(attempt: int, retry_after: str | None = None) -> float:
+    """Exponential with jitter, so many reconciliations refused at once do not come back at once."""
+    if retry_after and retry_after.isdigit():
+        return min(float(retry_after), BACKOFF_CAP_SECONDS)
+    return min(BACKOFF_CAP_SECONDS, BACKOFF_SECONDS * 2**attempt) * random.uniform(0.5, 1.5)
+
+
 class Kube:
-    def __init__(self, info: kopf.ConnectionInfo):
-        headers = {"Accept": "application/json"}
-        if info.token:
-            headers["Authorization"] = f"Bearer {info.token}"
-        auth = aiohttp.BasicAuth(info.username, info.password or "") if info.username else None
+    """`login()` gives the credentials; it is called again on a 401, as bound service-account tokens rotate."""
+
+    def __init__(self, login: Callable[[], kopf.ConnectionInfo]):
+        self.login = login
+        info = login()
         self.server = info.server.rstrip("/")
+        self.authorization = f"Bearer {info.token}" if info.token else None
+        auth = aiohttp.BasicAuth(info.username, info.password or "") if info.username else None
         self.session = aiohttp.ClientSession(
-            headers=headers, auth=auth, connector=aiohttp.TCPConnector(ssl=_ssl_context(info))
+            headers={"Accept": "application/json"},
+            auth=auth,
+            timeout=TIMEOUT,
+            connector=aiohttp.TCPConnector(ssl=_ssl_context(info)),
         )
 
     async def close(self) -> None:
         await self.session.close()
 
-    async def _call(self, method: str, url_path: str, **kwargs: Any) -> Any:
-        async with self.session.request(method, self.server + url_path, **kwargs) as response:
-            body = await response.json(content_type=None)
-            if response.status >= 400:
-                raise KubeError(response.status, body)
+    def _relogin(self) -> None:
+        info = self.login()
+        self.authorization = f"Bearer {info.token}" if info.token else None
+
+    async def _call(self, method: str, url_path: str, headers: dict[str, str] | None = None, **kwargs: Any) -> Any:
+        relogged = False
+        for attempt in range(ATTEMPTS):
+            last = attempt == ATTEMPTS - 1
+            request_headers = dict(headers or {})
+            if self.authorization:
+                request_headers["Authorization"] = self.authorization
+            try:
+                async with self.session.request(
+                    method, self.server + url_path, headers=request_headers, **kwargs
+                ) as response:
+                    body = await response.json(content_type=None)
+                    status, retry_after = response.status, response.headers.get("Retry-After")
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                if last:
+                    API_REQUESTS.labels(method=method, outcome="failed").inc()
+                    raise KubeError(0, f"{method} {url_path}: {type(exc).__name__}: {exc}") from exc
+                API_REQUESTS.labels(method=method, outcome="retried").inc()
+                await asyncio.sleep(backoff(attempt))
+                continue
+            if status == 401 and not relogged:
+                relogged = True
+                API_REQUESTS.labels(method=method, outcome="retried").inc()
+                self._relogin()
+                continue
+            if (status == 429 or status >= 500) and not last:
+                API_REQUESTS.labels(method=method, outcome="retried").inc()
+                await asyncio.sleep(backoff(attempt, retry_after))
+                continue
+            if status >= 400:
+                outcome = "failed" if status == 429 or status >= 500 else "refused"
+                API_REQUESTS.labels(method=method, outcome=outcome).inc()
+                raise KubeError(status, body)
+            API_REQUESTS.labels(method=method, outcome="ok").inc()
             return body
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     async def get(self, api_version: str, plural: str, namespace: str | None, name: str) -> dict[str, Any] | None:
         try:
@@ -103,6 +159,14 @@ class Kube:
             if exc.status == 409:
                 return False
             raise
+
+    async def delete(self, api_version: str, plural: str, namespace: str | None, name: str) -> None:
+        """Delete an object; one already gone is no error."""
+        try:
+            await self._call("DELETE", path(api_version, plural, namespace, name))
+        except KubeError as exc:
+            if exc.status != 404:
+                raise
 
     async def merge_patch(
         self,

@@ -48,11 +48,13 @@ class Defaults:
 
 
 def with_defaults(job: Job, defaults: Defaults) -> Job:
-    """The job as this installation runs it: a job that names no output.uri writes to the default store."""
+    """The job as this installation runs it: a job that names no output.uri writes to the default store,
+    under its namespace, so two tenants' jobs of the same name never share a prefix."""
     output = job.spec.output
     if defaults.output_uri is None or "uri" in output.model_fields_set:
         return job
-    spec = job.spec.model_copy(update={"output": output.model_copy(update={"uri": defaults.output_uri})})
+    uri = defaults.output_uri.rstrip("/") + (f"/{job.metadata.namespace}" if job.metadata.namespace else "")
+    spec = job.spec.model_copy(update={"output": output.model_copy(update={"uri": uri})})
     return job.model_copy(update={"spec": spec})
 
 
@@ -120,15 +122,8 @@ def _container(job: Job, stage: Stage, defaults: Defaults) -> dict[str, Any]:
     processes = max(resources.gpus_per_node, 1)
     job_file = f"{JOB_FILE_DIR}/{JOB_FILE}"
     work = ["evaluate", job_file] if stage.kind == "evaluate" else ["train", "--job", job_file, "--stage", stage.name]
-    command = [
-        "torchrun",
-        f"--nproc-per-node={processes}",
-        "--module",
-        "potential_meme.cli",
-        *work,
-        "--metrics-port",
-        "9400",
-    ]
+    # The launcher runs torchrun and exits 2/3 when a retry cannot help, 128 when it may (restartPolicy ExitCode).
+    command = ["potential-meme", "launch", f"--nproc-per-node={processes}", "--", *work, "--metrics-port", "9400"]
     limits: dict[str, Any] = {}
     requests: dict[str, Any] = {}
     if resources.gpus_per_node:
@@ -202,7 +197,7 @@ def _replica(job: Job, stage: Stage, replicas: int, defaults: Defaults) -> dict[
         pod_spec["serviceAccountName"] = resources.service_account_name
     return {
         "replicas": replicas,
-        "restartPolicy": "OnFailure",
+        "restartPolicy": "ExitCode",
         "template": {"metadata": {"labels": {**child_labels(job), LABEL_STAGE: stage.name}}, "spec": pod_spec},
     }
 

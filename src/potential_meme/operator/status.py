@@ -66,6 +66,14 @@ class Decision:
     create: Stage | None  # the stage whose PyTorchJob should exist now and does not
 
 
+@dataclass(frozen=True)
+class Problem:
+    """Something the operator cannot do or verify for a job, shown as a condition with what to fix."""
+
+    reason: str
+    message: str
+
+
 def decide(
     job: Job,
     children: dict[str, dict[str, Any]],
@@ -73,22 +81,43 @@ def decide(
     previous: JobStatus | None,
     now: str,
     generation: int | None = None,
+    unreadable: dict[str, Problem] | None = None,
+    blocked_by: Problem | None = None,
 ) -> Decision:
     """The status to write and the PyTorchJob to create, from the children (by name) and stage manifests.
 
-    A stage is done when its manifest exists; the next stage starts only then, so a PyTorchJob that
-    Succeeded without publishing its manifest never lets the chain run on missing artifacts.
+    A stage is done when its manifest, written for this spec, exists; the next stage starts only then,
+    so a PyTorchJob that Succeeded without publishing its manifest never lets the chain run on missing
+    artifacts. `unreadable`: stages whose PyTorchJob succeeded but whose manifest could not be read, and
+    why. `blocked_by`: why the operator could not create what the job needs (a name taken, a refused
+    create). A stage that failed stays failed when its PyTorchJob goes away (a TTL, a `kubectl delete`):
+    only a retry (see `handlers.RETRY_ANNOTATION`) clears it from `previous`.
     """
     stages = plan_stages(job)
+    current_hash = spec_hash(job)
+    accepted = previous.spec_hash if previous is not None and previous.spec_hash else current_hash
+    failed_before = {row.name: row for row in (previous.stages if previous else []) if row.phase == "Failed"}
+    unreadable = dict(unreadable or {})
     rows: list[StageStatus] = []
     create: Stage | None = None
     blocked = False
+    stale: Problem | None = None
     for stage in stages:
         name = pytorchjob_name(job, stage)
         manifest = manifests.get(stage.name)
         child = children.get(name)
+        if manifest is not None and manifest.get("specHash", accepted) != accepted:
+            stale = Problem(
+                "StaleArtifacts",
+                f"stage {stage.name}: {stage.output_uri} holds a stage finished for another spec "
+                f"(spec hash {manifest.get('specHash', '')[:12]}, this job's {accepted[:12]}); delete that prefix "
+                "or give the job another name",
+            )
+            manifest = None
         row = StageStatus(name=stage.name, pytorch_job=name if child else None, output_uri=stage.output_uri)
-        if manifest is not None:
+        if stale is not None and manifest is None and not blocked:
+            row.phase, blocked = "Failed", True
+        elif manifest is not None:
             state = child_state(child) if child else ChildState("Succeeded")
             row.phase, row.metrics = "Succeeded", dict(manifest.get("metrics", {}))
             row.start_time, row.finish_time = state.start_time, state.finish_time or manifest.get("finishedAt")
@@ -98,6 +127,8 @@ def decide(
             row.phase = "Running" if state.phase == "Succeeded" else state.phase
             row.start_time, row.finish_time = state.start_time, state.finish_time if state.phase == "Failed" else None
             blocked = True
+        elif stage.name in failed_before:
+            row, blocked = failed_before[stage.name].model_copy(update={"pytorch_job": None}), True
         elif not blocked:
             create, blocked = stage, True
         rows.append(row)
@@ -126,11 +157,10 @@ def decide(
     )
     # The spec the stages run is the one first seen; a change that slipped past the CRD's CEL rules
     # (an older CRD, a direct write) is reported and not acted on: the pods read the ConfigMap.
-    current_hash = spec_hash(job)
-    accepted = previous.spec_hash if previous is not None and previous.spec_hash else current_hash
     status.spec_hash = accepted
     changed = current_hash != accepted
-    failure = child_state(children[failed.pytorch_job]) if failed is not None and failed.pytorch_job else None
+    failure = _failure(failed, children, previous, stale)
+    unverified = next(iter(unreadable.values()), None)
     status.conditions = conditions(
         previous,
         now,
@@ -144,12 +174,7 @@ def decide(
                 f"stage {status.current_stage}" if phase == "Running" else "",
             ),
             ("Succeeded", phase == "Succeeded", "AllStagesSucceeded" if phase == "Succeeded" else phase, ""),
-            (
-                "Failed",
-                phase == "Failed",
-                failure.reason if failure else phase,
-                f"stage {failed.name}: {failure.message}" if failure and failed else "",
-            ),
+            ("Failed", phase == "Failed", failure.reason if failure else phase, failure.message if failure else ""),
             ("Suspended", phase == "Suspended", "SuspendRequested" if phase == "Suspended" else phase, ""),
             (
                 "SpecChangeRefused",
@@ -160,9 +185,38 @@ def decide(
                 if changed
                 else "",
             ),
+            (
+                "ArtifactsVerified",
+                unverified is None,
+                unverified.reason if unverified else "ManifestsRead",
+                unverified.message if unverified else "",
+            ),
+            (
+                "Blocked",
+                blocked_by is not None,
+                blocked_by.reason if blocked_by else "NotBlocked",
+                blocked_by.message if blocked_by else "",
+            ),
         ],
     )
     return Decision(status, create)
+
+
+def _failure(
+    failed: StageStatus | None, children: dict[str, dict[str, Any]], previous: JobStatus | None, stale: Problem | None
+) -> Problem | None:
+    """Why the failed stage failed: its PyTorchJob's reason, or what the status said before it went away."""
+    if failed is None:
+        return None
+    if stale is not None:  # its PyTorchJob succeeded; what it left is another spec's
+        return stale
+    if failed.pytorch_job and failed.pytorch_job in children:
+        state = child_state(children[failed.pytorch_job])
+        return Problem(state.reason, f"stage {failed.name}: {state.message}")
+    before = next((c for c in (previous.conditions if previous else []) if c.type == "Failed"), None)
+    if before is not None and before.status == "True":
+        return Problem(before.reason, before.message)
+    return Problem("StageFailed", f"stage {failed.name} failed")
 
 
 @dataclass(frozen=True)

@@ -511,6 +511,11 @@ class JobStatus(Model):
     conditions: list[Condition] = Field(default_factory=list)
     current_stage: str | None = None
     spec_hash: str | None = Field(default=None, description="The spec the stages run; later changes are refused.")
+    retry: str | None = Field(
+        default=None,
+        description="The value of the distill.potential-meme.io/retry annotation last acted on: a new value "
+        "retries the failed stages of a Failed job.",
+    )
     stages: list[StageStatus] = Field(default_factory=list)
     artifacts: dict[str, str] = Field(default_factory=dict)
 

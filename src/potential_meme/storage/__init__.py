@@ -84,27 +84,36 @@ _clients: dict[tuple[str | None, str | None], Any] = {}
 _clients_lock = threading.Lock()
 
 
-def s3_client() -> Any:
+def s3_client(endpoint: str | None = None) -> Any:
     """One client per endpoint and identity: making a client costs ~50 ms of CPU, and the operator
-    checks stage manifests on every reconciliation. Clients are thread-safe; creating them is not."""
+    checks stage manifests on every reconciliation. Clients are thread-safe; creating them is not.
+
+    Timeouts are bounded so an unreachable store fails a call in seconds instead of hanging the
+    operator's reconciliation or a trainer's checkpoint; botocore retries throttling and 5xx itself.
+    """
     import boto3
+    from botocore.config import Config
 
     endpoint = (
-        os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("S3_ENDPOINT_URL")
+        endpoint
+        or os.environ.get("AWS_ENDPOINT_URL_S3")
+        or os.environ.get("AWS_ENDPOINT_URL")
+        or os.environ.get("S3_ENDPOINT_URL")
     )
     key = (endpoint, os.environ.get("AWS_ACCESS_KEY_ID"))
+    config = Config(connect_timeout=5, read_timeout=60, retries={"mode": "standard", "max_attempts": 4})
     with _clients_lock:
         if key not in _clients:
-            _clients[key] = boto3.session.Session().client("s3", endpoint_url=endpoint)
+            _clients[key] = boto3.session.Session().client("s3", endpoint_url=endpoint, config=config)
         return _clients[key]
 
 
 class S3Store:
-    def __init__(self, bucket: str, prefix: str):
+    def __init__(self, bucket: str, prefix: str, endpoint: str | None = None):
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.uri = f"s3://{bucket}/{self.prefix + '/' if self.prefix else ''}"
-        self.client = s3_client()
+        self.client = s3_client(endpoint)
 
     def _key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
@@ -149,13 +158,14 @@ class S3Store:
             self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch})
 
 
-def open_store(uri: str) -> ArtifactStore:
-    """The store rooted at `uri`: s3://bucket/prefix, file:///path, or a plain local path."""
+def open_store(uri: str, endpoint: str | None = None) -> ArtifactStore:
+    """The store rooted at `uri`: s3://bucket/prefix (at `endpoint`, else the environment's), file:///path,
+    or a plain local path."""
     parsed = urlparse(uri)
     if parsed.scheme == "s3":
         if not parsed.netloc:
             raise ValueError(f"{uri!r}: an s3 URI needs a bucket, e.g. s3://my-bucket/runs")
-        return S3Store(parsed.netloc, parsed.path)
+        return S3Store(parsed.netloc, parsed.path, endpoint)
     if parsed.scheme == "file":
         # file://./runs is relative (netloc '.'), file:///abs is absolute.
         return LocalStore((parsed.netloc + parsed.path) if parsed.netloc else parsed.path)
