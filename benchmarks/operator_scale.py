@@ -19,6 +19,7 @@ Targets (issue 5): p95 <= 2 s, peak RSS <= 200 MB, on this 2-core machine.
 from __future__ import annotations
 
 import argparse
+import collections
 import logging
 import os
 import shutil
@@ -115,11 +116,17 @@ def run_scenario(jobs: int, parallel: int, timeout: float, workdir: Path) -> dic
             ]
             time.sleep(5)  # the PyTorchJobs' Running events settle: the peak covers all of it
             peak = peak_rss_mib(operator.process.pid)
+            exposition = operator.metrics().splitlines()
             created_total = next(
                 float(line.split()[-1])
-                for line in operator.metrics().splitlines()
+                for line in exposition
                 if line.startswith("potential_meme_operator_pytorchjobs_created_total")
             )
+            api_calls = {
+                line.split("{", 1)[1].split("}", 1)[0]: float(line.split()[-1])
+                for line in exposition
+                if line.startswith("potential_meme_operator_api_requests_total{")
+            }
         finally:
             operator.stop()
     return {
@@ -133,6 +140,7 @@ def run_scenario(jobs: int, parallel: int, timeout: float, workdir: Path) -> dic
         "peak": peak,
         "idle": idle_rss,
         "created": created_total,
+        "api_calls": api_calls,
     }
 
 
@@ -153,14 +161,22 @@ def run_steady_state(jobs: int, window: float, timeout: float, workdir: Path) ->
                 time.sleep(0.5)
             time.sleep(10)  # the last events settle
             requests, cpu = cluster.emulator.operator_requests, cpu_seconds(operator.process.pid)
+            calls = collections.Counter(cluster.emulator.operator_call_counts)
             time.sleep(window)
             requests = cluster.emulator.operator_requests - requests
+            calls = cluster.emulator.operator_call_counts - calls
             cpu = cpu_seconds(operator.process.pid) - cpu
             peak = peak_rss_mib(operator.process.pid)
         finally:
             operator.stop()
     resyncs = window / RESYNC_SECONDS
-    return {"cpu_per_resync": cpu / resyncs, "requests_per_minute": requests * 60 / window, "peak": peak}
+    per_minute = {f"{verb} {resource}": count * 60 / window for (verb, _, resource), count in calls.most_common()}
+    return {
+        "cpu_per_resync": cpu / resyncs,
+        "requests_per_minute": requests * 60 / window,
+        "calls_per_minute": per_minute,
+        "peak": peak,
+    }
 
 
 def main() -> int:
@@ -205,6 +221,8 @@ def main() -> int:
             f"  {name:<44}{row['submitted']:>9.1f}{row['done']:>7.1f}{row['p50']:>7.2f}{row['p95']:>7.2f}"
             f"{row['max']:>7.2f}{row['operator_cpu']:>9.1f}{row['harness_cpu']:>10.1f}{row['peak']:>11.0f}"
         )
+    for name, row in results.items():
+        print(f"  {name}: operator API requests {row['api_calls']}")
     print("  targets: p95 <= 2 s, operator RSS <= 200 MB; 'API CPU' is the emulated API server, stand-in and S3,")
     print(f"  sharing the cores with the operator (operator RSS idle after start-up: {results[name]['idle']:.0f} MiB)")
     if steady is not None:
@@ -213,6 +231,7 @@ def main() -> int:
             f"{steady['cpu_per_resync']:.2f} s, API requests {steady['requests_per_minute']:.0f}/min, "
             f"operator RSS {steady['peak']:.0f} MiB"
         )
+        print("  per minute: " + ", ".join(f"{call} {count:.0f}" for call, count in steady["calls_per_minute"].items()))
     return 0
 
 

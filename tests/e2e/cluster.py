@@ -13,6 +13,7 @@ environment the training operator injects and writes PyTorchJob conditions as it
 from __future__ import annotations
 
 import asyncio
+import collections
 import datetime
 import itertools
 import json
@@ -135,6 +136,7 @@ class StrictEmulator(kmock.KubernetesEmulator):
         self.accepted_tokens = {OPERATOR_TOKEN}
         self.unauthorized = 0  # requests refused for a token no longer accepted
         self.operator_requests = 0  # every request the operator sent (watch streams count once)
+        self.operator_call_counts: collections.Counter = collections.Counter()  # (verb, group, resource) -> calls
         self.versions = itertools.count(1)
         self.operator_calls: set[tuple[str, str, str]] = set()  # (verb, API group, resource[/subresource])
         self.created_at: dict[tuple[str, str, str], float] = {}  # (plural, namespace, name) -> wall time
@@ -167,6 +169,7 @@ class StrictEmulator(kmock.KubernetesEmulator):
         call = self._call_of(request)
         if call is not None:  # not discovery
             self.operator_calls.add(call)
+            self.operator_call_counts[call] += 1
 
     def _fault(self, request) -> aiohttp.web.Response | None:
         """An injected fault, or 401 for a token the API server no longer accepts (a rotated one)."""

@@ -82,7 +82,7 @@ def test_a_hundred_invalid_manifests_get_clear_conditions_and_the_operator_lives
 
 
 def test_suspend_stops_the_running_stage_and_resume_continues_it(cluster, operator, tiny_teacher_dir, corpus_dir):
-    cluster.apply(progressive_job("pausing", tiny_teacher_dir, corpus_dir, steps=600))
+    cluster.apply(progressive_job("pausing", tiny_teacher_dir, corpus_dir, steps=150))
     wait_for(cluster, "pausing", lambda j: (j.get("status") or {}).get("phase") == "Running")
     stage = open_store("s3://models/runs/pausing/distill-150k/")
     deadline = time.monotonic() + 120

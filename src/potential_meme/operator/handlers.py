@@ -88,6 +88,7 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
     memo.waiting = collections.defaultdict(set)  # (namespace, DistillationJob) -> EvaluationJobs waiting on it
     memo.child_states = {}  # (namespace, PyTorchJob) -> what the job's status showed of it, last seen
     memo.children = {}  # (namespace, kind, job) -> {PyTorchJob name: body}, as the watch last saw them
+    memo.reconciled = set()  # (kind, namespace, job) this process has reconciled
     memo.distillation_progress = {}  # (namespace, DistillationJob) -> (phase, currentStage) last seen
     memo.resync = asyncio.create_task(_resync(memo))
     port = os.environ.get("POTENTIAL_MEME_OPERATOR_METRICS_PORT")
@@ -243,28 +244,34 @@ def _refused(obj: dict[str, Any], exc: KubeError) -> Problem:
     return Problem("CreateRefused", f"the API server refused to create {what}: {exc}")
 
 
-async def _ensure(kube: Kube, obj: dict[str, Any], uid: str | None, look_first: bool = False) -> Problem | None:
-    """Make `obj` exist as this job's child; a same-named object of someone else's is reported, never adopted.
-
-    `look_first`: read before creating, for an object that usually exists already.
-    """
+async def _ensure(kube: Kube, obj: dict[str, Any], uid: str | None) -> tuple[bool, Problem | None]:
+    """Make `obj` exist as this job's child: (whether this call created it, what stands in the way).
+    A same-named object of someone else's is reported, never adopted."""
     meta = obj["metadata"]
     plural = PLURALS[obj["kind"]]
-    if look_first:
-        existing = await kube.get(obj["apiVersion"], plural, meta.get("namespace"), meta["name"])
-        if existing is not None:
-            return None if _owned_by(existing, uid) else _name_taken(obj, existing)
     try:
         if await kube.create(obj):
-            return None
+            return True, None
     except KubeError as exc:
         if exc.status in (400, 403, 404, 422):
-            return _refused(obj, exc)
+            return False, _refused(obj, exc)
         raise
     existing = await kube.get(obj["apiVersion"], plural, meta.get("namespace"), meta["name"])
     if existing is None:  # deleted between our create and our read: the next reconciliation makes it
-        return Problem("ChildGone", f"{obj['kind']} {meta['name']} was deleted while being made; retrying")
-    return None if _owned_by(existing, uid) else _name_taken(obj, existing)
+        return False, Problem("ChildGone", f"{obj['kind']} {meta['name']} was deleted while being made; retrying")
+    return False, None if _owned_by(existing, uid) else _name_taken(obj, existing)
+
+
+async def _ensure_configmap(kube: Kube, job: Job, uid: str | None, look_first: bool) -> Problem | None:
+    """The pods mount it: it comes before a stage's PyTorchJob, and comes back if deleted while a stage runs.
+
+    `look_first`: it usually exists (a stage is running): read it, and render it only when it is gone.
+    """
+    if look_first:
+        existing = await kube.get("v1", "configmaps", job.metadata.namespace, configmap_name(job))
+        if existing is not None:
+            return None if _owned_by(existing, uid) else _name_taken({"kind": "ConfigMap", **existing}, existing)
+    return (await _ensure(kube, render_configmap(job), uid))[1]
 
 
 def _retry_requested(body: dict[str, Any], previous: JobStatus | None) -> str | None:
@@ -366,15 +373,15 @@ async def reconcile(
     if meta.get("deletionTimestamp") or kubeflow_missing is not None:
         pass  # being deleted, or nothing can be made: no new children
     elif decision.create is not None or active:
-        # The pods mount the ConfigMap: it comes first, and comes back if deleted while a stage runs.
-        blocked_by = await _ensure(kube, render_configmap(job), uid, look_first=decision.create is None)
+        blocked_by = await _ensure_configmap(kube, job, uid, look_first=decision.create is None)
         create = decision.create
         if create is not None and blocked_by is None and pytorchjob_name(job, create) not in going:
             child = render_pytorchjob(job, create, defaults)
-            blocked_by = await _ensure(kube, child, uid)
-            if blocked_by is None:
+            created, blocked_by = await _ensure(kube, child, uid)
+            if created:
                 metrics.PYTORCHJOBS_CREATED.inc()
                 log.info("%s/%s: PyTorchJob %s", job.metadata.namespace, job.metadata.name, child["metadata"]["name"])
+            if blocked_by is None:
                 children[child["metadata"]["name"]] = child
     decision = decide(job, children, manifests, previous, now, generation, unreadable, blocked_by)
     decision.status.retry = retry if retry is not None else (previous.retry if previous else None)
@@ -421,6 +428,7 @@ async def _reconcile_counted(
         except Exception:
             metrics.RECONCILIATIONS.labels(kind=kind, result="error").inc()
             raise
+        memo.reconciled.add((kind, namespace, name))
         metrics.RECONCILIATIONS.labels(kind=kind, result=status.phase.lower()).inc()
         metrics.job_phase(kind, namespace, name, status.phase)
         if kind == "EvaluationJob":
@@ -439,13 +447,16 @@ def _track_waiting(memo: kopf.Memo, evaluation: dict[str, Any], waiting: bool) -
         waiters.discard(meta["name"])
 
 
-def _needs_reconcile(event: str | None, body: kopf.Body) -> bool:
-    """A job seen for the first time, or whose spec changed since its status was written.
+def _needs_reconcile(event: str | None, body: kopf.Body, known: bool) -> bool:
+    """A job new to this process, or whose spec (or retry request) changed since its status was written.
 
-    Our own status writes come back as events too; they need no work. A status that has not
-    caught up with the spec (observedGeneration) always does, so nothing is lost between events.
+    `known`: this process has reconciled the job before. A listing (event None) or an ADDED of a known
+    job is a watch reconnecting (a watch without a resourceVersion replays every object as ADDED), not
+    news: the resync covers it. Our own status writes come back as events too; they need no work. A
+    status that has not caught up with the spec (observedGeneration) always does, so nothing is lost
+    between events.
     """
-    if event in (None, "ADDED"):  # the operator's first listing (a restart), or a new job
+    if event in (None, "ADDED") and not known:  # a new job, or the first listing after a start
         return True
     status = body.get("status") or {}
     retry = (body["metadata"].get("annotations") or {}).get(RETRY_ANNOTATION)
@@ -463,9 +474,10 @@ async def job_event(body: kopf.Body, meta: kopf.Meta, memo: kopf.Memo, type: str
         # Children go with the job through their owner references; only our own bookkeeping is left.
         metrics.job_phase(kind, namespace, name, None)
         memo.locks.pop((kind, namespace, name), None)
+        memo.reconciled.discard((kind, namespace, name))
         if kind == "EvaluationJob":
             _track_waiting(memo, dict(body), waiting=False)
-    elif _needs_reconcile(type, body):
+    elif _needs_reconcile(type, body, known=(kind, namespace, name) in memo.reconciled):
         await _reconcile_counted(memo, kind, namespace, name, dict(body), new=type == "ADDED")
     if kind == "DistillationJob":
         await _wake_evaluations(memo, namespace, name, None if type == "DELETED" else body.get("status") or {})
