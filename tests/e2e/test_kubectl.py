@@ -8,7 +8,7 @@ import time
 
 import pytest
 import yaml
-from test_operator import condition, phase_is, progressive_job, wait_for
+from test_operator import condition, phase_is, single_stage_job, wait_for
 
 from cluster import Cluster, Operator
 from helpers import REPO
@@ -65,9 +65,7 @@ def test_apply_every_cluster_example_then_get_shows_the_printer_columns(tmp_path
 
 def test_wait_until_succeeded_and_describe_shows_the_events(cluster, operator, tiny_teacher_dir, corpus_dir, tmp_path):
     job_file = tmp_path / "tiny.yaml"
-    document = progressive_job("tiny", tiny_teacher_dir, corpus_dir, steps=2)
-    document["spec"]["method"]["progressive"]["intermediateSizes"] = []  # one stage is enough here
-    job_file.write_text(yaml.safe_dump(document))
+    job_file.write_text(yaml.safe_dump(single_stage_job("tiny", tiny_teacher_dir, corpus_dir)))
     assert kubectl(cluster, "apply", "-f", str(job_file)).returncode == 0
     waited = kubectl(
         cluster, "wait", "--for=condition=Succeeded", "distillationjob/tiny", "--timeout=240s", timeout=260

@@ -30,6 +30,13 @@ def progressive_job(name, tiny_teacher_dir, corpus_dir, steps=3, **spec):
     }
 
 
+def single_stage_job(name, tiny_teacher_dir, corpus_dir, steps=2):
+    """A progressive job with only its final size: one stage, one PyTorchJob."""
+    job = progressive_job(name, tiny_teacher_dir, corpus_dir, steps=steps)
+    job["spec"]["method"]["progressive"]["intermediateSizes"] = []
+    return job
+
+
 def evaluation_job(name, distillation_job):
     return {
         "apiVersion": API,

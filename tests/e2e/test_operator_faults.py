@@ -6,7 +6,7 @@ import shutil
 import time
 
 import pytest
-from test_operator import API, condition, phase_is, progressive_job, pytorchjobs, wait_for
+from test_operator import API, condition, phase_is, progressive_job, pytorchjobs, single_stage_job, wait_for
 
 from potential_meme.storage import open_store
 
@@ -38,9 +38,8 @@ def test_a_failed_stage_stays_failed_when_its_pytorchjob_is_deleted_until_a_retr
     cluster, quick_operator, tiny_teacher_dir, corpus_dir, tmp_path
 ):
     late_corpus = tmp_path / "late-corpus"  # not there yet: the stage fails for good (exit 2)
-    job = progressive_job("retry", tiny_teacher_dir, corpus_dir, steps=1)
+    job = single_stage_job("retry", tiny_teacher_dir, corpus_dir, steps=1)
     job["spec"]["dataset"]["source"] = str(late_corpus)
-    job["spec"]["method"]["progressive"]["intermediateSizes"] = []
     cluster.apply(job)
     failed, _ = wait_for(cluster, "retry", phase_is("Failed", "Succeeded"))
     assert failed["status"]["phase"] == "Failed"
@@ -94,7 +93,7 @@ def test_a_foreign_object_with_a_childs_name_is_reported_and_never_adopted(
 
 
 def test_a_configmap_deleted_while_a_stage_runs_comes_back(cluster, quick_operator, tiny_teacher_dir, corpus_dir):
-    cluster.apply(_single_stage("lost", tiny_teacher_dir, corpus_dir, steps=20))
+    cluster.apply(single_stage_job("lost", tiny_teacher_dir, corpus_dir, steps=20))
     wait_for(cluster, "lost", phase_is("Running"))
     configmap = cluster.get("v1", "configmaps", "ml", "lost-job")
     cluster.delete("v1", "configmaps", "ml", "lost-job")
@@ -118,16 +117,10 @@ def test_output_to_the_pods_own_disk_is_refused_in_a_cluster(cluster, operator, 
     assert job["status"]["phase"] == "Failed" and not pytorchjobs(cluster, "local")
 
 
-def _single_stage(name, tiny_teacher_dir, corpus_dir, steps=2):
-    job = progressive_job(name, tiny_teacher_dir, corpus_dir, steps=steps)
-    job["spec"]["method"]["progressive"]["intermediateSizes"] = []
-    return job
-
-
 def test_kubeflow_missing_is_reported_until_it_is_installed(cluster, quick_operator, tiny_teacher_dir, corpus_dir):
     absent = "the server could not find the requested resource"
     faults = [cluster.inject(verb, "pytorchjobs", 404, absent) for verb in ("create", "list")]
-    cluster.apply(_single_stage("early", tiny_teacher_dir, corpus_dir))
+    cluster.apply(single_stage_job("early", tiny_teacher_dir, corpus_dir))
     job, _ = wait_for(cluster, "early", lambda j: (condition(j, "Blocked") or {}).get("status") == "True")
     blocked = condition(job, "Blocked")
     assert blocked["reason"] == "KubeflowMissing" and "install Kubeflow's training operator" in blocked["message"]
@@ -150,7 +143,7 @@ def test_refused_creates_are_reported_with_the_apis_message_and_other_jobs_go_on
         for name, (status, message) in refusals.items()
     }
     for name in refusals:
-        cluster.apply(_single_stage(name, tiny_teacher_dir, corpus_dir))
+        cluster.apply(single_stage_job(name, tiny_teacher_dir, corpus_dir))
     for name, (status, message) in refusals.items():
         job, _ = wait_for(cluster, name, lambda j: (condition(j, "Blocked") or {}).get("status") == "True")
         blocked = condition(job, "Blocked")
@@ -171,7 +164,7 @@ def test_an_api_server_throttling_and_failing_for_a_while_loses_nothing(
     cluster.inject("create", "pytorchjobs", 429, "too many requests", times=3)
     cluster.inject("patch", "distillationjobs/status", 500, "etcdserver: request timed out", seconds=4)
     cluster.inject("list", "pytorchjobs", 503, "the server is currently unable to handle the request", times=2)
-    cluster.apply(_single_stage("flaky", tiny_teacher_dir, corpus_dir))
+    cluster.apply(single_stage_job("flaky", tiny_teacher_dir, corpus_dir))
     job, _ = wait_for(cluster, "flaky", phase_is("Succeeded", "Failed"))
     assert job["status"]["phase"] == "Succeeded"
     assert [c["metadata"]["name"] for c in pytorchjobs(cluster, "flaky")] == ["flaky-distill-100k"]
@@ -188,7 +181,7 @@ def test_a_store_the_operator_cannot_reach_is_reported_then_read_once_it_can(
     )
     blind.start()
     try:
-        cluster.apply(_single_stage("unseen", tiny_teacher_dir, corpus_dir))
+        cluster.apply(single_stage_job("unseen", tiny_teacher_dir, corpus_dir))
         job, _ = wait_for(
             cluster, "unseen", lambda j: (condition(j, "ArtifactsVerified") or {}).get("status") == "False"
         )
@@ -207,7 +200,7 @@ def test_a_store_the_operator_cannot_reach_is_reported_then_read_once_it_can(
 
 
 def test_a_rotated_token_is_picked_up(cluster, operator, tiny_teacher_dir, corpus_dir):
-    cluster.apply(_single_stage("rotated", tiny_teacher_dir, corpus_dir, steps=20))
+    cluster.apply(single_stage_job("rotated", tiny_teacher_dir, corpus_dir, steps=20))
     wait_for(cluster, "rotated", phase_is("Running"))
     cluster.rotate_token("rotated-token")
     job, _ = wait_for(cluster, "rotated", phase_is("Succeeded", "Failed"))
@@ -220,7 +213,7 @@ def test_an_operator_killed_between_the_configmap_and_the_pytorchjob_makes_each_
 ):
     first = Operator(cluster, tmp_path).start()
     stuck = cluster.inject("create", "pytorchjobs", 500, "etcdserver: leader changed")
-    cluster.apply(_single_stage("halfway", tiny_teacher_dir, corpus_dir))
+    cluster.apply(single_stage_job("halfway", tiny_teacher_dir, corpus_dir))
     deadline = time.monotonic() + 30
     while cluster.get("v1", "configmaps", "ml", "halfway-job") is None:
         assert time.monotonic() < deadline
@@ -240,10 +233,10 @@ def test_an_operator_killed_between_the_configmap_and_the_pytorchjob_makes_each_
 def test_a_job_deleted_and_made_again_under_its_name_gets_children_of_its_own(
     cluster, operator, tiny_teacher_dir, corpus_dir
 ):
-    cluster.apply(_single_stage("again", tiny_teacher_dir, corpus_dir, steps=40))
+    cluster.apply(single_stage_job("again", tiny_teacher_dir, corpus_dir, steps=40))
     first, _ = wait_for(cluster, "again", phase_is("Running"))
     cluster.delete(API, "distillationjobs", "ml", "again")
-    cluster.apply(_single_stage("again", tiny_teacher_dir, corpus_dir))
+    cluster.apply(single_stage_job("again", tiny_teacher_dir, corpus_dir))
     job, _ = wait_for(cluster, "again", phase_is("Succeeded", "Failed"))
     assert job["status"]["phase"] == "Succeeded" and job["metadata"]["uid"] != first["metadata"]["uid"]
     children = pytorchjobs(cluster, "again")
@@ -252,7 +245,7 @@ def test_a_job_deleted_and_made_again_under_its_name_gets_children_of_its_own(
 
 
 def test_a_pytorchjob_deleted_while_running_is_made_again_and_resumes(cluster, operator, tiny_teacher_dir, corpus_dir):
-    cluster.apply(_single_stage("deleted", tiny_teacher_dir, corpus_dir, steps=60))
+    cluster.apply(single_stage_job("deleted", tiny_teacher_dir, corpus_dir, steps=60))
     wait_for(cluster, "deleted", phase_is("Running"))
     stage = open_store("s3://models/runs/deleted/distill-100k/")
     deadline = time.monotonic() + 120

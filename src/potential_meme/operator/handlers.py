@@ -223,25 +223,24 @@ def _owned_by(obj: dict[str, Any], uid: str | None) -> bool:
     return any(owner.get("uid") == uid for owner in obj.get("metadata", {}).get("ownerReferences") or [])
 
 
-def _name_taken(obj: dict[str, Any], existing: dict[str, Any]) -> Problem:
+def _name_taken(kind: str, name: str, existing: dict[str, Any]) -> Problem:
     owners = existing["metadata"].get("ownerReferences") or []
     holder = ", ".join(f"{o.get('kind')} {o.get('name')} (uid {o.get('uid')})" for o in owners) or "no owner"
     return Problem(
         "NameConflict",
-        f"{obj['kind']} {obj['metadata']['name']} already exists and is not this job's (it belongs to {holder}); "
+        f"{kind} {name} already exists and is not this job's (it belongs to {holder}); "
         "delete it, or give the job another name",
     )
 
 
-def _refused(obj: dict[str, Any], exc: KubeError) -> Problem:
-    what = f"{obj['kind']} {obj['metadata']['name']}"
-    if exc.status == 404 and obj["kind"] == "PyTorchJob":
+def _refused(kind: str, name: str, exc: KubeError) -> Problem:
+    if exc.status == 404 and kind == "PyTorchJob":
         return Problem(
             "KubeflowMissing",
-            f"cannot create {what}: the API server has no {PYTORCHJOB_API} PyTorchJobs; install Kubeflow's "
+            f"cannot create {kind} {name}: the API server has no {PYTORCHJOB_API} PyTorchJobs; install Kubeflow's "
             "training operator (its PyTorchJob CRD) in the cluster",
         )
-    return Problem("CreateRefused", f"the API server refused to create {what}: {exc}")
+    return Problem("CreateRefused", f"the API server refused to create {kind} {name}: {exc}")
 
 
 async def _ensure(kube: Kube, obj: dict[str, Any], uid: str | None) -> tuple[bool, Problem | None]:
@@ -254,12 +253,12 @@ async def _ensure(kube: Kube, obj: dict[str, Any], uid: str | None) -> tuple[boo
             return True, None
     except KubeError as exc:
         if exc.status in (400, 403, 404, 422):
-            return False, _refused(obj, exc)
+            return False, _refused(obj["kind"], meta["name"], exc)
         raise
     existing = await kube.get(obj["apiVersion"], plural, meta.get("namespace"), meta["name"])
     if existing is None:  # deleted between our create and our read: the next reconciliation makes it
         return False, Problem("ChildGone", f"{obj['kind']} {meta['name']} was deleted while being made; retrying")
-    return False, None if _owned_by(existing, uid) else _name_taken(obj, existing)
+    return False, None if _owned_by(existing, uid) else _name_taken(obj["kind"], meta["name"], existing)
 
 
 async def _ensure_configmap(kube: Kube, job: Job, uid: str | None, look_first: bool) -> Problem | None:
@@ -268,9 +267,10 @@ async def _ensure_configmap(kube: Kube, job: Job, uid: str | None, look_first: b
     `look_first`: it usually exists (a stage is running): read it, and render it only when it is gone.
     """
     if look_first:
-        existing = await kube.get("v1", "configmaps", job.metadata.namespace, configmap_name(job))
+        name = configmap_name(job)
+        existing = await kube.get("v1", "configmaps", job.metadata.namespace, name)
         if existing is not None:
-            return None if _owned_by(existing, uid) else _name_taken({"kind": "ConfigMap", **existing}, existing)
+            return None if _owned_by(existing, uid) else _name_taken("ConfigMap", name, existing)
     return (await _ensure(kube, render_configmap(job), uid))[1]
 
 
@@ -354,7 +354,7 @@ async def reconcile(
         except KubeError as exc:
             if exc.status != 404:
                 raise
-            listed, kubeflow_missing = [], _refused({"kind": "PyTorchJob", "metadata": {"name": "(any)"}}, exc)
+            listed, kubeflow_missing = [], _refused("PyTorchJob", "(any)", exc)
     # Only children this job owns count: a deleted namesake's leftovers carry the same labels.
     children = {child["metadata"]["name"]: child for child in listed if _owned_by(child, uid)}
     going = {name for name, child in children.items() if child["metadata"].get("deletionTimestamp")}
@@ -370,9 +370,8 @@ async def reconcile(
     decision = decide(job, children, manifests, previous, now, generation, unreadable)
     blocked_by = kubeflow_missing
     active = any(child_state(child).phase not in ("Succeeded", "Failed") for child in children.values())
-    if meta.get("deletionTimestamp") or kubeflow_missing is not None:
-        pass  # being deleted, or nothing can be made: no new children
-    elif decision.create is not None or active:
+    may_create = not meta.get("deletionTimestamp") and kubeflow_missing is None  # a job being deleted gets none
+    if may_create and (decision.create is not None or active):
         blocked_by = await _ensure_configmap(kube, job, uid, look_first=decision.create is None)
         create = decision.create
         if create is not None and blocked_by is None and pytorchjob_name(job, create) not in going:

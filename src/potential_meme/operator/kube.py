@@ -76,9 +76,8 @@ class Kube:
 
     def __init__(self, login: Callable[[], kopf.ConnectionInfo]):
         self.login = login
-        info = login()
+        info = self._relogin()
         self.server = info.server.rstrip("/")
-        self.authorization = f"Bearer {info.token}" if info.token else None
         auth = aiohttp.BasicAuth(info.username, info.password or "") if info.username else None
         self.session = aiohttp.ClientSession(
             headers={"Accept": "application/json"},
@@ -90,9 +89,10 @@ class Kube:
     async def close(self) -> None:
         await self.session.close()
 
-    def _relogin(self) -> None:
+    def _relogin(self) -> kopf.ConnectionInfo:
         info = self.login()
         self.authorization = f"Bearer {info.token}" if info.token else None
+        return info
 
     async def _call(self, method: str, url_path: str, headers: dict[str, str] | None = None, **kwargs: Any) -> Any:
         relogged = False

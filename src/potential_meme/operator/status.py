@@ -97,7 +97,6 @@ def decide(
     current_hash = spec_hash(job)
     accepted = previous.spec_hash if previous is not None and previous.spec_hash else current_hash
     failed_before = {row.name: row for row in (previous.stages if previous else []) if row.phase == "Failed"}
-    unreadable = dict(unreadable or {})
     rows: list[StageStatus] = []
     create: Stage | None = None
     blocked = False
@@ -160,7 +159,7 @@ def decide(
     status.spec_hash = accepted
     changed = current_hash != accepted
     failure = _failure(failed, children, previous, stale)
-    unverified = next(iter(unreadable.values()), None)
+    unverified = next(iter((unreadable or {}).values()), None)
     status.conditions = conditions(
         previous,
         now,
@@ -220,11 +219,9 @@ def _failure(
 
 
 @dataclass(frozen=True)
-class Blocker:
+class Blocker(Problem):
     """Why an EvaluationJob cannot start yet (or ever, when `fatal`)."""
 
-    reason: str
-    message: str
     fatal: bool = False
 
 
