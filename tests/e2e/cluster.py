@@ -26,6 +26,7 @@ import threading
 import time
 import urllib.request
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -357,6 +358,22 @@ class Cluster:
         fault = Fault(verb, resource, status, message, times, seconds, name)
         self.emulator.faults.append(fault)
         return fault
+
+    def withdraw(self, resource: str) -> Callable[[], None]:
+        """The API server stops serving `resource` ("group/version/plural"), as when its CRD is not
+        installed: it leaves discovery and every call of the operator's on it gets 404. Returns what
+        installs it again."""
+        info = self.emulator.resources.pop(resource)
+        plural = resource.rsplit("/", 1)[1]
+        absent = "the server could not find the requested resource"
+        faults = [self.inject(verb, plural, 404, absent) for verb in sorted(set(VERBS.values()) | {"patch"})]
+
+        def install() -> None:
+            self.emulator.resources[resource] = info
+            for fault in faults:
+                fault.clear()
+
+        return install
 
     def rotate_token(self, new: str) -> None:
         """The API server accepts only `new` from now on; the kubeconfig the operator reads holds it."""

@@ -90,7 +90,7 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
     memo.children = {}  # (namespace, kind, job) -> {PyTorchJob name: body}, as the watch last saw them
     memo.reconciled = set()  # (kind, namespace, job) this process has reconciled
     memo.distillation_progress = {}  # (namespace, DistillationJob) -> (phase, currentStage) last seen
-    memo.resync = asyncio.create_task(_resync(memo))
+    memo.background = {}  # name -> task; the resync is started by the first job event (_ensure_resync)
     port = os.environ.get("POTENTIAL_MEME_OPERATOR_METRICS_PORT")
     if port:
         metrics.serve(int(port))
@@ -98,7 +98,8 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
 
 @kopf.on.cleanup()
 async def stop(memo: kopf.Memo, **_: Any) -> None:
-    memo.resync.cancel()
+    for task in memo.background.values():
+        task.cancel()
     await memo.kube.close()
 
 
@@ -113,28 +114,36 @@ def _previous_status(body: dict[str, Any]) -> JobStatus | None:
         return None  # written by someone else: start afresh
 
 
-def _manifests(
-    job: Job, previous: JobStatus | None, children: dict[str, dict[str, Any]]
-) -> tuple[dict[str, dict[str, Any]], list[Stage]]:
-    """The manifests the status already holds, and the stages whose manifest must be read.
-
-    Only a stage whose PyTorchJob has Succeeded is read: a stage with no PyTorchJob yet gets one,
-    and its pod skips the work when the manifest is there already (a stage run before by
-    `potential-meme run`); a stage the status shows as Succeeded was read before.
-    """
-    known = {
+def _known_manifests(previous: JobStatus | None) -> dict[str, dict[str, Any] | None]:
+    """The manifests the status already holds: a stage it shows as Succeeded was read before."""
+    return {
         row.name: {"metrics": row.metrics, "finishedAt": row.finish_time}
         for row in (previous.stages if previous else [])
         if row.phase == "Succeeded"
     }
+
+
+async def _read_finished(
+    job: Job,
+    children: dict[str, dict[str, Any]],
+    manifests: dict[str, dict[str, Any] | None],
+    unreadable: dict[str, Problem],
+) -> None:
+    """Read into `manifests` (or `unreadable`) the manifest of every stage whose PyTorchJob has Succeeded
+    and that was not read yet. A stage with no PyTorchJob yet gets one, and its pod skips the work when
+    the manifest is there already (a stage run before by `potential-meme run`)."""
     unread = [
         stage
         for stage in plan_stages(job)
-        if stage.name not in known
+        if stage.name not in manifests
+        and stage.name not in unreadable
         and (child := children.get(pytorchjob_name(job, stage))) is not None
         and child_state(child).phase == "Succeeded"
     ]
-    return known, unread
+    if unread:
+        read, problems = await asyncio.to_thread(_read_manifests, job, unread)
+        manifests.update(read)
+        unreadable.update(problems)
 
 
 def _read_manifests(job: Job, stages: list[Stage]) -> tuple[dict[str, dict[str, Any] | None], dict[str, Problem]]:
@@ -243,22 +252,29 @@ def _refused(kind: str, name: str, exc: KubeError) -> Problem:
     return Problem("CreateRefused", f"the API server refused to create {kind} {name}: {exc}")
 
 
-async def _ensure(kube: Kube, obj: dict[str, Any], uid: str | None) -> tuple[bool, Problem | None]:
-    """Make `obj` exist as this job's child: (whether this call created it, what stands in the way).
-    A same-named object of someone else's is reported, never adopted."""
+async def _ensure(
+    kube: Kube, obj: dict[str, Any], uid: str | None
+) -> tuple[bool, dict[str, Any] | None, Problem | None]:
+    """Make `obj` exist as this job's child: (whether this call created it, the child as the cluster has
+    it, what stands in the way). A child that already exists comes back with its status, so a
+    reconciliation that did not see it in the watch still reads its progress. A same-named object of
+    someone else's is reported, never adopted."""
     meta = obj["metadata"]
     plural = PLURALS[obj["kind"]]
     try:
         if await kube.create(obj):
-            return True, None
+            return True, obj, None
     except KubeError as exc:
         if exc.status in (400, 403, 404, 422):
-            return False, _refused(obj["kind"], meta["name"], exc)
+            return False, None, _refused(obj["kind"], meta["name"], exc)
         raise
     existing = await kube.get(obj["apiVersion"], plural, meta.get("namespace"), meta["name"])
     if existing is None:  # deleted between our create and our read: the next reconciliation makes it
-        return False, Problem("ChildGone", f"{obj['kind']} {meta['name']} was deleted while being made; retrying")
-    return False, None if _owned_by(existing, uid) else _name_taken(obj["kind"], meta["name"], existing)
+        gone = Problem("ChildGone", f"{obj['kind']} {meta['name']} was deleted while being made; retrying")
+        return False, None, gone
+    if not _owned_by(existing, uid):
+        return False, None, _name_taken(obj["kind"], meta["name"], existing)
+    return False, existing, None
 
 
 async def _ensure_configmap(kube: Kube, job: Job, uid: str | None, look_first: bool) -> Problem | None:
@@ -271,7 +287,7 @@ async def _ensure_configmap(kube: Kube, job: Job, uid: str | None, look_first: b
         existing = await kube.get("v1", "configmaps", job.metadata.namespace, name)
         if existing is not None:
             return None if _owned_by(existing, uid) else _name_taken("ConfigMap", name, existing)
-    return (await _ensure(kube, render_configmap(job), uid))[1]
+    return (await _ensure(kube, render_configmap(job), uid))[2]
 
 
 def _retry_requested(body: dict[str, Any], previous: JobStatus | None) -> str | None:
@@ -362,11 +378,8 @@ async def reconcile(
     if retry is not None and previous is not None and previous.phase == "Failed":
         previous = await _retry(kube, job, previous, children)
     children = {name: child for name, child in children.items() if name not in going}
-    manifests, unread = _manifests(job, previous, children)
-    unreadable: dict[str, Problem] = {}
-    if unread:
-        read, unreadable = await asyncio.to_thread(_read_manifests, job, unread)
-        manifests.update(read)
+    manifests, unreadable = _known_manifests(previous), {}
+    await _read_finished(job, children, manifests, unreadable)
     decision = decide(job, children, manifests, previous, now, generation, unreadable)
     blocked_by = kubeflow_missing
     active = any(child_state(child).phase not in ("Succeeded", "Failed") for child in children.values())
@@ -376,12 +389,14 @@ async def reconcile(
         create = decision.create
         if create is not None and blocked_by is None and pytorchjob_name(job, create) not in going:
             child = render_pytorchjob(job, create, defaults)
-            created, blocked_by = await _ensure(kube, child, uid)
+            created, made, blocked_by = await _ensure(kube, child, uid)
             if created:
                 metrics.PYTORCHJOBS_CREATED.inc()
                 log.info("%s/%s: PyTorchJob %s", job.metadata.namespace, job.metadata.name, child["metadata"]["name"])
-            if blocked_by is None:
-                children[child["metadata"]["name"]] = child
+            if made is not None:
+                children[child["metadata"]["name"]] = made
+            if made is not None and not created:  # there already, though the watch had not shown it
+                await _read_finished(job, children, manifests, unreadable)
     decision = decide(job, children, manifests, previous, now, generation, unreadable, blocked_by)
     decision.status.retry = retry if retry is not None else (previous.retry if previous else None)
     for name, child in children.items():
@@ -468,6 +483,7 @@ def _needs_reconcile(event: str | None, body: kopf.Body, known: bool) -> bool:
 @kopf.on.event(*EVALUATION_JOBS)
 async def job_event(body: kopf.Body, meta: kopf.Meta, memo: kopf.Memo, type: str | None, **_: Any) -> None:
     """Every job event: level-triggered, so kopf keeps no bookkeeping on the users' objects."""
+    _ensure_resync(memo)
     kind, namespace, name = body["kind"], meta.get("namespace"), meta["name"]
     if type == "DELETED":
         # Children go with the job through their owner references; only our own bookkeeping is left.
@@ -512,6 +528,15 @@ async def _leading(memo: kopf.Memo) -> bool:
         if alive and int(record.get("priority", 0)) > peering.priority:
             return False
     return True
+
+
+def _ensure_resync(memo: kopf.Memo) -> None:
+    """Start the resync from inside a kopf event handler: its task inherits the handler's context, where
+    kopf keeps the queue Events are posted through (a task started at startup has none). Until a job
+    exists there is nothing to resync. Handlers get a shallow copy of the operator's memo: the task is
+    kept in a dict they share."""
+    if "resync" not in memo.background:
+        memo.background["resync"] = asyncio.create_task(_resync(memo))
 
 
 async def _resync(memo: kopf.Memo) -> None:
