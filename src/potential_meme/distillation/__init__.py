@@ -73,13 +73,16 @@ class _Distiller:
         """Copy the distilled student (a Hugging Face folder) to a local path or an s3:// URI."""
         if self.job is None:
             raise RuntimeError("nothing distilled yet: call distill() first")
-        source = open_store(final_artifacts(self.job)["student"])
+        from ..engine.models import verify_student
+
+        student = final_artifacts(self.job)["student"]
         destination = str(path)
-        if destination.startswith("s3://"):
-            with tempfile.TemporaryDirectory(prefix="potential-meme-copy-") as tmp:
-                sync_up(open_store(destination), sync_down(source, "", Path(tmp)), "")
-        else:
-            sync_down(source, "", Path(destination))
+        with tempfile.TemporaryDirectory(prefix="potential-meme-copy-") as tmp:
+            local = Path(tmp) if destination.startswith("s3://") else Path(destination)
+            sync_down(open_store(student), "", local)
+            verify_student(student, local)
+            if destination.startswith("s3://"):
+                sync_up(open_store(destination), local, "")
         return destination
 
 

@@ -12,7 +12,9 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from ..storage import download_to_scratch, open_store
+from ..spec.errors import StageError
+from ..spec.plan import MANIFEST, STUDENT_DIR
+from ..storage import download_to_scratch, file_sha256, open_store, read_json_if_exists
 
 log = logging.getLogger(__name__)
 
@@ -40,17 +42,53 @@ def _package_gguf(package: str) -> ResolvedModel:
     return ResolvedModel(str(directory), files[0].name)
 
 
+def _published_files(reference: str) -> dict[str, dict[str, Any]] | None:
+    """The files a stage's manifest lists for the student at `reference` (`<stage>/student/`), by path
+    inside the student folder; None for a model that is not a stage's student."""
+    stage_uri, _, folder = reference.rstrip("/").rpartition("/")
+    if folder + "/" != STUDENT_DIR or not stage_uri:
+        return None
+    manifest = read_json_if_exists(open_store(stage_uri + "/"), MANIFEST)
+    if manifest is None or "files" not in manifest:
+        return None
+    return {entry["path"].removeprefix(STUDENT_DIR): entry for entry in manifest["files"]}
+
+
+def verify_student(reference: str, local: Path) -> None:
+    """A stage's student, copied to `local`, must be the files its manifest lists, byte for byte:
+    the next stage, an evaluation or a library user never reads a student altered or cut short."""
+    published = _published_files(reference)
+    if published is None:
+        return
+    present = {str(path.relative_to(local)) for path in local.rglob("*") if path.is_file()}
+    problems = [f"{name} is missing" for name in sorted(set(published) - present)]
+    for name in sorted(set(published) & present):
+        entry, path = published[name], local / name
+        if path.stat().st_size != entry["bytes"] or file_sha256(path) != entry["sha256"]:
+            problems.append(f"{name} differs from the sha256 its manifest records")
+    if problems:
+        raise StageError(
+            f"{reference}: {'; '.join(problems)}; the stage's artifacts were changed after it finished: "
+            "run that stage again (delete its manifest.json)"
+        )
+
+
 def resolve(reference: str) -> ResolvedModel:
     """Turn a model reference into something transformers' from_pretrained can open.
 
-    An s3:// directory is copied into a scratch folder that lives as long as the process.
+    An s3:// directory is copied into a scratch folder that lives as long as the process. A stage's
+    student is checked against its manifest first.
     """
     if reference.startswith("package:"):
         return _package_gguf(reference.removeprefix("package:"))
     if reference.startswith("file://"):
-        return resolve(str(open_store(reference).root))
+        return resolve(str(open_store(reference).root) + ("/" if reference.endswith("/") else ""))
     if reference.startswith("s3://"):
-        return resolve(str(download_to_scratch(reference, "model")))
+        local = download_to_scratch(reference, "model")
+        verify_student(reference, local)
+        return resolve(str(local))
+    if Path(reference).expanduser().is_dir():
+        verify_student(str(Path(reference).expanduser().resolve()), Path(reference).expanduser())
     path = Path(reference).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():

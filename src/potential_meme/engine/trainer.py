@@ -8,7 +8,6 @@ one stage, possibly under torchrun) and the library classes. An EvaluationJob's 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import math
 import sys
@@ -26,7 +25,7 @@ from ..metrics import trainer as metrics
 from ..spec.errors import SpecError, StageError
 from ..spec.models import DistillationJob, EvaluationJob
 from ..spec.plan import MANIFEST, STUDENT_DIR, Stage, plan_stages, spec_hash, stage_manifest
-from ..storage import ArtifactStore, open_store, read_json_if_exists, sync_up, write_json
+from ..storage import ArtifactStore, file_sha256, open_store, read_json_if_exists, sync_up, write_json
 from . import checkpoint
 from .data import epoch_order, load_documents, pack, shifted_labels
 from .evaluation import run_evaluation_stage
@@ -207,9 +206,12 @@ def _save_student(student: nn.Module, tokenizer, store: ArtifactStore) -> list[d
         files = []
         for path in sorted(Path(tmp).rglob("*")):
             if path.is_file():
-                digest = hashlib.sha256(path.read_bytes()).hexdigest()
                 files.append(
-                    {"path": STUDENT_DIR + str(path.relative_to(tmp)), "sha256": digest, "bytes": path.stat().st_size}
+                    {
+                        "path": STUDENT_DIR + str(path.relative_to(tmp)),
+                        "sha256": file_sha256(path),
+                        "bytes": path.stat().st_size,
+                    }
                 )
         sync_up(store, Path(tmp), STUDENT_DIR)
     return files
@@ -292,7 +294,7 @@ def run_distill_stage(job: DistillationJob, stage: Stage, runtime: Runtime) -> d
     step, before, resumed_from, stopped_early = 0, {}, None, False
     restored = checkpoint.load_newest(store)
     if restored is not None:
-        step, objective_state, state = restored
+        step, objective_state, state = restored.step, restored.student_state, restored.training_state
         if state["spec_hash"] != spec_hash(job):
             raise StageError(
                 f"{stage.output_uri} holds checkpoints of a different spec; change metadata.name or "

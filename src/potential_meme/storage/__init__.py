@@ -8,14 +8,49 @@ environment (credentials, region) and `AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL`
 from __future__ import annotations
 
 import atexit
+import hashlib
 import json
 import os
 import shutil
 import tempfile
 import threading
-from pathlib import Path
-from typing import Any, Protocol
+from collections.abc import Callable
+from pathlib import Path, PurePosixPath
+from typing import IO, Any, Protocol
 from urllib.parse import urlparse
+
+PARTIAL = ".partial"  # a file being written; never listed, never read
+HASH_CHUNK = 1 << 20
+
+
+def file_sha256(path: Path) -> str:
+    """A file's sha256, read a chunk at a time: checkpoints and students are gigabytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _write_atomically(target: Path, write: Callable[[IO[bytes]], None]) -> None:
+    """Write through a temporary file of a name no other writer shares, made durable (fsync) before
+    it is renamed into place: a reader sees the old file or the whole new one, even after a power cut."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=PARTIAL)
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, target)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    folder = os.open(target.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)  # the rename itself survives a crash
+    finally:
+        os.close(folder)
 
 
 class ArtifactStore(Protocol):
@@ -47,15 +82,15 @@ class LocalStore:
             return [prefix]
         if not base.is_dir():
             return []
-        return sorted(str(path.relative_to(self.root)) for path in base.rglob("*") if path.is_file())
+        return sorted(
+            str(path.relative_to(self.root)) for path in base.rglob("*") if path.is_file() and path.suffix != PARTIAL
+        )
 
     def upload_file(self, local: Path, key: str) -> None:
         target = self._path(key)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if Path(local).resolve() != target:
-            tmp = target.with_name(target.name + ".partial")
-            shutil.copyfile(local, tmp)
-            os.replace(tmp, target)
+        if Path(local).resolve() != target.resolve():
+            with open(local, "rb") as source:
+                _write_atomically(target, lambda handle: shutil.copyfileobj(source, handle, HASH_CHUNK))
 
     def download_file(self, key: str, local: Path) -> None:
         local.parent.mkdir(parents=True, exist_ok=True)
@@ -63,11 +98,7 @@ class LocalStore:
             shutil.copyfile(self._path(key), local)
 
     def write_bytes(self, key: str, data: bytes) -> None:
-        target = self._path(key)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(target.name + ".partial")
-        tmp.write_bytes(data)
-        os.replace(tmp, target)  # readers never see half a file
+        _write_atomically(self._path(key), lambda handle: handle.write(data))
 
     def read_bytes(self, key: str) -> bytes:
         return self._path(key).read_bytes()
@@ -174,14 +205,25 @@ def open_store(uri: str, endpoint: str | None = None) -> ArtifactStore:
     raise ValueError(f"{uri!r}: unsupported scheme {parsed.scheme!r}; use a path, file:// or s3://")
 
 
+def local_path_of(store: ArtifactStore, key: str, prefix: str, local_dir: Path) -> Path:
+    """Where the object `key` (under `prefix`) lands in `local_dir`. A key that would land outside it
+    (`..`, an absolute path: whoever can write to the store could otherwise overwrite any file the
+    process can) is refused."""
+    relative = PurePosixPath(key[len(prefix) :])
+    if relative.is_absolute() or ".." in relative.parts or not relative.parts:
+        raise ValueError(f"{store.uri}{key}: a key that leads outside the folder it is copied into; refused")
+    return local_dir / relative
+
+
 def sync_down(store: ArtifactStore, prefix: str, local_dir: Path) -> Path:
     """Copy every object under `prefix` into `local_dir`, keeping relative paths."""
     prefix = prefix.rstrip("/") + "/" if prefix else ""
     keys = store.list(prefix)
     if not keys:
         raise FileNotFoundError(f"nothing stored under {store.uri}{prefix}")
-    for key in keys:
-        store.download_file(key, local_dir / key[len(prefix) :])
+    targets = [(key, local_path_of(store, key, prefix, local_dir)) for key in keys]  # all checked before any copy
+    for key, target in targets:
+        store.download_file(key, target)
     return local_dir
 
 
