@@ -78,7 +78,7 @@ def s3_endpoint(monkeypatch):
 
 @pytest.fixture
 def job_file(tmp_path, tiny_teacher_dir, corpus_dir):
-    """Write a tiny DistillationJob; keyword overrides are merged into `spec`."""
+    """Write a tiny DistillationJob; keyword overrides are merged into `spec` (`method` replaces it)."""
 
     def write(name: str = "tiny", **spec_overrides) -> Path:
         spec = {
@@ -91,7 +91,8 @@ def job_file(tmp_path, tiny_teacher_dir, corpus_dir):
             "output": {"uri": str(tmp_path / "runs")},
         }
         for key, value in spec_overrides.items():
-            spec[key] = {**spec[key], **value} if isinstance(value, dict) and isinstance(spec.get(key), dict) else value
+            merge = isinstance(value, dict) and isinstance(spec.get(key), dict) and key != "method"  # one method
+            spec[key] = {**spec[key], **value} if merge else value
         document = {
             "apiVersion": "distill.potential-meme.io/v1alpha1",
             "kind": "DistillationJob",

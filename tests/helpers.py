@@ -18,14 +18,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def save_tiny_llama(root: Path, tokenizer, hidden_size: int, layers: int, seed: int) -> None:
-    """A randomly initialized Llama sized for tests, saved with `tokenizer` as a Hugging Face folder."""
+def save_tiny_llama(
+    root: Path, tokenizer, hidden_size: int, layers: int, seed: int, vocab_rows: int | None = None
+) -> None:
+    """A randomly initialized Llama sized for tests, saved with `tokenizer` as a Hugging Face folder.
+    `vocab_rows`: output rows past the tokenizer's size (padding, as many real models have)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=len(tokenizer),
+        vocab_size=vocab_rows or len(tokenizer),
         hidden_size=hidden_size,
         intermediate_size=2 * hidden_size,
         num_hidden_layers=layers,

@@ -9,9 +9,9 @@ import random
 import sys
 from pathlib import Path
 
-from .launch import EXIT_SPEC_ERROR, EXIT_STAGE_ERROR
+from .launch import EXIT_PREEMPTED, EXIT_SPEC_ERROR, EXIT_STAGE_ERROR
 from .spec import DistillationJob, EvaluationJob, SpecError, load_job
-from .spec.errors import StageError
+from .spec.errors import Preempted, StageError
 
 DEFAULT_METRICS_PORT = 9464
 
@@ -38,31 +38,14 @@ def _distillation_job(path: str) -> DistillationJob:
     return job
 
 
-def _print_summary(job: DistillationJob, manifests: list[dict]) -> None:
-    from .spec.plan import final_artifacts
-
-    first = manifests[0]["metrics"]
-    print(
-        f"\n{job.metadata.name}: {len(manifests)} stage(s) done; held-out perplexity, teacher "
-        f"{first['teacherPerplexity']:,.2f}"
-    )
-    print(f"  {'stage':<18}{'student params':>16}{'before':>16}{'after':>12}{'steps':>7}")
-    for manifest in manifests:
-        row = manifest["metrics"]
-        stopped = " (early stop)" if row.get("stoppedEarly") else ""
-        print(
-            f"  {manifest['stage']:<18}{row['studentParameters']:>16,}{row['studentPerplexityBefore']:>16,.2f}"
-            f"{row['studentPerplexityAfter']:>12,.2f}{row['steps']:>7}{stopped}"
-        )
-    print(f"  student: {final_artifacts(job)['student']}")
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     job = _distillation_job(args.job)
+    from .engine.progress import stage_summary
     from .engine.trainer import run_job
+    from .spec.plan import final_artifacts
 
     manifests = run_job(job, metrics_port=args.metrics_port or None)
-    _print_summary(job, manifests)
+    print("\n" + stage_summary(job.metadata.name, manifests, final_artifacts(job)["student"]))
     return 0
 
 
@@ -76,7 +59,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _finished(job: DistillationJob) -> bool:
-    from .engine.trainer import finished_manifest
+    from .engine.finish import finished_manifest
     from .spec.plan import plan_stages
 
     return finished_manifest(job, plan_stages(job)[-1]) is not None
@@ -271,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     except StageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_STAGE_ERROR
+    except Preempted as exc:
+        print(f"preempted: {exc}", file=sys.stderr)
+        return EXIT_PREEMPTED
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume from the newest checkpoint", file=sys.stderr)
         return 130

@@ -13,6 +13,7 @@ import logging
 EXIT_SPEC_ERROR = 2  # the job cannot run as written: a field to fix (permanent)
 EXIT_STAGE_ERROR = 3  # the stage cannot run as asked: its output holds another spec's work (permanent)
 EXIT_RETRYABLE = 128  # anything else: a crash, an OOM kill, a lost peer; Kubeflow restarts the pod
+EXIT_PREEMPTED = 128 + 15  # stopped by SIGTERM after writing a checkpoint: a restart resumes there
 PERMANENT = (EXIT_SPEC_ERROR, EXIT_STAGE_ERROR)
 
 log = logging.getLogger(__name__)

@@ -9,9 +9,9 @@ import torch
 
 from potential_meme.distillation import ProgressiveDistiller
 from potential_meme.engine.data import load_documents, pack
+from potential_meme.engine.loop import EarlyStopping
 from potential_meme.engine.models import load_model, load_tokenizer, parameter_count
 from potential_meme.engine.pruning import layer_influence, prune_to
-from potential_meme.engine.trainer import EarlyStopping
 from potential_meme.spec import SpecError, parse_job, plan_stages
 from potential_meme.spec.models import DatasetSpec, format_parameter_count, parse_parameter_count
 
@@ -180,9 +180,8 @@ def test_a_killed_chain_keeps_finished_stages_and_continues_with_the_next(tiny_t
         tiny_teacher_dir,
         corpus_dir,
         tmp_path,
-        maxSteps=400,
-        maxSeqLength=128,
-        evalEverySteps=50,
+        maxSteps=80,
+        evalEverySteps=20,
         earlyStoppingPatience=None,
     )
     path = tmp_path / "prog.yaml"
@@ -205,7 +204,7 @@ def test_a_killed_chain_keeps_finished_stages_and_continues_with_the_next(tiny_t
     assert "stage distill-150k of prog is done (manifest.json exists): skipped" in rerun.stderr
     assert "resuming prog/distill-100k from checkpoint" in rerun.stderr
     assert (runs / "distill-150k" / "manifest.json").read_text() == first_manifest
-    assert json.loads((runs / "distill-100k" / "manifest.json").read_text())["metrics"]["steps"] == 400
+    assert json.loads((runs / "distill-100k" / "manifest.json").read_text())["metrics"]["steps"] == 80
 
 
 def test_each_stage_runs_alone_once_the_one_before_is_done(tiny_teacher_dir, corpus_dir, tmp_path):

@@ -63,7 +63,19 @@ def test_alpha_one_is_plain_cross_entropy():
     assert float(total) / count == pytest.approx(float(expected))
 
 
-def test_vocabulary_mismatch_is_refused():
+@pytest.mark.parametrize("divergence", ["forwardKL", "reverseKL", "jsd"])
+def test_output_matrices_padded_differently_are_aligned_on_the_shared_vocabulary(divergence):
     sh, sw, th, tw, labels = _inputs()
-    with pytest.raises(ValueError, match="shared tokenizer"):
-        chunked_kd_loss(sh, sw, th, tw[:-1], labels, alpha=0.5)
+    padding = torch.randn(5, tw.shape[1])
+    # A teacher with 5 more (padding) rows teaches exactly what it teaches without them.
+    wider_teacher = chunked_kd_loss(sh, sw, th, torch.cat([tw, padding]), labels, alpha=0.5, divergence=divergence)
+    same = chunked_kd_loss(sh, sw, th, tw, labels, alpha=0.5, divergence=divergence)
+    torch.testing.assert_close(wider_teacher, same)
+    # A student with 5 more rows than the teacher: the teacher gives them no probability.
+    student_weight = torch.cat([sw, torch.randn(5, sw.shape[1])]).requires_grad_()
+    loss, _, _ = chunked_kd_loss(sh, student_weight, th, tw, labels, alpha=0.5, divergence=divergence, chunk_size=7)
+    teacher_logits = torch.nn.functional.pad(th @ tw.T, (0, 5), value=-1e4)
+    expected = reference_kd_loss(sh @ student_weight.T, teacher_logits, labels, alpha=0.5, divergence=divergence)
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert student_weight.grad[-5:].abs().sum() > 0  # the padding rows are taught, not ignored

@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from potential_meme.engine.trainer import lr_lambda
+from potential_meme.engine.schedule import lr_lambda
 
 
 def test_warmup_then_cosine_to_zero():

@@ -77,6 +77,19 @@ def _chunk_loss_sums(
     return ce, temperature**2 * per_token[valid].sum()
 
 
+PADDING_LOGIT = -1e4  # exp() of it is 0 at any temperature in use: no teacher probability there
+
+
+def align_vocabulary(teacher_logits: torch.Tensor, student_rows: int) -> torch.Tensor:
+    """Teacher logits with the student's number of rows. Models of one tokenizer may pad their output
+    matrices to different sizes: rows past the student's are padding the student cannot emit (dropped);
+    student rows past the teacher's are padding the teacher gives no probability."""
+    teacher_rows = teacher_logits.shape[-1]
+    if teacher_rows >= student_rows:
+        return teacher_logits[..., :student_rows]
+    return F.pad(_upcast(teacher_logits), (0, student_rows - teacher_rows), value=PADDING_LOGIT)
+
+
 class ChunkedKDLoss(torch.autograd.Function):
     """Fused lm-head projection + KD loss; returns (loss, ce, kd), the last two detached."""
 
@@ -86,7 +99,7 @@ class ChunkedKDLoss(torch.autograd.Function):
         student_hidden: torch.Tensor,  # [N, H]
         student_weight: torch.Tensor,  # [V, H]
         teacher_hidden: torch.Tensor | None,  # [N, Ht]
-        teacher_weight: torch.Tensor | None,  # [V, Ht]
+        teacher_weight: torch.Tensor | None,  # [Vt, Ht]: Vt may differ from V by padding (align_vocabulary)
         labels: torch.Tensor,  # [N], IGNORE_INDEX where no loss
         alpha: float,
         temperature: float,
@@ -108,7 +121,9 @@ class ChunkedKDLoss(torch.autograd.Function):
             hidden = student_hidden[start : start + chunk_size].detach()
             teacher_logits = None
             if teacher_hidden is not None and alpha < 1:
-                teacher_logits = teacher_hidden[start : start + chunk_size] @ teacher_weight.detach().T
+                teacher_logits = align_vocabulary(
+                    teacher_hidden[start : start + chunk_size] @ teacher_weight.detach().T, weight.shape[0]
+                )
             with torch.enable_grad():
                 logits = _upcast(hidden @ weight.T).requires_grad_()
                 ce, kd = _chunk_loss_sums(logits, teacher_logits, chunk_labels, alpha, temperature, divergence, beta)
@@ -146,11 +161,6 @@ def chunked_kd_loss(
     """(loss, mean CE, mean scaled divergence) over valid tokens; hidden states are [N, H]."""
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence {divergence!r}: accepted {', '.join(DIVERGENCES)}")
-    if teacher_weight is not None and teacher_weight.shape[0] != student_weight.shape[0]:
-        raise ValueError(
-            f"teacher vocabulary ({teacher_weight.shape[0]}) differs from the student's "
-            f"({student_weight.shape[0]}): logit distillation needs a shared tokenizer"
-        )
     return ChunkedKDLoss.apply(
         student_hidden,
         student_weight,

@@ -6,7 +6,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..spec.errors import SpecError
 from ..spec.models import KnowledgeMethod, LayerwiseMethod
 from .losses import chunked_kd_loss
 
@@ -43,24 +42,6 @@ class HiddenStateTap:
     def close(self) -> None:
         for handle in self.handles:
             handle.remove()
-
-
-def check_layer_indices(method: LayerwiseMethod, teacher_layers: int, student_layers: int) -> None:
-    problems = []
-    for field, indices, depth in (
-        ("teacherLayers", method.teacher_layers, teacher_layers),
-        ("studentLayers", method.student_layers, student_layers),
-    ):
-        beyond = [i for i in indices if i > depth]
-        if beyond:
-            problems.append(
-                (
-                    f"spec.method.layerwise.{field}",
-                    (f"{beyond} beyond the model's {depth} decoder layers; use 0 (embeddings) to {depth}"),
-                )
-            )
-    if problems:
-        raise SpecError(problems)
 
 
 def hidden_state_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str) -> torch.Tensor:

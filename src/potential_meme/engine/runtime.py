@@ -6,6 +6,7 @@ import contextlib
 import math
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -44,8 +45,12 @@ class Runtime:
         return tensor.tolist()
 
 
-def start_runtime(precision: str) -> Runtime:
-    """Join the torchrun process group when WORLD_SIZE > 1; pick device and autocast dtype."""
+def start_runtime(precision: str, timeout: timedelta | None = None) -> Runtime:
+    """Join the torchrun process group when WORLD_SIZE > 1; pick device and autocast dtype.
+
+    `timeout`: how long a collective waits for a slow process. Rank 0 uploads checkpoints and the
+    student while the others wait at a barrier, so it must outlast the slowest upload.
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -53,7 +58,7 @@ def start_runtime(precision: str) -> Runtime:
     else:
         device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
     rank = dist.get_rank() if world_size > 1 else 0
     bf16_ready = device.type == "cuda" and torch.cuda.is_bf16_supported()
     use_bf16 = precision == "bf16" or (precision == "auto" and bf16_ready)

@@ -18,6 +18,7 @@ import aiohttp
 import kopf
 
 from ..metrics.operator import API_REQUESTS
+from ..spec.crd import RESOURCES
 
 
 class KubeError(Exception):
@@ -188,6 +189,5 @@ class Kube:
 PLURALS = {
     "ConfigMap": "configmaps",
     "PyTorchJob": "pytorchjobs",
-    "DistillationJob": "distillationjobs",
-    "EvaluationJob": "evaluationjobs",
+    **{kind: plural for kind, (plural, _, _) in RESOURCES.items()},  # the jobs: from the CRDs' one table
 }

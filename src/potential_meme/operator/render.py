@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 
 from ..spec.models import API_VERSION, DistillationJob, EvaluationJob
-from ..spec.plan import Stage, plan_stages
+from ..spec.plan import Stage, StageKind, plan_stages
 from . import names
 
 Job = DistillationJob | EvaluationJob
@@ -121,7 +121,11 @@ def _container(job: Job, stage: Stage, defaults: Defaults) -> dict[str, Any]:
     resources = job.spec.resources
     processes = max(resources.gpus_per_node, 1)
     job_file = f"{JOB_FILE_DIR}/{JOB_FILE}"
-    work = ["evaluate", job_file] if stage.kind == "evaluate" else ["train", "--job", job_file, "--stage", stage.name]
+    work = (
+        ["evaluate", job_file]
+        if stage.kind is StageKind.EVALUATE
+        else ["train", "--job", job_file, "--stage", stage.name]
+    )
     # The launcher runs torchrun and exits 2/3 when a retry cannot help, 128 when it may (restartPolicy ExitCode).
     command = ["potential-meme", "launch", f"--nproc-per-node={processes}", "--", *work, "--metrics-port", "9400"]
     limits: dict[str, Any] = {}

@@ -41,9 +41,19 @@ def load_job(path: str | Path) -> DistillationJob | EvaluationJob:
     """Read and validate a job file (YAML or JSON)."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise SpecError([("(file)", f"cannot read {path}: {exc.strerror}")], str(path)) from None
+    except UnicodeDecodeError as exc:
+        raise SpecError(
+            [
+                (
+                    "(file)",
+                    f"not UTF-8 (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); save it as UTF-8",
+                )
+            ],
+            str(path),
+        ) from None
     except yaml.YAMLError as exc:
         raise SpecError([("(file)", f"not valid YAML: {exc}")], str(path)) from None
     return parse_job(data, str(path))

@@ -27,6 +27,10 @@ class StageError(RuntimeError):
     """A stage cannot run as asked: its output holds another spec's work, or its input is not ready."""
 
 
+class Preempted(RuntimeError):
+    """SIGTERM stopped a stage after it wrote a checkpoint: running it again resumes there."""
+
+
 def _unwrap(annotation: Any) -> Any:
     """The model class behind Optional[...], list[...], dict[str, ...] and Annotated[...]."""
     while True:

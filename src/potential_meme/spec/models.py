@@ -286,7 +286,7 @@ class TrainingSpec(Model):
     weight_decay: float = Field(default=0.0, ge=0)
     max_grad_norm: float | None = Field(default=1.0, gt=0, description="Gradient clipping; null disables.")
     max_seq_length: int = Field(default=512, ge=8, description="Tokens per packed sequence.")
-    seed: int = 42
+    seed: int = Field(default=42, ge=0, le=2**32 - 1, description="Seeds weights, data order and sampling.")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         default="auto", description="auto: bf16 autocast on GPUs that support it, fp32 otherwise."
     )
@@ -309,6 +309,12 @@ class TrainingSpec(Model):
 class CheckpointSpec(Model):
     every_steps: int = Field(default=100, ge=1, description="Save a resumable checkpoint every N optimizer steps.")
     keep: int = Field(default=2, ge=1, description="Newest checkpoints kept; older ones are deleted.")
+    upload_timeout_minutes: int = Field(
+        default=60,
+        ge=1,
+        description="How long the other processes wait while the first writes a checkpoint or the student "
+        "(the process group's timeout); raise it for big models on slow stores.",
+    )
 
 
 class OutputSpec(Model):

@@ -6,6 +6,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from enum import StrEnum
 from typing import Any
 
 from .models import DistillationJob, EvaluationJob, format_parameter_count
@@ -15,13 +16,21 @@ STUDENT_DIR = "student/"  # the stage's student, a Hugging Face folder
 RESULTS = "results.json"  # an evaluation's results, next to its manifest
 
 
+class StageKind(StrEnum):
+    """What the engine does in a stage."""
+
+    DISTILL = "distill"  # knowledge or layerwise: one student from the teacher (or a given student)
+    PROGRESSIVE = "progressive"  # prune the previous stage's model to a size, then distill from it
+    EVALUATE = "evaluate"  # held-out perplexity of a student and its teacher
+
+
 @dataclass(frozen=True)
 class Stage:
     """One unit of work: a PyTorchJob in the cluster, a step of `potential-meme run` locally."""
 
     index: int  # 0-based position in the plan
     name: str  # deterministic, DNS-label safe: it becomes part of the PyTorchJob name
-    kind: str  # what the engine does in this stage
+    kind: StageKind
     output_uri: str  # <output>/<job>/<stage>/
     inputs: tuple[str, ...] = ()  # names of earlier stages whose artifacts this one reads
     target_parameters: int | None = None  # progressive: the size this stage prunes to
@@ -29,7 +38,13 @@ class Stage:
 
 def spec_hash(job: DistillationJob | EvaluationJob) -> str:
     """Hash of what determines a stage's result; placement, retries and suspension do not."""
-    placement = {"suspend": True, "resources": True, "run_policy": True, "output": {"credentials_secret", "endpoint"}}
+    placement = {
+        "suspend": True,
+        "resources": True,
+        "run_policy": True,
+        "output": {"credentials_secret", "endpoint"},
+        "checkpoint": {"upload_timeout_minutes"},
+    }
     relevant = job.spec.model_dump(mode="json", exclude=placement)
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 
@@ -53,10 +68,10 @@ def job_output_uri(job: DistillationJob | EvaluationJob) -> str:
 def plan_stages(job: DistillationJob | EvaluationJob) -> list[Stage]:
     root = job_output_uri(job)
     if isinstance(job, EvaluationJob):
-        return [Stage(index=0, name="evaluate", kind="evaluate", output_uri=f"{root}evaluate/")]
+        return [Stage(index=0, name="evaluate", kind=StageKind.EVALUATE, output_uri=f"{root}evaluate/")]
     method = job.spec.method.name
     if method in ("knowledge", "layerwise"):
-        return [Stage(index=0, name="distill", kind="distill", output_uri=f"{root}distill/")]
+        return [Stage(index=0, name="distill", kind=StageKind.DISTILL, output_uri=f"{root}distill/")]
     if method == "progressive":
         stages: list[Stage] = []
         sizes = job.spec.method.progressive.sizes
@@ -69,7 +84,7 @@ def plan_stages(job: DistillationJob | EvaluationJob) -> list[Stage]:
                 Stage(
                     index=index,
                     name=name,
-                    kind="progressive",
+                    kind=StageKind.PROGRESSIVE,
                     output_uri=f"{root}{name}/",
                     inputs=(stages[-1].name,) if stages else (),
                     target_parameters=size,

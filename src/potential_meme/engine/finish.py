@@ -1,0 +1,54 @@
+"""A stage's published results: its student, and its manifest, written last to mark the stage done."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..spec.errors import StageError
+from ..spec.models import DistillationJob, EvaluationJob
+from ..spec.plan import MANIFEST, STUDENT_DIR, Stage, spec_hash
+from ..storage import ArtifactStore, file_sha256, open_store, read_json_if_exists, sync_up, write_json
+
+
+def finished_manifest(job: DistillationJob | EvaluationJob, stage: Stage) -> dict[str, Any] | None:
+    """The stage's manifest when it already finished for this spec; StageError when another spec's."""
+    manifest = read_json_if_exists(open_store(stage.output_uri), MANIFEST)
+    if manifest is None:
+        return None
+    if manifest.get("specHash") != spec_hash(job):
+        raise StageError(
+            f"{stage.output_uri} holds a finished stage of a different spec; change metadata.name or "
+            "output.uri, or delete that folder to run again"
+        )
+    return manifest
+
+
+def _save_student(student: nn.Module, tokenizer, store: ArtifactStore) -> list[dict[str, Any]]:
+    """Upload the student as a Hugging Face folder; returns each file's path, size and sha256, which
+    every later reader checks (models.verify_student)."""
+    with tempfile.TemporaryDirectory(prefix="potential-meme-student-") as tmp:
+        student.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        files = [
+            {
+                "path": STUDENT_DIR + str(path.relative_to(tmp)),
+                "sha256": file_sha256(path),
+                "bytes": path.stat().st_size,
+            }
+            for path in sorted(Path(tmp).rglob("*"))
+            if path.is_file()
+        ]
+        sync_up(store, Path(tmp), STUDENT_DIR)
+    return files
+
+
+def publish(store: ArtifactStore, student: nn.Module, tokenizer, manifest: dict[str, Any], leftovers: str) -> None:
+    """The student, then the manifest (its presence marks the stage done), then drop `leftovers`
+    (the checkpoints the student supersedes)."""
+    manifest["files"] = _save_student(student, tokenizer, store)
+    write_json(store, MANIFEST, manifest)
+    store.delete_prefix(leftovers)

@@ -1,0 +1,110 @@
+"""The step loop of a distill stage: which rows each process reads, one optimizer step, early stopping."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..spec.errors import SpecError
+from .data import epoch_order, shifted_labels
+from .objective import HiddenStateTap, hidden_states
+from .runtime import Runtime
+
+
+class Batches:
+    """Which rows each process reads at each step: a pure function of (step, rank), so resume replays it.
+
+    A step takes `rows_per_step` rows of the epoch's permutation; micro-batch m of rank r reads
+    the m * world_size + r-th slice of them, so N processes read exactly what one process with
+    N times the batch (or N times the micro-batches) would.
+    """
+
+    def __init__(self, rows: torch.Tensor, batch_size: int, accumulation: int, world_size: int, seed: int):
+        self.rows, self.batch_size, self.accumulation, self.seed = rows, batch_size, accumulation, seed
+        self.world_size = world_size
+        self.rows_per_step = batch_size * accumulation * world_size
+        self.steps_per_epoch = rows.shape[0] // self.rows_per_step
+        if self.steps_per_epoch == 0:
+            raise SpecError(
+                [
+                    (
+                        "spec.training.batchSize",
+                        (
+                            f"{rows.shape[0]} training sequences cannot fill one step of {self.rows_per_step} "
+                            "(batchSize x gradientAccumulationSteps x processes); lower batchSize or add data"
+                        ),
+                    )
+                ]
+            )
+
+    def step_batches(self, step: int, runtime: Runtime) -> list[torch.Tensor]:
+        epoch, position = divmod(step, self.steps_per_epoch)
+        order = epoch_order(self.rows.shape[0], epoch, self.seed)
+        first = position * self.rows_per_step
+        batches = []
+        for micro in range(self.accumulation):
+            offset = first + (micro * self.world_size + runtime.rank) * self.batch_size
+            batches.append(self.rows[order[offset : offset + self.batch_size]].to(runtime.device))
+        return batches
+
+
+@dataclass
+class Teacher:
+    model: nn.Module
+    tap: HiddenStateTap | None  # layerwise: the teacher states the student matches
+
+    def forward(self, batch: torch.Tensor) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        with torch.inference_mode():
+            hidden = hidden_states(self.model, batch)
+            states = self.tap.take() if self.tap else {}
+        # Clones leave inference mode, so autograd may save them for backward.
+        return hidden.clone(), {index: state.clone() for index, state in states.items()}
+
+
+def accumulate_gradients(model, teacher: Teacher, teacher_weight, batches, runtime: Runtime) -> dict[str, float]:
+    """Forward and backward every micro-batch of one step; returns its mean losses over processes."""
+    totals = [0.0, 0.0, 0.0, 0.0]
+    for micro, batch in enumerate(batches):
+        last = micro == len(batches) - 1
+        # DDP all-reduces gradients only after the last micro-batch of a step.
+        skip_sync = model.no_sync() if runtime.world_size > 1 and not last else contextlib.nullcontext()
+        with skip_sync, runtime.autocast():
+            teacher_hidden, teacher_states = teacher.forward(batch) if teacher_weight is not None else (None, None)
+            loss, *components = model(batch, shifted_labels(batch), teacher_hidden, teacher_weight, teacher_states)
+            (loss / len(batches)).backward()
+        for index, value in enumerate((loss.detach(), *components)):
+            totals[index] += float(value) / len(batches)
+    means = [value / runtime.world_size for value in runtime.all_sum(totals)]
+    return dict(zip(("total", "ce", "kd", "layers"), means, strict=True))
+
+
+@dataclass
+class EarlyStopping:
+    """Held-out perplexity every N steps; keeps the best student and stops after `patience` misses."""
+
+    patience: int | None
+    best: float = math.inf
+    best_step: int = 0
+    best_state: dict[str, torch.Tensor] | None = None
+    misses: int = 0
+
+    def observe(self, step: int, value: float, student: nn.Module) -> bool:
+        """Record an evaluation; True when training should stop."""
+        if value < self.best:
+            self.best, self.best_step, self.misses = value, step, 0
+            self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in student.state_dict().items()}
+        else:
+            self.misses += 1
+        return self.patience is not None and self.misses >= self.patience
+
+    def state(self) -> dict[str, Any]:
+        return {"best": self.best, "best_step": self.best_step, "best_state": self.best_state, "misses": self.misses}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.best, self.best_step = state["best"], state["best_step"]
+        self.best_state, self.misses = state["best_state"], state["misses"]

@@ -1,0 +1,240 @@
+"""Refuse early: everything that can be checked before any weights load, reported as the field to fix.
+
+Checks read the models' configs and tokenizers only (kilobytes), so a job that cannot run fails in
+seconds with exit code 2 instead of after the teacher has been loaded onto a GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from ..spec.errors import SpecError
+from ..spec.models import DistillationJob, EvaluationJob, LayerwiseMethod
+from ..spec.plan import Stage, StageKind
+from ..storage import ArtifactStore, LocalStore
+from .models import ResolvedModel, load_tokenizer, resolve
+
+log = logging.getLogger(__name__)
+
+Problems = list[tuple[str, str]]
+
+
+def model_references(job: DistillationJob | EvaluationJob) -> list[tuple[str, str]]:
+    """(field, reference) of every model the job loads."""
+    spec = job.spec
+    if isinstance(job, EvaluationJob):
+        return [(f"spec.{role}", ref) for role, ref in (("student", spec.student), ("teacher", spec.teacher)) if ref]
+    references = [("spec.teacher.model", spec.teacher.model)]
+    if spec.student is not None and spec.student.model is not None:
+        references.append(("spec.student.model", spec.student.model))
+    return references
+
+
+def check_references(job: DistillationJob | EvaluationJob) -> None:
+    """Local model references exist; an evaluation knows its student."""
+    if isinstance(job, EvaluationJob) and job.spec.student is None:
+        raise SpecError(
+            [
+                (
+                    "spec.distillationJob",
+                    f"{job.spec.distillation_job!r} is a name in the cluster; here, pass its job file "
+                    "(potential-meme evaluate EVAL.yaml --distillation-job JOB.yaml) or set spec.student",
+                )
+            ],
+            job.metadata.name,
+        )
+    problems = []
+    for field, reference in model_references(job):
+        if reference.startswith("s3://"):
+            continue  # reached over the network when the stage starts
+        try:
+            resolve(reference)
+        except (FileNotFoundError, ValueError) as exc:
+            problems.append((field, str(exc)))
+    if problems:
+        raise SpecError(problems, job.metadata.name)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What a model's config says about it, without its weights."""
+
+    layers: int
+    context: int | None  # longest sequence its positions cover
+    vocabulary_rows: int
+    parameters: int
+
+
+def shape_of(resolved: ResolvedModel) -> Shape:
+    config = AutoConfig.from_pretrained(resolved.directory, gguf_file=resolved.gguf_file)
+    if hasattr(config, "quantization_config"):  # GGUF: the engine de-quantizes; count the plain model
+        del config.quantization_config
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        parameters = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    return Shape(
+        layers=config.num_hidden_layers,
+        context=getattr(config, "max_position_embeddings", None),
+        vocabulary_rows=config.vocab_size,
+        parameters=parameters,
+    )
+
+
+def layer_index_problems(method: LayerwiseMethod, teacher_layers: int, student_layers: int) -> Problems:
+    problems = []
+    for field, indices, depth in (
+        ("teacherLayers", method.teacher_layers, teacher_layers),
+        ("studentLayers", method.student_layers, student_layers),
+    ):
+        beyond = [i for i in indices if i > depth]
+        if beyond:
+            problems.append(
+                (
+                    f"spec.method.layerwise.{field}",
+                    f"{beyond} beyond the model's {depth} decoder layers; use 0 (embeddings) to {depth}",
+                )
+            )
+    return problems
+
+
+def _context_problems(field: str, length: int, shapes: dict[str, Shape]) -> Problems:
+    return [
+        (field, f"{length} tokens is more than the {role}'s context of {shape.context}; use at most {shape.context}")
+        for role, shape in shapes.items()
+        if shape.context is not None and length > shape.context
+    ]
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """How teacher and student logits line up: the KD loss compares them row by row."""
+
+    tokens: int  # the shared tokenizer's size
+    teacher_rows: int
+    student_rows: int
+
+
+def shared_vocabulary(job: DistillationJob, teacher: ResolvedModel, student: ResolvedModel) -> Vocabulary:
+    """Teacher and student must share a tokenizer; their embedding matrices may be padded differently
+    (Qwen2.5 sizes: 151,936 and 152,064 rows for 151,665 tokens), which the loss aligns."""
+    teacher_tokenizer, student_tokenizer = load_tokenizer(teacher), load_tokenizer(student)
+    teacher_vocabulary, student_vocabulary = teacher_tokenizer.get_vocab(), student_tokenizer.get_vocab()
+    if teacher_vocabulary != student_vocabulary:
+        differing = sorted(set(teacher_vocabulary.items()) ^ set(student_vocabulary.items()), key=lambda item: item[1])
+        raise SpecError(
+            [
+                (
+                    "spec.student.model",
+                    f"{job.spec.student.model} and the teacher {job.spec.teacher.model} have different tokenizers "
+                    f"({len(student_vocabulary):,} and {len(teacher_vocabulary):,} tokens; first difference: "
+                    f"{differing[0]!r}); logit distillation compares their outputs token by token, so it needs one "
+                    "tokenizer: pick a student of the teacher's family, or student.fromTeacher",
+                )
+            ],
+            job.metadata.name,
+        )
+    return Vocabulary(len(teacher_tokenizer), shape_of(teacher).vocabulary_rows, shape_of(student).vocabulary_rows)
+
+
+def check_distillation(job: DistillationJob, stage: Stage) -> Vocabulary | None:
+    """Every field that the models' configs can refute. Returns how the vocabularies line up when the
+    student is a model of its own (derived students share the teacher's rows)."""
+    spec = job.spec
+    teacher_ref = resolve(spec.teacher.model)
+    teacher = shape_of(teacher_ref)
+    shapes, problems = {"teacher": teacher}, []
+    student_layers = teacher.layers
+    vocabulary = None
+    if spec.student is not None and spec.student.from_teacher is not None:
+        student_layers = spec.student.from_teacher.num_layers
+        if student_layers > teacher.layers:
+            problems.append(
+                (
+                    "spec.student.fromTeacher.numLayers",
+                    f"{student_layers} is more than the teacher's {teacher.layers} decoder layers; "
+                    f"choose 1 to {teacher.layers}",
+                )
+            )
+    elif spec.student is not None and spec.student.model is not None and stage.kind is StageKind.DISTILL:
+        student_ref = resolve(spec.student.model)
+        shapes["student"] = student = shape_of(student_ref)
+        student_layers = student.layers
+        vocabulary = shared_vocabulary(job, teacher_ref, student_ref)
+        if min(vocabulary.teacher_rows, vocabulary.student_rows) < vocabulary.tokens:
+            problems.append(
+                (
+                    "spec.student.model",
+                    f"the tokenizer has {vocabulary.tokens:,} tokens but the teacher's output has "
+                    f"{vocabulary.teacher_rows:,} rows and the student's {vocabulary.student_rows:,}: "
+                    "a model that cannot emit every token cannot be distilled into or from",
+                )
+            )
+    if spec.method.layerwise is not None:
+        problems += layer_index_problems(spec.method.layerwise, teacher.layers, student_layers)
+    progressive = spec.method.progressive
+    if progressive is not None and stage.index == 0:
+        sizes = [*progressive.intermediate_sizes, progressive.final_size]
+        problems += [
+            (
+                f"spec.method.progressive.{'finalSize' if index == len(sizes) - 1 else f'intermediateSizes.{index}'}",
+                f"{size:,} parameters is not smaller than the teacher's {teacher.parameters:,}; "
+                "each size must be below the model before it",
+            )
+            for index, size in enumerate(sizes)
+            if size >= teacher.parameters
+        ]
+    problems += _context_problems("spec.training.maxSeqLength", spec.training.max_seq_length, shapes)
+    if problems:
+        raise SpecError(problems, job.metadata.name)
+    return vocabulary
+
+
+def check_evaluation(job: EvaluationJob) -> None:
+    shapes = {role: shape_of(resolve(ref)) for field, ref in model_references(job) for role in [field.split(".")[-1]]}
+    problems = _context_problems("spec.maxSeqLength", job.spec.max_seq_length, shapes)
+    if problems:
+        raise SpecError(problems, job.metadata.name)
+
+
+def check_writable(store: ArtifactStore, job_name: str) -> None:
+    """Write and delete a probe where the stage will publish, so a read-only or missing bucket fails now,
+    not after hours of training. Refusals (no such bucket, access denied) are the spec's to fix; other
+    failures (the store is down) propagate as crashes worth a retry."""
+    if isinstance(store, LocalStore):  # no probe: it would leave the folders it made behind
+        existing = next(folder for folder in (store.root, *store.root.parents) if folder.exists())
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            raise SpecError(
+                [("spec.output.uri", f"cannot write to {store.uri}: {existing} is not a folder this user can write")],
+                job_name,
+            )
+        return
+    probe = f".write-check-{uuid.uuid4().hex}"
+    try:
+        store.write_bytes(probe, b"")
+        store.delete_prefix(probe)
+    except Exception as exc:  # noqa: BLE001 - classified below; the rest is re-raised
+        if not _is_refusal(exc):
+            raise
+        raise SpecError(
+            [
+                (
+                    "spec.output.uri",
+                    f"cannot write to {store.uri}: {type(exc).__name__}: {exc}; fix it or its access",
+                )
+            ],
+            job_name,
+        ) from None
+
+
+def _is_refusal(exc: Exception) -> bool:
+    if isinstance(exc, (PermissionError, NotADirectoryError, FileExistsError)):
+        return True
+    response: Any = getattr(exc, "response", None)
+    code = (response or {}).get("Error", {}).get("Code", "") if isinstance(response, dict) else ""
+    return code in ("AccessDenied", "NoSuchBucket", "AllAccessDisabled", "InvalidBucketName", "403")

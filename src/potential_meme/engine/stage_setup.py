@@ -1,0 +1,165 @@
+"""Setting up a distill stage: data, teacher and student, objective, optimizer and learning-rate schedule."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..spec.errors import SpecError, StageError
+from ..spec.models import DistillationJob
+from ..spec.plan import STUDENT_DIR, Stage, StageKind, plan_stages
+from .data import load_documents, pack
+from .finish import finished_manifest
+from .loop import Batches, Teacher
+from .models import ResolvedModel, derive_student, load_model, load_tokenizer, resolve
+from .objective import DistillationObjective, HiddenStateTap
+from .preflight import Vocabulary
+from .pruning import prune_to
+from .runtime import Runtime, perplexity
+from .schedule import lr_lambda
+
+log = logging.getLogger(__name__)
+
+
+def previous_stage(job: DistillationJob, stage: Stage) -> Stage | None:
+    """The stage whose student a progressive stage distills from; StageError while it is unfinished."""
+    if stage.kind is not StageKind.PROGRESSIVE or stage.index == 0:
+        return None
+    previous = plan_stages(job)[stage.index - 1]
+    if finished_manifest(job, previous) is None:
+        raise StageError(
+            f"stage {stage.name} distills the student of stage {previous.name}, which has not finished: "
+            f"run `potential-meme train --stage {previous.name}` first"
+        )
+    return previous
+
+
+def _load_models(
+    job: DistillationJob,
+    stage: Stage,
+    previous: Stage | None,
+    teacher_ref: ResolvedModel,
+    train_rows: torch.Tensor,
+    runtime: Runtime,
+):
+    """(teacher, student, stage facts) for a stage; progressive stages prune their student."""
+    dtype = runtime.autocast_dtype or torch.float32
+    facts: dict[str, Any] = {}
+    if stage.kind is StageKind.PROGRESSIVE:
+        # Each stage learns from the model the stage before produced; the first from the teacher.
+        teacher = load_model(resolve(previous.output_uri + STUDENT_DIR) if previous else teacher_ref, dtype=dtype)
+        method = job.spec.method.progressive
+        try:
+            student, report = prune_to(
+                teacher.float(), stage.target_parameters, train_rows[: method.calibration_sequences]
+            )
+        except ValueError as exc:
+            last = stage.index == len(method.sizes) - 1
+            field = "finalSize" if last else f"intermediateSizes.{stage.index}"
+            raise SpecError([(f"spec.method.progressive.{field}", str(exc))], job.metadata.name) from None
+        teacher = teacher.to(dtype)
+        facts = report.as_metrics()
+    elif job.spec.student.from_teacher is not None:
+        teacher = load_model(teacher_ref, dtype=dtype)
+        student = derive_student(teacher, job.spec.student.from_teacher.num_layers)
+    else:
+        teacher = load_model(teacher_ref, dtype=dtype)
+        student = load_model(resolve(job.spec.student.model))
+    teacher.to(runtime.device).eval().requires_grad_(False)
+    return teacher, student.float().to(runtime.device), facts
+
+
+@dataclass
+class StageSetup:
+    """Everything the step loop works with."""
+
+    tokenizer: Any
+    validation_rows: torch.Tensor
+    teacher_model: nn.Module
+    teacher: Teacher
+    teacher_weight: torch.Tensor | None  # the teacher's lm-head, when the loss needs its logits
+    student: nn.Module
+    objective: DistillationObjective
+    model: nn.Module  # the objective, wrapped in DDP when there are several processes
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    batches: Batches
+    total_steps: int
+    facts: dict[str, Any]  # what the stage adds to its metrics (a progressive stage's pruning)
+    runtime: Runtime
+    batch_size: int
+    chunk_size: int
+
+    def perplexity(self, model: nn.Module) -> float:
+        """Held-out perplexity of `model` on the stage's validation rows."""
+        return perplexity(model, self.validation_rows, self.runtime, self.batch_size, self.chunk_size)
+
+
+def set_up(
+    job: DistillationJob, stage: Stage, runtime: Runtime, accumulation: int, vocabulary: Vocabulary | None
+) -> StageSetup:
+    """Load data and models and build the objective, optimizer and schedule of a distill stage.
+    `accumulation`: micro-batches per process and step (a resumed run keeps its checkpoint's global batch)."""
+    spec = job.spec
+    method, training = spec.method.selected, spec.training
+    torch.manual_seed(training.seed)
+    previous = previous_stage(job, stage)  # before any work: its input must be ready
+    train_docs, validation_docs = load_documents(spec.dataset)  # before the models: data errors come fast
+    teacher_ref = resolve(spec.teacher.model)
+    tokenizer = load_tokenizer(teacher_ref)
+    train_rows = pack(train_docs, tokenizer, training.max_seq_length)
+    validation_rows = pack(validation_docs, tokenizer, training.max_seq_length)[: spec.dataset.max_validation_sequences]
+    teacher_model, student, facts = _load_models(job, stage, previous, teacher_ref, train_rows, runtime)
+    if vocabulary is not None and vocabulary.teacher_rows != vocabulary.student_rows:
+        log.info(
+            "teacher and student share a tokenizer of %d tokens but have %d and %d output rows (padding): "
+            "the loss aligns the teacher's logits to the student's rows",
+            vocabulary.tokens,
+            vocabulary.teacher_rows,
+            vocabulary.student_rows,
+        )
+    if training.gradient_checkpointing:
+        student.gradient_checkpointing_enable()
+    layerwise = spec.method.layerwise
+    teacher = Teacher(teacher_model, HiddenStateTap(teacher_model, layerwise.teacher_layers) if layerwise else None)
+    batches = Batches(train_rows, training.batch_size, accumulation, runtime.world_size, training.seed)
+    total_steps = training.max_steps or training.epochs * batches.steps_per_epoch
+    warmup_steps = int(training.warmup_ratio * total_steps)
+
+    objective = DistillationObjective(student, method, teacher_model.config.hidden_size).to(runtime.device)
+    model: nn.Module = objective
+    if runtime.world_size > 1:
+        model = nn.parallel.DistributedDataParallel(
+            objective, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None
+        )
+    optimizer = torch.optim.AdamW(
+        objective.parameters(),
+        lr=training.learning_rate,
+        weight_decay=training.weight_decay,
+        fused=runtime.device.type == "cuda",
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(training.lr_scheduler, warmup_steps, total_steps)
+    )
+    return StageSetup(
+        tokenizer=tokenizer,
+        validation_rows=validation_rows,
+        teacher_model=teacher_model,
+        teacher=teacher,
+        teacher_weight=teacher_model.get_output_embeddings().weight if method.alpha < 1 or layerwise else None,
+        student=student,
+        objective=objective,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        batches=batches,
+        total_steps=total_steps,
+        facts=facts,
+        runtime=runtime,
+        batch_size=training.batch_size,
+        chunk_size=method.chunk_size,
+    )
