@@ -96,3 +96,27 @@ def test_bad_distill_arguments_name_the_field(tiny_teacher_dir, tmp_path):
         distiller.distill("builtin:python-stdlib", batch_size=0)
     with pytest.raises(SpecError, match="spec.training.warmupSteps: unknown field"):
         distiller.distill("builtin:python-stdlib", warmup_steps=3)
+
+
+@pytest.mark.parametrize("verbose", [True, False])
+def test_a_script_sees_progress_and_the_summary_without_configuring_logging(
+    tiny_teacher_dir, corpus_dir, tmp_path, verbose
+):
+    import subprocess
+    import sys
+
+    from helpers import cli_env
+
+    script = f"""
+from potential_meme.distillation import KnowledgeDistiller
+KnowledgeDistiller({str(tiny_teacher_dir)!r}, 2, output_uri={str(tmp_path)!r}, verbose={verbose}).distill(
+    {str(corpus_dir)!r}, batch_size=4, max_steps=4, max_seq_length=64, log_every_steps=2)
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=cli_env(), timeout=300)
+    assert run.returncode == 0, run.stderr
+    if verbose:
+        assert "validation perplexity: teacher" in run.stderr and "step 2/4 loss" in run.stderr
+        assert "step 4/4 loss" in run.stderr and "Traceback" not in run.stderr
+        assert "1 stage(s) done; held-out perplexity, teacher" in run.stdout and "student: " in run.stdout
+    else:
+        assert "step" not in run.stderr and run.stdout == ""

@@ -42,11 +42,16 @@ def _student_spec(student_model: str | int | dict) -> dict[str, Any]:
 
 
 class _Distiller:
-    """Shared plumbing: build the job, run it through the engine, copy the student out."""
+    """Shared plumbing: build the job, run it through the engine, copy the student out.
 
-    def __init__(self, output_uri: str, job_name: str | None):
+    Every distiller also takes `output_uri` (where runs go), `job_name` (default: from the spec, so a
+    rerun resumes) and `verbose` (False: no progress and no summary on screen).
+    """
+
+    def __init__(self, output_uri: str, job_name: str | None, verbose: bool):
         self.output_uri = output_uri
         self.job_name = job_name
+        self.verbose = verbose  # progress and each stage's summary on screen, as `potential-meme run` shows
         self.job: DistillationJob | None = None
         self.results: list[dict[str, Any]] = []
 
@@ -63,10 +68,14 @@ class _Distiller:
         return parse_job(document, source=name)  # type: ignore[return-value]  # kind is DistillationJob
 
     def _run(self, job: DistillationJob, metrics_port: int | None) -> dict[str, Any]:
+        from ..engine.progress import shown_to_the_caller, stage_summary
         from ..engine.trainer import run_job
 
         self.job = job
-        self.results = run_job(job, metrics_port=metrics_port)
+        with shown_to_the_caller(self.verbose):
+            self.results = run_job(job, metrics_port=metrics_port)
+        if self.verbose:
+            print(stage_summary(job.metadata.name, self.results, final_artifacts(job)["student"]), flush=True)
         return self.results[-1]["metrics"]
 
     def save_student(self, path: str | Path) -> str:
@@ -104,8 +113,9 @@ class KnowledgeDistiller(_Distiller):
         beta: float = 0.5,
         output_uri: str = "file://./runs",
         job_name: str | None = None,
+        verbose: bool = True,
     ):
-        super().__init__(output_uri, job_name)
+        super().__init__(output_uri, job_name, verbose)
         self.method = _validated(
             KnowledgeMethod,
             {"temperature": temperature, "alpha": alpha, "divergence": divergence, "beta": beta},
@@ -162,8 +172,9 @@ class LayerwiseDistiller(_Distiller):
         layer_loss: str = "mse",
         output_uri: str = "file://./runs",
         job_name: str | None = None,
+        verbose: bool = True,
     ):
-        super().__init__(output_uri, job_name)
+        super().__init__(output_uri, job_name, verbose)
         self.teacher_model = teacher_model
         self.student = _student_spec(student_model)
         self.method = {
@@ -216,8 +227,9 @@ class ProgressiveDistiller(_Distiller):
         alpha: float = 0.5,
         output_uri: str = "file://./runs",
         job_name: str | None = None,
+        verbose: bool = True,
     ):
-        super().__init__(output_uri, job_name)
+        super().__init__(output_uri, job_name, verbose)
         self.teacher_model = teacher_model
         self.method = {
             "temperature": temperature,
