@@ -125,3 +125,39 @@ def test_a_run_checkpointing_to_s3_resumes_from_s3(job_file, s3_endpoint):
     manifest = json.loads(client.get_object(Bucket="models", Key="r/remote/distill/manifest.json")["Body"].read())
     assert manifest["resumedFromStep"] >= 5 and manifest["metrics"]["steps"] == 60
     assert re.search(r"resuming remote/distill from checkpoint at step \d+", output)
+
+
+SLOW_RANK_ZERO = """
+import sys, time
+from potential_meme.engine import checkpoint
+real_save = checkpoint.save
+
+def slow_save(*args, **kwargs):  # a big checkpoint to a slow store, as rank 0 sees it
+    time.sleep(float(sys.argv[1]))
+    real_save(*args, **kwargs)
+
+checkpoint.save = slow_save
+from potential_meme.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("minutes,survives", [(0.05, False), (0.5, True)])
+def test_the_other_ranks_wait_for_a_slow_upload_as_long_as_configured(job_file, tmp_path, minutes, survives):
+    script = tmp_path / "slow_rank_zero.py"
+    script.write_text(SLOW_RANK_ZERO)
+    job = job_file(
+        "slow",
+        training={"batchSize": 2, "maxSteps": 3},
+        checkpoint={"everySteps": 2, "uploadTimeoutMinutes": minutes},
+        resources={"gpusPerNode": 2},
+    )
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr", "127.0.0.1"]
+    command += ["--master_port", str(free_port()), str(script), "8", "train", "--job", str(job), "--stage", "distill"]
+    run = subprocess.run(command, capture_output=True, text=True, env=cli_env(), timeout=300)
+    finished = (tmp_path / "runs" / "slow" / "distill" / "manifest.json").exists()
+    if survives:  # 8 s of upload within a 30 s timeout
+        assert run.returncode == 0 and finished, run.stderr[-3000:]
+    else:  # within 3 s: the waiting rank gives up, as it would after 60 minutes by default
+        assert run.returncode != 0 and not finished
+        assert re.search(r"[Tt]imed? ?out", run.stderr), run.stderr[-3000:]

@@ -1,1 +1,1 @@
-"""Prometheus metrics of the trainer (and, later, the operator)."""
+"""Prometheus metrics: the trainer's (steps, losses, checkpoints) and the operator's (reconciliations, API calls)."""

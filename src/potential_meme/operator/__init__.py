@@ -1,1 +1,1 @@
-"""The Kubernetes face: render PyTorchJobs for planned stages (and, later, the kopf handlers). No torch here."""
+"""The Kubernetes face: kopf handlers that turn jobs into PyTorchJobs, and what they render and read. No torch here."""

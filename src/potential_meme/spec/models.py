@@ -245,7 +245,7 @@ class ProgressiveMethod(KnowledgeMethod):
 
 
 class MethodSpec(Model):
-    """Exactly one distillation method. Later methods become siblings of `knowledge`."""
+    """Exactly one distillation method; each is a sibling field."""
 
     model_config = ConfigDict(json_schema_extra={"minProperties": 1, "maxProperties": 1})
 
@@ -309,9 +309,9 @@ class TrainingSpec(Model):
 class CheckpointSpec(Model):
     every_steps: int = Field(default=100, ge=1, description="Save a resumable checkpoint every N optimizer steps.")
     keep: int = Field(default=2, ge=1, description="Newest checkpoints kept; older ones are deleted.")
-    upload_timeout_minutes: int = Field(
+    upload_timeout_minutes: float = Field(
         default=60,
-        ge=1,
+        gt=0,
         description="How long the other processes wait while the first writes a checkpoint or the student "
         "(the process group's timeout); raise it for big models on slow stores.",
     )
