@@ -31,7 +31,7 @@ demo: $(VENV)/.demo
 test: $(VENV)/.test
 	$(PY) -m ruff check src tests benchmarks
 	$(PY) -m ruff format --check src tests benchmarks
-	$(PY) -m pytest -n auto --dist loadgroup   # e2e tests on one worker, the rest on the others
+	$(PY) -m pytest
 
 test-fast: $(VENV)/.test
 	$(PY) -m pytest -m "not slow"

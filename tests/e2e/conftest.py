@@ -45,10 +45,3 @@ def operator(cluster, tmp_path):
     yield running
     running.stop()
 
-
-def pytest_collection_modifyitems(items):
-    """Under pytest-xdist, one worker runs every e2e test, in file order: test_zz_api_calls reads what the
-    others recorded in that process."""
-    for item in items:
-        if "e2e" in item.path.parts:
-            item.add_marker(pytest.mark.xdist_group("e2e"))

@@ -8,7 +8,7 @@ import time
 
 from helpers import start_cli
 
-STEPS = 240
+STEPS = 80
 
 
 def _start(path):
