@@ -44,4 +44,3 @@ def operator(cluster, tmp_path):
     running = Operator(cluster, tmp_path).start()
     yield running
     running.stop()
-

@@ -46,3 +46,21 @@ def test_job_reads_teacher_and_data_from_s3_and_publishes_the_student_there(
         assert store.exists(entry["path"])
     student = load_model("s3://models/runs/tiny/distill/student/")
     assert student.config.num_hidden_layers == 2
+
+
+def test_run_honours_output_endpoint_as_the_pods_do(s3_endpoint, job_file, monkeypatch):
+    import os
+
+    from potential_meme.engine.trainer import run_job
+    from potential_meme.spec import load_job
+
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3")  # only the job file knows where the store is
+    job = load_job(
+        job_file("endpoint", training={"maxSteps": 2}, output={"uri": "s3://models/e", "endpoint": s3_endpoint})
+    )
+    run_job(job)
+    manifest = boto3.client("s3", endpoint_url=s3_endpoint).get_object(
+        Bucket="models", Key="e/endpoint/distill/manifest.json"
+    )
+    assert json.loads(manifest["Body"].read())["metrics"]["steps"] == 2
+    assert "AWS_ENDPOINT_URL_S3" not in os.environ  # the caller's environment is left as it was
