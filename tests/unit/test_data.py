@@ -1,4 +1,5 @@
 import json
+import re
 
 import pandas as pd
 import pytest
@@ -25,6 +26,13 @@ def test_stdlib_corpus_is_split_by_module_and_leaves_out_pydoc_data(stdlib_split
     assert not any(g in ("pydoc_data", "antigravity", "this", "test", "idlelib") for g in every)
     assert sum(len(d.text) for d in train) > 3_000_000
     assert any("JSON" in d.text for d in train + validation if d.group == "json")
+
+
+def test_the_stdlib_corpus_holds_nothing_of_the_process_that_rendered_it(stdlib_split):
+    """Addresses and this process's argv would make every run's corpus, and so its figures, different."""
+    documents = stdlib_split[0] + stdlib_split[1]
+    assert not any(re.search(r" at 0x[0-9a-fA-F]+|handle [0-9a-f]{8,}", d.text) for d in documents)
+    assert "sys" not in {d.group for d in documents}
 
 
 def test_txt_jsonl_and_parquet_files_all_load(tmp_path):

@@ -9,6 +9,7 @@ import io
 import logging
 import pkgutil
 import pydoc
+import re
 import sys
 import warnings
 from contextlib import redirect_stderr, redirect_stdout
@@ -27,6 +28,7 @@ TEXT_SUFFIXES = {".txt": "text", ".md": "text", ".jsonl": "json", ".json": "json
 
 # Modules whose import has side effects (a browser, a window, printing) or that are test suites.
 _SKIPPED_MODULES = {
+    "sys",  # its page shows this process's argv, paths and flags: a corpus of the run, not of Python
     "antigravity",
     "this",
     "idlelib",
@@ -83,6 +85,9 @@ def _stdlib_module_names() -> list[str]:
     return sorted(names)
 
 
+_MEMORY_ADDRESS = re.compile(r"(?: at 0x|, handle )[0-9a-fA-F]+")
+
+
 def stdlib_documents() -> list[Document]:
     """Plain-text pydoc pages of the standard library's public modules, grouped by top-level module.
 
@@ -98,7 +103,9 @@ def stdlib_documents() -> list[Document]:
                 text = pydoc.render_doc(module, renderer=pydoc.plaintext)
         except BaseException:  # noqa: BLE001 - platform-specific modules fail to import; skip them
             continue
-        documents.append(Document(group=name.split(".")[0], text=text))
+        # Default values render with their address ("<object object at 0x7f...>", "<PyDLL handle 7f...>"),
+        # which changes with every process: without it the corpus, and so a run's figures, repeat.
+        documents.append(Document(group=name.split(".")[0], text=_MEMORY_ADDRESS.sub("", text)))
     return documents
 
 
