@@ -17,15 +17,16 @@ from ..spec.models import EvaluationJob
 from ..spec.plan import MANIFEST, RESULTS, Stage, stage_manifest
 from ..storage import open_store, write_json
 from .data import load_documents, pack
-from .models import load_model, load_tokenizer, parameter_count, resolve
+from .models import ResolvedModel, load_model, load_tokenizer, parameter_count
 from .runtime import Runtime, perplexity
 
 log = logging.getLogger(__name__)
 
 
-def _measure(reference: str, documents, job: EvaluationJob, runtime: Runtime) -> dict[str, Any]:
+def _measure(
+    reference: str, resolved: ResolvedModel, documents, job: EvaluationJob, runtime: Runtime
+) -> dict[str, Any]:
     spec = job.spec
-    resolved = resolve(reference)
     tokenizer = load_tokenizer(resolved)
     rows = pack(documents, tokenizer, spec.max_seq_length, "spec.maxSeqLength")[: spec.dataset.max_validation_sequences]
     model = load_model(resolved, dtype=runtime.autocast_dtype or torch.float32).to(runtime.device)
@@ -41,14 +42,17 @@ def _measure(reference: str, documents, job: EvaluationJob, runtime: Runtime) ->
     }
 
 
-def run_evaluation_stage(job: EvaluationJob, stage: Stage, runtime: Runtime) -> dict[str, Any]:
+def run_evaluation_stage(
+    job: EvaluationJob, stage: Stage, runtime: Runtime, resolved: dict[str, ResolvedModel]
+) -> dict[str, Any]:
+    """`resolved`: the models by role, as the checks before the stage resolved them."""
     spec = job.spec
     _, documents = load_documents(spec.dataset)  # the held-out split, as the distillation kept it apart
     results: dict[str, Any] = {"dataset": spec.dataset.source}
     for role, reference in (("student", spec.student), ("teacher", spec.teacher)):
         if reference is None:
             continue
-        results[role] = _measure(reference, documents, job, runtime)
+        results[role] = _measure(reference, resolved[role], documents, job, runtime)
         metrics.VALIDATION_PERPLEXITY.labels(
             job=job.metadata.name, stage=stage.name, model=role, when="evaluation"
         ).set(results[role]["perplexity"])

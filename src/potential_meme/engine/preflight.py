@@ -10,10 +10,11 @@ import logging
 import os
 import uuid
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from ..spec.errors import SpecError
 from ..spec.models import DistillationJob, EvaluationJob, LayerwiseMethod
@@ -66,24 +67,33 @@ def check_references(job: DistillationJob | EvaluationJob) -> None:
 class Shape:
     """What a model's config says about it, without its weights."""
 
-    layers: int
-    context: int | None  # longest sequence its positions cover
-    vocabulary_rows: int
-    parameters: int
+    config: PretrainedConfig
+
+    @property
+    def layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    @property
+    def context(self) -> int | None:
+        """The longest sequence its positions cover."""
+        return getattr(self.config, "max_position_embeddings", None)
+
+    @property
+    def vocabulary_rows(self) -> int:
+        return self.config.vocab_size
+
+    @cached_property
+    def parameters(self) -> int:
+        """Counted on the meta device (no memory, no initialisation); only progressive jobs ask."""
+        with torch.device("meta"):
+            return sum(p.numel() for p in AutoModelForCausalLM.from_config(self.config).parameters())
 
 
 def shape_of(resolved: ResolvedModel) -> Shape:
     config = AutoConfig.from_pretrained(resolved.directory, gguf_file=resolved.gguf_file)
     if hasattr(config, "quantization_config"):  # GGUF: the engine de-quantizes; count the plain model
         del config.quantization_config
-    with torch.device("meta"):  # shapes only: no memory, no initialisation
-        parameters = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
-    return Shape(
-        layers=config.num_hidden_layers,
-        context=getattr(config, "max_position_embeddings", None),
-        vocabulary_rows=config.vocab_size,
-        parameters=parameters,
-    )
+    return Shape(config)
 
 
 def layer_index_problems(method: LayerwiseMethod, teacher_layers: int, student_layers: int) -> Problems:
@@ -120,7 +130,9 @@ class Vocabulary:
     student_rows: int
 
 
-def shared_vocabulary(job: DistillationJob, teacher: ResolvedModel, student: ResolvedModel) -> Vocabulary:
+def shared_vocabulary(
+    job: DistillationJob, teacher: ResolvedModel, student: ResolvedModel, shapes: dict[str, Shape]
+) -> Vocabulary:
     """Teacher and student must share a tokenizer; their embedding matrices may be padded differently
     (Qwen2.5 sizes: 151,936 and 152,064 rows for 151,665 tokens), which the loss aligns."""
     teacher_tokenizer, student_tokenizer = load_tokenizer(teacher), load_tokenizer(student)
@@ -139,18 +151,26 @@ def shared_vocabulary(job: DistillationJob, teacher: ResolvedModel, student: Res
             ],
             job.metadata.name,
         )
-    return Vocabulary(len(teacher_tokenizer), shape_of(teacher).vocabulary_rows, shape_of(student).vocabulary_rows)
+    return Vocabulary(len(teacher_tokenizer), shapes["teacher"].vocabulary_rows, shapes["student"].vocabulary_rows)
 
 
-def check_distillation(job: DistillationJob, stage: Stage) -> Vocabulary | None:
-    """Every field that the models' configs can refute. Returns how the vocabularies line up when the
-    student is a model of its own (derived students share the teacher's rows)."""
+@dataclass(frozen=True)
+class CheckedModels:
+    """The job's models as the checks resolved them: the stage loads these (an s3:// model is copied once)."""
+
+    teacher: ResolvedModel
+    student: ResolvedModel | None  # a student model of its own; None when derived from the teacher
+    vocabulary: Vocabulary | None  # how the two line up, for a student of its own
+
+
+def check_distillation(job: DistillationJob, stage: Stage) -> CheckedModels:
+    """Every field that the models' configs can refute."""
     spec = job.spec
     teacher_ref = resolve(spec.teacher.model)
     teacher = shape_of(teacher_ref)
     shapes, problems = {"teacher": teacher}, []
     student_layers = teacher.layers
-    vocabulary = None
+    vocabulary, student_ref = None, None
     if spec.student is not None and spec.student.from_teacher is not None:
         student_layers = spec.student.from_teacher.num_layers
         if student_layers > teacher.layers:
@@ -165,7 +185,7 @@ def check_distillation(job: DistillationJob, stage: Stage) -> Vocabulary | None:
         student_ref = resolve(spec.student.model)
         shapes["student"] = student = shape_of(student_ref)
         student_layers = student.layers
-        vocabulary = shared_vocabulary(job, teacher_ref, student_ref)
+        vocabulary = shared_vocabulary(job, teacher_ref, student_ref, shapes)
         if min(vocabulary.teacher_rows, vocabulary.student_rows) < vocabulary.tokens:
             problems.append(
                 (
@@ -192,14 +212,17 @@ def check_distillation(job: DistillationJob, stage: Stage) -> Vocabulary | None:
     problems += _context_problems("spec.training.maxSeqLength", spec.training.max_seq_length, shapes)
     if problems:
         raise SpecError(problems, job.metadata.name)
-    return vocabulary
+    return CheckedModels(teacher_ref, student_ref, vocabulary)
 
 
-def check_evaluation(job: EvaluationJob) -> None:
-    shapes = {role: shape_of(resolve(ref)) for field, ref in model_references(job) for role in [field.split(".")[-1]]}
+def check_evaluation(job: EvaluationJob) -> dict[str, ResolvedModel]:
+    """`maxSeqLength` against each model's context; returns the models resolved, by role."""
+    resolved = {field.split(".")[-1]: resolve(reference) for field, reference in model_references(job)}
+    shapes = {role: shape_of(model) for role, model in resolved.items()}
     problems = _context_problems("spec.maxSeqLength", job.spec.max_seq_length, shapes)
     if problems:
         raise SpecError(problems, job.metadata.name)
+    return resolved
 
 
 def check_writable(store: ArtifactStore, job_name: str) -> None:

@@ -15,9 +15,9 @@ from ..spec.plan import STUDENT_DIR, Stage, StageKind, plan_stages
 from .data import load_documents, pack
 from .finish import finished_manifest
 from .loop import Batches, Teacher
-from .models import ResolvedModel, derive_student, load_model, load_tokenizer, resolve
+from .models import derive_student, load_model, load_tokenizer, resolve
 from .objective import DistillationObjective, HiddenStateTap
-from .preflight import Vocabulary
+from .preflight import CheckedModels
 from .pruning import prune_to
 from .runtime import Runtime, perplexity
 from .schedule import lr_lambda
@@ -42,7 +42,7 @@ def _load_models(
     job: DistillationJob,
     stage: Stage,
     previous: Stage | None,
-    teacher_ref: ResolvedModel,
+    models: CheckedModels,
     train_rows: torch.Tensor,
     runtime: Runtime,
 ):
@@ -51,7 +51,7 @@ def _load_models(
     facts: dict[str, Any] = {}
     if stage.kind is StageKind.PROGRESSIVE:
         # Each stage learns from the model the stage before produced; the first from the teacher.
-        teacher = load_model(resolve(previous.output_uri + STUDENT_DIR) if previous else teacher_ref, dtype=dtype)
+        teacher = load_model(resolve(previous.output_uri + STUDENT_DIR) if previous else models.teacher, dtype=dtype)
         method = job.spec.method.progressive
         try:
             student, report = prune_to(
@@ -64,11 +64,11 @@ def _load_models(
         teacher = teacher.to(dtype)
         facts = report.as_metrics()
     elif job.spec.student.from_teacher is not None:
-        teacher = load_model(teacher_ref, dtype=dtype)
+        teacher = load_model(models.teacher, dtype=dtype)
         student = derive_student(teacher, job.spec.student.from_teacher.num_layers)
     else:
-        teacher = load_model(teacher_ref, dtype=dtype)
-        student = load_model(resolve(job.spec.student.model))
+        teacher = load_model(models.teacher, dtype=dtype)
+        student = load_model(models.student)
     teacher.to(runtime.device).eval().requires_grad_(False)
     return teacher, student.float().to(runtime.device), facts
 
@@ -100,7 +100,7 @@ class StageSetup:
 
 
 def set_up(
-    job: DistillationJob, stage: Stage, runtime: Runtime, accumulation: int, vocabulary: Vocabulary | None
+    job: DistillationJob, stage: Stage, runtime: Runtime, accumulation: int, models: CheckedModels
 ) -> StageSetup:
     """Load data and models and build the objective, optimizer and schedule of a distill stage.
     `accumulation`: micro-batches per process and step (a resumed run keeps its checkpoint's global batch)."""
@@ -109,11 +109,11 @@ def set_up(
     torch.manual_seed(training.seed)
     previous = previous_stage(job, stage)  # before any work: its input must be ready
     train_docs, validation_docs = load_documents(spec.dataset)  # before the models: data errors come fast
-    teacher_ref = resolve(spec.teacher.model)
-    tokenizer = load_tokenizer(teacher_ref)
+    tokenizer = load_tokenizer(models.teacher)
     train_rows = pack(train_docs, tokenizer, training.max_seq_length)
     validation_rows = pack(validation_docs, tokenizer, training.max_seq_length)[: spec.dataset.max_validation_sequences]
-    teacher_model, student, facts = _load_models(job, stage, previous, teacher_ref, train_rows, runtime)
+    teacher_model, student, facts = _load_models(job, stage, previous, models, train_rows, runtime)
+    vocabulary = models.vocabulary
     if vocabulary is not None and vocabulary.teacher_rows != vocabulary.student_rows:
         log.info(
             "teacher and student share a tokenizer of %d tokens but have %d and %d output rows (padding): "

@@ -40,13 +40,13 @@ log = logging.getLogger(__name__)
 
 
 def run_distill_stage(
-    job: DistillationJob, stage: Stage, runtime: Runtime, vocabulary: preflight.Vocabulary | None
+    job: DistillationJob, stage: Stage, runtime: Runtime, models: preflight.CheckedModels
 ) -> dict[str, Any]:
     spec, training = job.spec, job.spec.training
     store = open_store(stage.output_uri)
     labels = {"job": job.metadata.name, "stage": stage.name}
     restored = checkpoint.load_newest(store)
-    setup = set_up(job, stage, runtime, resume.accumulation_for(job, restored, runtime.world_size), vocabulary)
+    setup = set_up(job, stage, runtime, resume.accumulation_for(job, restored, runtime.world_size), models)
     early = EarlyStopping(training.early_stopping_patience)
     step, resumed_from, stopped_early = 0, None, False
     if restored is not None:
@@ -193,10 +193,9 @@ def _run_stage(
         return done
     # Everything the configs can refute, before any weights load.
     if isinstance(job, EvaluationJob):
-        preflight.check_evaluation(job)
-        vocabulary, timeout = None, None
+        models, timeout = preflight.check_evaluation(job), None
     else:
-        vocabulary = preflight.check_distillation(job, stage)
+        models = preflight.check_distillation(job, stage)
         timeout = timedelta(minutes=job.spec.checkpoint.upload_timeout_minutes)
     if not sys.stderr.isatty():
         from transformers.utils import logging as hf_logging
@@ -211,8 +210,8 @@ def _run_stage(
     metrics.stage_started(job.metadata.name, stage.name, stage.index)
     try:
         if stage.kind is StageKind.EVALUATE:
-            return run_evaluation_stage(job, stage, runtime)
-        return run_distill_stage(job, stage, runtime, vocabulary)  # distill and progressive stages share the loop
+            return run_evaluation_stage(job, stage, runtime, models)
+        return run_distill_stage(job, stage, runtime, models)  # distill and progressive stages share the loop
     finally:
         metrics.stage_finished(job.metadata.name, stage.name)
         if runtime.world_size > 1 and dist.is_initialized():
