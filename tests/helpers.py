@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-import sys
+import tempfile
 from pathlib import Path
+
+from zygote import Forked, zygote
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -50,14 +52,32 @@ def cli_env() -> dict[str, str]:
     return env
 
 
-CLI = [sys.executable, "-m", "potential_meme.cli"]
+def start_command(argv: list[str], env: dict[str, str], cwd: str | Path, stdout: int, stderr: int) -> Forked:
+    """`potential-meme ARGV` as a process of its own, forked from the session's zygote (tests/zygote.py)."""
+    return zygote(cli_env()).start(argv, env, cwd, stdout, stderr)
 
 
 def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """`potential-meme ARGS` in a subprocess, as a user runs it."""
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, env=cli_env(), timeout=timeout)
+    """`potential-meme ARGS` as a user runs it: a process of its own, its output captured."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        process = start_command(list(args), cli_env(), os.getcwd(), out.fileno(), err.fileno())
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            raise
+        out.seek(0)
+        err.seek(0)
+        text = [stream.read().decode(errors="replace") for stream in (out, err)]
+    return subprocess.CompletedProcess(process.args, process.returncode, *text)
 
 
-def start_cli(*args: str) -> subprocess.Popen:
-    """`potential-meme ARGS` started in the background, output (both streams) on its stdout pipe."""
-    return subprocess.Popen([*CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=cli_env())
+def start_cli(*args: str) -> Forked:
+    """`potential-meme ARGS` started in the background, output (both streams) on its `stdout` pipe."""
+    read, write = os.pipe()
+    try:
+        process = start_command(list(args), cli_env(), os.getcwd(), write, write)
+    finally:
+        os.close(write)
+    process.stdout = open(read, encoding="utf-8", errors="replace")
+    return process

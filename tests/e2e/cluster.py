@@ -37,7 +37,8 @@ from potential_meme.spec.crd import RESOURCES
 from potential_meme.spec.models import API_VERSION
 
 import kubectl_api
-from helpers import free_port
+from helpers import free_port, start_command
+from zygote import Forked
 
 GROUP_RESOURCES = {
     "v1/namespaces": {"namespaced": False, "kind": "Namespace", "verbs": ["list", "watch", "get"]},
@@ -293,6 +294,24 @@ class StrictEmulator(kmock.KubernetesEmulator):
         return await super()._handle(request)
 
 
+class ForkedReplica:
+    """A forked command with the asyncio process interface the stand-in waits on."""
+
+    def __init__(self, forked: Forked):
+        self.forked = forked
+        self.pid = forked.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self.forked.returncode
+
+    async def wait(self) -> int:
+        return await asyncio.to_thread(self.forked.wait)
+
+
+Replica = asyncio.subprocess.Process | ForkedReplica
+
+
 class Cluster:
     """The emulated API server plus the Kubeflow stand-in, in a background thread."""
 
@@ -302,7 +321,7 @@ class Cluster:
         self.run_pods = run_pods  # False: PyTorchJobs are acknowledged (Created) and their pods never start
         self.token = OPERATOR_TOKEN  # what the operator's kubeconfig holds
         self.ready = threading.Event()
-        self.processes: dict[str, list[asyncio.subprocess.Process]] = {}
+        self.processes: dict[str, list[Replica]] = {}
         self.logs: dict[str, Path] = {}
         self.pods_started: dict[str, int] = {}
         self.deleted: set[str] = set()  # PyTorchJob uids whose running pods were deleted
@@ -601,6 +620,20 @@ class Cluster:
             await self._conditions(job, [("Failed", "PyTorchJobFailed", message)], running=False, completionTime=_now())
             return
 
+    async def _start_replica(self, command: list[str], env: dict[str, str], log: Path) -> Replica:
+        """A replica's process, in a session of its own: deleting a pod ends every process in it, torchrun's too."""
+        with open(log, "ab") as output:
+            if command[0] == "potential-meme":  # every trainer pod: forked with the engine imported
+                return ForkedReplica(start_command(command[1:], env, self.workdir, output.fileno(), output.fileno()))
+            return await asyncio.create_subprocess_exec(
+                *command,
+                env=env,
+                cwd=self.workdir,
+                stdout=output,
+                stderr=asyncio.subprocess.STDOUT,
+                start_new_session=True,
+            )
+
     async def _run_pods(self, job: dict[str, Any]) -> tuple[int, str] | None:
         """Start every replica as a local process, as the training operator starts pods; the first failure."""
         meta, spec = job["metadata"], job["spec"]
@@ -639,17 +672,7 @@ class Cluster:
             )
             log = self.workdir / f"{meta['name']}-{kind.lower()}-{index}.log"
             self.logs[f"{meta['name']}/{kind}-{index}"] = log
-            processes.append(
-                # A session of its own: deleting a pod ends every process in it, torchrun's workers too.
-                await asyncio.create_subprocess_exec(
-                    *command,
-                    env=env,
-                    cwd=self.workdir,
-                    stdout=open(log, "ab"),
-                    stderr=asyncio.subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            )
+            processes.append(await self._start_replica(command, env, log))
         self.processes[uid] = processes
         self.pods_started[meta["name"]] = self.pods_started.get(meta["name"], 0) + 1
         await self._conditions(job, [("Running", "PyTorchJobRunning", "PyTorchJob is running.")], startTime=_now())

@@ -122,12 +122,14 @@ def test_the_pod_launcher_says_whether_a_retry_can_help(job_file, tmp_path):
     """What Kubeflow's restartPolicy ExitCode reads: 1-127 fail the stage at once, 128 and above restart the pod."""
     from potential_meme.launch import pod_exit_code
 
-    def launch(path):
-        return cli("launch", "--nproc-per-node=1", "--", "train", "--job", str(path), "--stage", "distill")
+    def launch(path, processes=1):
+        return cli("launch", f"--nproc-per-node={processes}", "--", "train", "--job", str(path), "--stage", "distill")
 
-    missing_data = launch(job_file(dataset={"source": str(tmp_path / "nowhere")}))
-    assert missing_data.returncode == 2, missing_data.stderr  # torchrun alone exits 1 for any failure
-    assert "spec.dataset.source" in missing_data.stderr
+    # One process runs in the launcher's own; more run under torchrun, which alone exits 1 for any failure.
+    for processes in (1, 2):
+        missing_data = launch(job_file(dataset={"source": str(tmp_path / "nowhere")}), processes)
+        assert missing_data.returncode == 2, missing_data.stderr
+        assert "spec.dataset.source" in missing_data.stderr
 
     broken_teacher = tmp_path / "broken-teacher"
     broken_teacher.mkdir()

@@ -35,15 +35,40 @@ def test_the_stdlib_corpus_holds_nothing_of_the_process_that_rendered_it(stdlib_
     assert "sys" not in {d.group for d in documents}
 
 
-def test_txt_jsonl_and_parquet_files_all_load(tmp_path):
-    (tmp_path / "a.txt").write_text("alpha text file")
-    (tmp_path / "b.jsonl").write_text("\n".join(json.dumps({"body": f"jsonl row {i}"}) for i in range(3)))
-    pd.DataFrame({"body": ["parquet row 1", "parquet row 2"]}).to_parquet(tmp_path / "c.parquet")
+def test_txt_md_jsonl_json_and_parquet_files_all_load(tmp_path):
+    (tmp_path / "a.txt").write_text("alpha text file\n\nits second paragraph")
+    (tmp_path / "b.jsonl").write_text("\n".join(json.dumps({"body": f"jsonl row {i}"}) for i in range(3)) + "\n\n")
+    pd.DataFrame({"body": ["parquet row 1", None, "parquet row 2"]}).to_parquet(tmp_path / "c.parquet")
+    (tmp_path / "d.json").write_text(json.dumps([{"body": "json array row", "id": 1}, {"id": 2}]))
+    (tmp_path / "e.md").write_text("# a markdown page")
     (tmp_path / "ignored.bin").write_bytes(b"\0")
     train, validation = load_documents(DatasetSpec(source=str(tmp_path), text_field="body", validation_fraction=0.5))
     texts = sorted(d.text for d in train + validation)
-    assert texts == ["alpha text file", "jsonl row 0", "jsonl row 1", "jsonl row 2", "parquet row 1", "parquet row 2"]
+    assert texts == [
+        "# a markdown page",
+        "alpha text file\n\nits second paragraph",
+        "json array row",
+        "jsonl row 0",
+        "jsonl row 1",
+        "jsonl row 2",
+        "parquet row 1",
+        "parquet row 2",
+    ]
     assert {d.group for d in train}.isdisjoint({d.group for d in validation})
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        ('{"text": "fine"}\n{"text": "cut sh', "spec.dataset.source: b.jsonl line 2 is not JSON"),
+        ('["a", "b"]', "spec.dataset.source: b.jsonl: every row must be a JSON object with a 'text' key"),
+    ],
+)
+def test_a_broken_json_file_is_named_with_its_line(tmp_path, content, problem):
+    (tmp_path / "a.jsonl").write_text(json.dumps({"text": "x"}) + "\n")
+    (tmp_path / "b.jsonl").write_text(content)
+    with pytest.raises(ValueError, match=re.escape(problem)):
+        load_documents(DatasetSpec(source=str(tmp_path)))
 
 
 def test_missing_text_field_is_named(tmp_path):

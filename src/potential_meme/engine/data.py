@@ -6,6 +6,7 @@ import hashlib
 import importlib
 import importlib.util
 import io
+import json
 import logging
 import pkgutil
 import pydoc
@@ -110,24 +111,62 @@ def stdlib_documents() -> list[Document]:
 
 
 def _file_documents(root: Path, spec: DatasetSpec) -> list[Document]:
-    import datasets
-
     paths = _local_files(root)
     documents = []
     for path in paths:
         name = str(path.relative_to(root)) if root.is_dir() else path.name  # stable across machines
-        builder = TEXT_SUFFIXES[path.suffix]
-        kwargs = {"sample_by": "document"} if builder == "text" else {}
-        table = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
-        column = "text" if builder == "text" else spec.text_field
-        if column not in table.column_names:
-            columns = ", ".join(table.column_names)
-            raise _problem("textField", f"{path.name} has no column {column!r}; columns: {columns}")
+        texts = _file_texts(path, spec.text_field)
         # Files are the split unit when there are several; otherwise rows are.
-        for row, text in enumerate(table[column]):
-            if text and text.strip():
+        for row, text in enumerate(texts):
+            if isinstance(text, str) and text.strip():
                 documents.append(Document(group=name if len(paths) > 1 else f"{name}:{row}", text=text))
     return documents
+
+
+def _file_texts(path: Path, column: str) -> list:
+    """A text file is one document; JSON Lines, a JSON array of records and Parquet give one a row.
+
+    Read directly rather than through `datasets`, whose import and Arrow cache cost seconds per
+    trainer start and need a writable home directory.
+    """
+    if TEXT_SUFFIXES[path.suffix] == "text":
+        return [path.read_text(encoding="utf-8", errors="replace")]
+    if path.suffix == ".parquet":
+        import pyarrow.parquet
+
+        columns = pyarrow.parquet.read_schema(path).names
+        if column not in columns:
+            raise _problem("textField", f"{path.name} has no column {column!r}; columns: {', '.join(columns)}")
+        return pyarrow.parquet.read_table(path, columns=[column]).column(column).to_pylist()
+    records = _json_records(path)
+    if not all(isinstance(record, dict) for record in records):
+        raise _problem("source", f"{path.name}: every row must be a JSON object with a {column!r} key")
+    columns = sorted({key for record in records for key in record})
+    if column not in columns:
+        raise _problem("textField", f"{path.name} has no column {column!r}; columns: {', '.join(columns)}")
+    return [record.get(column) for record in records]
+
+
+def _json_records(path: Path) -> list:
+    text = path.read_text(encoding="utf-8")
+    try:
+        whole = json.loads(text)
+    except json.JSONDecodeError:
+        whole = None  # JSON Lines
+    if isinstance(whole, list):
+        records = whole
+    elif isinstance(whole, dict):
+        records = [whole]
+    else:
+        records = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise _problem("source", f"{path.name} line {number} is not JSON ({exc.msg})") from None
+    return records
 
 
 def _local_files(root: Path) -> list[Path]:
