@@ -8,7 +8,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from zygote import Forked, zygote
+from zygote import Forked, read_until_closed, zygote
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -52,9 +52,11 @@ def cli_env() -> dict[str, str]:
     return env
 
 
-def start_command(argv: list[str], env: dict[str, str], cwd: str | Path, stdout: int, stderr: int) -> Forked:
+def start_command(
+    argv: list[str], env: dict[str, str], cwd: str | Path, stdout: int, stderr: int, script: Path | None = None
+) -> Forked:
     """`potential-meme ARGV` as a process of its own, forked from the session's zygote (tests/zygote.py)."""
-    return zygote(cli_env()).start(argv, env, cwd, stdout, stderr)
+    return zygote(cli_env()).start(argv, env, cwd, stdout, stderr, script)
 
 
 def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -81,3 +83,52 @@ def start_cli(*args: str) -> Forked:
         os.close(write)
     process.stdout = open(read, encoding="utf-8", errors="replace")
     return process
+
+
+class Ranks:
+    """`potential-meme ARGV` (or `python SCRIPT ARGV`) as the N workers torchrun would start on one node,
+    each forked with the environment torchrun gives them; their output, both streams, on `stdout`.
+    torchrun itself is tested where it is the subject (test_ddp, the pod launcher)."""
+
+    def __init__(self, processes: int, argv: list[str], script: Path | None = None):
+        read, write = os.pipe()
+        group = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(processes)}
+        group |= {"LOCAL_WORLD_SIZE": str(processes), "GROUP_RANK": "0", "TORCHELASTIC_RESTART_COUNT": "0"}
+        try:
+            self.members = [
+                start_command(
+                    argv,
+                    cli_env() | group | {"RANK": str(rank), "LOCAL_RANK": str(rank)},
+                    os.getcwd(),
+                    write,
+                    write,
+                    script,
+                )
+                for rank in range(processes)
+            ]
+        finally:
+            os.close(write)
+        self.stdout = open(read, encoding="utf-8", errors="replace")
+
+    @property
+    def returncode(self) -> int | None:
+        codes = [member.returncode for member in self.members]
+        return None if None in codes else next((code for code in codes if code), 0)
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, None]:
+        output = read_until_closed(self.stdout, timeout, self.members[0].args)
+        for member in self.members:
+            member.wait(timeout)
+        return output, None
+
+    def kill(self) -> None:
+        for member in self.members:
+            member.kill()
+
+    def wait(self, timeout: float | None = None) -> int:
+        for member in self.members:
+            member.wait(timeout)
+        return self.returncode

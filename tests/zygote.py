@@ -17,6 +17,7 @@ import atexit
 import importlib
 import json
 import os
+import runpy
 import selectors
 import signal
 import socket
@@ -109,10 +110,15 @@ def _become(request: dict, fds: list[int], sockets: list[socket.socket], *pipe: 
         os.chdir(request["cwd"])
         os.environ.clear()
         os.environ.update(request["env"])
-        sys.argv = ["potential-meme", *request["argv"]]
-        from potential_meme.cli import main
+        if request["script"]:  # a Python file run as __main__, as `python SCRIPT ARGV...`
+            sys.argv = [request["script"], *request["argv"]]
+            runpy.run_path(request["script"], run_name="__main__")
+            code = 0
+        else:
+            sys.argv = ["potential-meme", *request["argv"]]
+            from potential_meme.cli import main
 
-        code = main(request["argv"])
+            code = main(request["argv"])
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except BaseException:  # noqa: BLE001 - what an interpreter does with an uncaught exception
@@ -158,14 +164,9 @@ class Forked:
 
     def communicate(self, timeout: float | None = None) -> tuple[str, None]:
         """All of `stdout` (a pipe holding both streams), then the exit, as Popen's does."""
-        output = []
-        reader = threading.Thread(target=lambda: output.append(self.stdout.read()), daemon=True)
-        reader.start()
-        reader.join(timeout)
-        if reader.is_alive():
-            raise subprocess.TimeoutExpired(self.args, timeout)
+        output = read_until_closed(self.stdout, timeout, self.args)
         self.wait(timeout)
-        return output[0], None
+        return output, None
 
     def send_signal(self, signum: int) -> None:
         if self.returncode is None:
@@ -178,6 +179,17 @@ class Forked:
         self.send_signal(signal.SIGKILL)
 
 
+def read_until_closed(stream, timeout: float | None, args: list[str]) -> str:
+    """Everything written to a pipe until every writer has closed it, or TimeoutExpired."""
+    output = []
+    reader = threading.Thread(target=lambda: output.append(stream.read()), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    if reader.is_alive():
+        raise subprocess.TimeoutExpired(args, timeout)
+    return output[0]
+
+
 class Zygote:
     def __init__(self, environment: dict[str, str]):
         self._folder = tempfile.TemporaryDirectory(prefix="zygote-")
@@ -188,14 +200,22 @@ class Zygote:
         if self._process.stdout.readline() != b"ready\n":
             raise RuntimeError(f"the zygote did not start (exit {self._process.wait()})")
 
-    def start(self, argv: list[str], env: dict[str, str], cwd: str | Path, stdout: int, stderr: int) -> Forked:
-        """`potential-meme ARGV` with these standard output and error descriptors (stdin: /dev/null)."""
+    def start(
+        self,
+        argv: list[str],
+        env: dict[str, str],
+        cwd: str | Path,
+        stdout: int,
+        stderr: int,
+        script: Path | None = None,
+    ) -> Forked:
+        """`potential-meme ARGV` (or `python SCRIPT ARGV`) with these output and error descriptors, stdin empty."""
         connection = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         connection.connect(self._path)
         with open(os.devnull) as stdin:
-            request = json.dumps({"argv": argv, "env": env, "cwd": str(cwd)}).encode()
-            socket.send_fds(connection, [request], [stdin.fileno(), stdout, stderr])
-        return Forked(connection, ["potential-meme", *argv])
+            request = {"argv": argv, "env": env, "cwd": str(cwd), "script": str(script) if script else None}
+            socket.send_fds(connection, [json.dumps(request).encode()], [stdin.fileno(), stdout, stderr])
+        return Forked(connection, [str(script) if script else "potential-meme", *argv])
 
     def stop(self) -> None:
         self._process.stdin.close()

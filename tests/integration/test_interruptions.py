@@ -4,12 +4,9 @@ different number of processes, checkpoints on S3."""
 import json
 import re
 import signal
-import subprocess
-import sys
 import time
 
 import boto3
-import psutil
 import pytest
 from test_ddp import assert_same_weights
 
@@ -19,28 +16,20 @@ from potential_meme.spec import load_job
 from potential_meme.spec.errors import StageError
 from potential_meme.storage import open_store
 
-from helpers import cli_env, free_port, start_cli
+from helpers import Ranks, start_cli
 
 PREEMPTED = 143  # 128 + SIGTERM: Kubeflow restarts the pod (restartPolicy ExitCode)
 
 
-def _torchrun(processes: int, job, stage="distill") -> subprocess.Popen:
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}"]
-    command += ["--master_addr", "127.0.0.1", "--master_port", str(free_port())]
-    command += ["-m", "potential_meme.cli", "train", "--job", str(job), "--stage", stage]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=cli_env())
-
-
-def _kill_after_a_checkpoint(process, stage_dir) -> int:
-    """SIGKILL a torchrun (every process of it) once a checkpoint is complete; returns the newest step saved."""
+def _kill_after_a_checkpoint(ranks: Ranks, stage_dir) -> int:
+    """SIGKILL every rank once a checkpoint is complete, as a node failure would; returns the newest step saved."""
     deadline = time.monotonic() + 300
     while not list(stage_dir.glob("checkpoints/step-*/COMPLETE")):
-        assert process.poll() is None, process.stdout.read()
+        assert ranks.poll() is None, ranks.stdout.read()
         assert time.monotonic() < deadline
         time.sleep(0.02)
-    for member in [*psutil.Process(process.pid).children(recursive=True), psutil.Process(process.pid)]:
-        member.kill()  # torchrun and every worker, as a node failure would
-    process.wait()
+    ranks.kill()
+    ranks.wait()
     assert not (stage_dir / "manifest.json").exists(), "the run finished before it could be killed"
     return max(int(p.parent.name.removeprefix("step-")) for p in stage_dir.glob("checkpoints/step-*/COMPLETE"))
 
@@ -81,8 +70,9 @@ def test_sigkill_under_ddp_resumes_on_two_processes_or_on_one_with_the_same_glob
     for name, resume_processes in (("again-on-two", 2), ("then-on-one", 1)):
         job = job_file(name, training=training, checkpoint={"everySteps": 2}, resources={"gpusPerNode": 2})
         stage = tmp_path / "runs" / name / "distill"
-        saved = _kill_after_a_checkpoint(_torchrun(2, job), stage)
-        resumed = _torchrun(resume_processes, job)
+        train = ["train", "--job", str(job), "--stage", "distill"]
+        saved = _kill_after_a_checkpoint(Ranks(2, train), stage)
+        resumed = Ranks(resume_processes, train)
         output = resumed.communicate(timeout=600)[0]
         assert resumed.returncode == 0, output[-4000:]
         manifest = json.loads((stage / "manifest.json").read_text())
@@ -152,12 +142,11 @@ def test_the_other_ranks_wait_for_a_slow_upload_as_long_as_configured(job_file, 
         checkpoint={"everySteps": 2, "uploadTimeoutMinutes": minutes},
         resources={"gpusPerNode": 2},
     )
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr", "127.0.0.1"]
-    command += ["--master_port", str(free_port()), str(script), "8", "train", "--job", str(job), "--stage", "distill"]
-    run = subprocess.run(command, capture_output=True, text=True, env=cli_env(), timeout=300)
+    ranks = Ranks(2, ["8", "train", "--job", str(job), "--stage", "distill"], script=script)
+    output = ranks.communicate(timeout=300)[0]
     finished = (tmp_path / "runs" / "slow" / "distill" / "manifest.json").exists()
     if survives:  # 8 s of upload within a 30 s timeout
-        assert run.returncode == 0 and finished, run.stderr[-3000:]
+        assert ranks.returncode == 0 and finished, output[-3000:]
     else:  # within 3 s: the waiting rank gives up, as it would after 60 minutes by default
-        assert run.returncode != 0 and not finished
-        assert re.search(r"[Tt]imed? ?out", run.stderr), run.stderr[-3000:]
+        assert ranks.returncode != 0 and not finished
+        assert re.search(r"[Tt]imed? ?out", output), output[-3000:]
