@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 import urllib.request
 from pathlib import Path
 
@@ -10,6 +13,17 @@ import pytest
 import yaml
 
 from helpers import free_port, save_tiny_llama
+
+
+def pytest_configure(config):
+    """One cache folder for the session (the built-in corpus is rendered once), never the user's."""
+    config.cache_folder = tempfile.mkdtemp(prefix="potential-meme-cache-")
+    os.environ["POTENTIAL_MEME_CACHE"] = config.cache_folder
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(config.cache_folder, ignore_errors=True)
+
 
 CORPUS_MODULES = ["json", "csv", "argparse", "pathlib", "logging", "textwrap", "heapq", "bisect", "shlex", "fractions"]
 

@@ -1,18 +1,19 @@
 import json
 import re
+import sys
+import tempfile
+from pathlib import Path
 
 import pandas as pd
 import pytest
 
+from potential_meme.engine import data
 from potential_meme.engine.data import Document, epoch_order, load_documents, pack, shifted_labels, split_documents
 from potential_meme.engine.losses import IGNORE_INDEX
 from potential_meme.engine.models import load_tokenizer
 from potential_meme.spec.models import DatasetSpec
 
-
-@pytest.fixture(scope="module")
-def stdlib_split():
-    return load_documents(DatasetSpec(source="builtin:python-stdlib"))
+from helpers import REPO
 
 
 def test_stdlib_corpus_is_split_by_module_and_leaves_out_pydoc_data(stdlib_split):
@@ -28,11 +29,54 @@ def test_stdlib_corpus_is_split_by_module_and_leaves_out_pydoc_data(stdlib_split
     assert any("JSON" in d.text for d in train + validation if d.group == "json")
 
 
+@pytest.fixture(scope="module")
+def stdlib_rendering():
+    """Rendered here (not read from the session's cache), in a process that has imported torch and
+    transformers, with a credential in its environment and another working folder: none of that may
+    reach the pages. Returns the split and the cache folder the pages were kept in."""
+    cache = Path(tempfile.mkdtemp(prefix="corpus-cache-"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("POTENTIAL_MEME_CACHE", str(cache))
+        patch.setenv("HF_TOKEN", "hf_credential_that_must_not_be_learned")
+        patch.chdir(tempfile.mkdtemp(prefix="elsewhere-"))
+        yield load_documents(DatasetSpec(source="builtin:python-stdlib")), cache
+
+
+@pytest.fixture(scope="module")
+def stdlib_split(stdlib_rendering):
+    return stdlib_rendering[0]
+
+
 def test_the_stdlib_corpus_holds_nothing_of_the_process_that_rendered_it(stdlib_split):
-    """Addresses and this process's argv would make every run's corpus, and so its figures, different."""
-    documents = stdlib_split[0] + stdlib_split[1]
-    assert not any(re.search(r" at 0x[0-9a-fA-F]+|handle [0-9a-f]{8,}", d.text) for d in documents)
-    assert "sys" not in {d.group for d in documents}
+    """The environment (credentials) would be learned by the student; addresses, paths and what the
+    process imported would make every run's corpus, and so its figures, different."""
+    text = "\n".join(d.text for d in stdlib_split[0] + stdlib_split[1])
+    assert "hf_credential_that_must_not_be_learned" not in text and "HF_TOKEN" not in text
+    # os's page, as an empty environment shows it (Python sets LC_CTYPE itself where the locale is C).
+    assert re.search(r"environ = environ\(\{(?:'LC_CTYPE': '[\w.-]+')?\}\)", text)
+    assert not re.search(r" at 0x[0-9a-fA-F]+|handle [0-9a-f]{8,}", text)
+    assert "elsewhere-" not in text and sys.prefix not in text and str(REPO) not in text
+    assert "transformers" not in text and "torch" not in text  # other libraries' patches of logging
+    assert "sys" not in {d.group for d in stdlib_split[0] + stdlib_split[1]}
+
+
+def test_the_rendered_corpus_is_kept_and_a_cut_copy_is_not_used(stdlib_rendering, tmp_path, monkeypatch):
+    (train, validation), cache = stdlib_rendering
+    monkeypatch.setenv("POTENTIAL_MEME_CACHE", str(cache))
+
+    def no_rendering(*args, **kwargs):
+        raise AssertionError("rendered again although the pages were kept")
+
+    monkeypatch.setattr(data.subprocess, "run", no_rendering)
+    assert load_documents(DatasetSpec(source="builtin:python-stdlib")) == (train, validation)
+
+    kept = tmp_path / "stdlib-corpus-0.jsonl"
+    pages = "".join(json.dumps({"group": d.group, "text": d.text}) + "\n" for d in train[:3])
+    kept.write_text(pages)
+    assert data._read_cached(kept) == pages.splitlines()
+    for damaged in (pages[:-20], pages.replace('"group"', '"grope"'), ""):  # a crash while writing, another format
+        kept.write_text(damaged)
+        assert data._read_cached(kept) is None
 
 
 def test_txt_md_jsonl_json_and_parquet_files_all_load(tmp_path):

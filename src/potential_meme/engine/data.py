@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-import importlib
-import importlib.util
-import io
 import json
 import logging
-import pkgutil
-import pydoc
-import re
+import os
+import subprocess
 import sys
-import warnings
-from contextlib import redirect_stderr, redirect_stdout
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,24 +21,6 @@ log = logging.getLogger(__name__)
 
 BUILTIN_STDLIB = "builtin:python-stdlib"
 TEXT_SUFFIXES = {".txt": "text", ".md": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-
-# Modules whose import has side effects (a browser, a window, printing) or that are test suites.
-_SKIPPED_MODULES = {
-    "sys",  # its page shows this process's argv, paths and flags: a corpus of the run, not of Python
-    "antigravity",
-    "this",
-    "idlelib",
-    "tkinter",
-    "turtle",
-    "turtledemo",
-    "test",
-    "pydoc_data",
-    "lib2to3",
-    "ensurepip",
-    "venv",
-    "__main__",
-    "__phello__",
-}
 
 
 def _problem(field: str, message: str) -> SpecError:
@@ -70,44 +47,59 @@ def split_documents(documents: list[Document], fraction: float) -> tuple[list[Do
     return [d for d in documents if d.group not in held_out], [d for d in documents if d.group in held_out]
 
 
-def _stdlib_module_names() -> list[str]:
-    names = set()
-    for name in sorted(sys.stdlib_module_names):
-        if name.startswith("_") or name in _SKIPPED_MODULES:
-            continue
-        names.add(name)
-        spec = importlib.util.find_spec(name)
-        if spec is not None and spec.submodule_search_locations:
-            submodules = pkgutil.walk_packages(spec.submodule_search_locations, f"{name}.", onerror=lambda _: None)
-            for info in submodules:
-                parts = info.name.split(".")
-                if not any(p.startswith(("_", "test")) or p in _SKIPPED_MODULES for p in parts):
-                    names.add(info.name)
-    return sorted(names)
-
-
-_MEMORY_ADDRESS = re.compile(r"(?: at 0x|, handle )[0-9a-fA-F]+")
-
-
 def stdlib_documents() -> list[Document]:
-    """Plain-text pydoc pages of the standard library's public modules, grouped by top-level module.
+    """The standard library's pydoc pages, grouped by top-level module (see `stdlib_corpus`).
 
-    Built at run time from the interpreter's own modules, so the demo needs no download.
+    Built at run time from the interpreter's own modules, so the demo needs no download; rendering
+    takes about 20 s, so the pages are kept in the cache folder for the next run and the next stage.
     """
-    documents = []
-    sink = io.StringIO()
-    for name in _stdlib_module_names():
-        try:
-            with warnings.catch_warnings(), redirect_stdout(sink), redirect_stderr(sink):
-                warnings.simplefilter("ignore")
-                module = importlib.import_module(name)
-                text = pydoc.render_doc(module, renderer=pydoc.plaintext)
-        except BaseException:  # noqa: BLE001 - platform-specific modules fail to import; skip them
-            continue
-        # Default values render with their address ("<object object at 0x7f...>", "<PyDLL handle 7f...>"),
-        # which changes with every process: without it the corpus, and so a run's figures, repeat.
-        documents.append(Document(group=name.split(".")[0], text=_MEMORY_ADDRESS.sub("", text)))
-    return documents
+    script = Path(__file__).with_name("stdlib_corpus.py")
+    key = hashlib.sha256(f"{sys.version}\n{script.read_text()}".encode()).hexdigest()[:16]
+    cached = cache_folder() / f"stdlib-corpus-{key}.jsonl"
+    lines = _read_cached(cached)
+    if lines is None:
+        log.info("rendering the standard library's documentation (about 20 s; kept in %s)", cached.parent)
+        with tempfile.TemporaryDirectory() as scratch:
+            rendered = subprocess.run(
+                [sys.executable, "-I", "-S", str(script), scratch],
+                env={},
+                cwd=scratch,
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+        lines = rendered.stdout.splitlines()
+        _write_cache(cached, rendered.stdout)
+    return [Document(**json.loads(line)) for line in lines]
+
+
+def cache_folder() -> Path:
+    """POTENTIAL_MEME_CACHE, else $XDG_CACHE_HOME/potential-meme, else ~/.cache/potential-meme."""
+    if explicit := os.environ.get("POTENTIAL_MEME_CACHE"):
+        return Path(explicit)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "potential-meme"
+
+
+def _read_cached(path: Path) -> list[str] | None:
+    """The cached lines, or None when absent or not whole (every line a page, the last complete)."""
+    try:
+        text = path.read_text(encoding="ascii")
+        lines = text.splitlines()
+        if not text.endswith("\n") or not all(json.loads(line).keys() == {"group", "text"} for line in lines):
+            raise ValueError("incomplete")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return lines
+
+
+def _write_cache(path: Path, text: str) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".partial") as handle:
+            handle.write(text)
+        os.replace(handle.name, path)
+    except OSError as exc:  # a read-only home: the next run renders again
+        log.warning("could not keep the rendered corpus in %s (%s)", path.parent, exc)
 
 
 def _file_documents(root: Path, spec: DatasetSpec) -> list[Document]:

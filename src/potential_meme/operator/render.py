@@ -138,6 +138,7 @@ def _container(job: Job, stage: Stage, defaults: Defaults) -> dict[str, Any]:
     env = [
         {"name": "PYTHONUNBUFFERED", "value": "1"},
         {"name": "HF_HOME", "value": f"{MODEL_CACHE_DIR}/huggingface"},
+        {"name": "POTENTIAL_MEME_CACHE", "value": MODEL_CACHE_DIR},  # the rendered built-in corpus, a stage to the next
     ]
     endpoint = job.spec.output.endpoint or defaults.s3_endpoint
     if endpoint:
