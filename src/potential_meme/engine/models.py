@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import re
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from ..spec.errors import StageError
 from ..spec.plan import MANIFEST, STUDENT_DIR
-from ..storage import download_to_scratch, file_sha256, open_store, read_json_if_exists
+from ..storage import cache_folder, download_to_scratch, file_sha256, open_store, read_json_if_exists
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +84,7 @@ def resolve(reference: str) -> ResolvedModel:
     student is checked against its manifest first.
     """
     if reference.startswith("package:"):
-        return _package_gguf(reference.removeprefix("package:"))
+        return _plain_copy(_package_gguf(reference.removeprefix("package:")))
     if reference.startswith("file://"):
         return resolve(str(open_store(reference).root) + ("/" if reference.endswith("/") else ""))
     if reference.startswith("s3://"):
@@ -93,15 +97,48 @@ def resolve(reference: str) -> ResolvedModel:
     if path.suffix == ".gguf":
         if not path.is_file():
             raise FileNotFoundError(f"{reference}: no such GGUF file")
-        return ResolvedModel(str(path.parent.resolve()), path.name)
+        return _plain_copy(ResolvedModel(str(path.parent.resolve()), path.name))
     if path.is_dir():
         ggufs = sorted(path.glob("*.gguf"))
         if not (path / "config.json").exists() and ggufs:
-            return ResolvedModel(str(path.resolve()), ggufs[0].name)
+            return _plain_copy(ResolvedModel(str(path.resolve()), ggufs[0].name))
         return ResolvedModel(str(path.resolve()))
     if reference.startswith((".", "/", "~")):
         raise FileNotFoundError(f"{reference}: no such model directory")
     return ResolvedModel(reference)  # a Hugging Face hub id
+
+
+def _plain_copy(gguf: ResolvedModel) -> ResolvedModel:
+    """A GGUF model de-quantized once into a Hugging Face folder in the cache folder.
+
+    Each read of a GGUF file parses all its metadata (for SmolLM2, 400,000 tokenizer strings): the
+    config, the tokenizer and the weights cost about 30 s on 2 cores, again for every stage and run.
+    The copy is keyed by the file's path, size and modification time; where the cache folder cannot
+    be written, the GGUF file is read directly.
+    """
+    source = Path(gguf.directory) / gguf.gguf_file
+    status = source.stat()
+    key = f"{source.resolve()}\n{status.st_size}\n{status.st_mtime_ns}\n{transformers.__version__}"
+    target = cache_folder() / "models" / f"{source.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+    if target.is_dir():  # renamed into place whole: present means complete
+        return ResolvedModel(str(target))
+    log.info("de-quantizing %s once into %s", source.name, target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=".partial-", dir=target.parent))
+        try:
+            load_model(gguf).save_pretrained(scratch)
+            load_tokenizer(gguf).save_pretrained(scratch)
+            scratch.rename(target)
+        except OSError:
+            if not target.is_dir():  # another process (a DDP rank) renamed its copy first: use that
+                raise
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    except OSError as exc:
+        log.warning("could not keep a de-quantized copy in %s (%s): reading the GGUF file each time", target, exc)
+        return gguf
+    return ResolvedModel(str(target))
 
 
 def load_tokenizer(reference: str | ResolvedModel) -> Any:

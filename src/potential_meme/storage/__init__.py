@@ -227,6 +227,13 @@ def sync_down(store: ArtifactStore, prefix: str, local_dir: Path) -> Path:
     return local_dir
 
 
+def cache_folder() -> Path:
+    """POTENTIAL_MEME_CACHE, else $XDG_CACHE_HOME/potential-meme, else ~/.cache/potential-meme."""
+    if explicit := os.environ.get("POTENTIAL_MEME_CACHE"):
+        return Path(explicit)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "potential-meme"
+
+
 def download_to_scratch(uri: str, purpose: str) -> Path:
     """Copy everything under `uri` into a scratch folder that is removed when the process exits."""
     local = Path(tempfile.mkdtemp(prefix=f"potential-meme-{purpose}-"))
