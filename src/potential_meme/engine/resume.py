@@ -121,8 +121,8 @@ class Preemption:
         return self
 
     def _request(self, signum: int, frame: Any) -> None:
-        if not self.requested:
-            log.warning("SIGTERM: finishing this step, then writing a checkpoint and stopping")
+        # Only a flag: the handler runs between any two bytecodes of the main thread, possibly in the
+        # middle of a log line to stderr, where logging again raises and the request would be lost.
         self.requested = True
 
     def __exit__(self, *exc: Any) -> None:

@@ -105,11 +105,13 @@ def run_distill_stage(
                 if stopped_early:
                     log.info("early stop at step %d: %d evaluations without improvement", step, early.misses)
                     break
-            preempted = preemption.agreed(runtime)
+            preempted = preemption.agreed(runtime) and step < total_steps
+            if preempted:
+                log.warning("SIGTERM: step %d is done; writing a checkpoint and stopping", step)
             if (step % spec.checkpoint.every_steps == 0 or preempted) and step < total_steps:
                 resume.save(job, setup, store, step, before, early)
                 metrics.CHECKPOINT_WRITES.labels(**labels).inc()
-            if preempted and step < total_steps:
+            if preempted:
                 progress.close()
                 raise preemption.stop(step)
     progress.close()
