@@ -1,0 +1,1 @@
+"""Benchmarks of a teacher and its students (MMLU, HumanEval, MT-Bench, latency and memory)."""
