@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import subprocess
 import sys
 import tempfile
@@ -16,7 +15,7 @@ import torch
 
 from ..spec.errors import SpecError
 from ..spec.models import DatasetSpec
-from ..storage import cache_folder
+from ..storage import cache_folder, open_store
 
 log = logging.getLogger(__name__)
 
@@ -88,10 +87,7 @@ def _read_cached(path: Path) -> list[str] | None:
 
 def _write_cache(path: Path, text: str) -> None:
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".partial") as handle:
-            handle.write(text)
-        os.replace(handle.name, path)
+        open_store(str(path.parent)).write_bytes(path.name, text.encode("ascii"))  # atomic: never half a file
     except OSError as exc:  # a read-only home: the next run renders again
         log.warning("could not keep the rendered corpus in %s (%s)", path.parent, exc)
 
@@ -172,7 +168,7 @@ def load_documents(spec: DatasetSpec) -> tuple[list[Document], list[Document]]:
     if source == BUILTIN_STDLIB:
         documents = stdlib_documents()
     elif source.startswith(("s3://", "file://")):
-        from ..storage import download_to_scratch, open_store
+        from ..storage import download_to_scratch
 
         local = open_store(source).root if source.startswith("file://") else download_to_scratch(source, "data")
         documents = _file_documents(local, spec)
