@@ -116,17 +116,18 @@ def _file_texts(path: Path, column: str) -> list:
     if path.suffix == ".parquet":
         import pyarrow.parquet
 
-        columns = pyarrow.parquet.read_schema(path).names
-        if column not in columns:
-            raise _problem("textField", f"{path.name} has no column {column!r}; columns: {', '.join(columns)}")
+        _require_column(path, column, pyarrow.parquet.read_schema(path).names)
         return pyarrow.parquet.read_table(path, columns=[column]).column(column).to_pylist()
     records = _json_records(path)
     if not all(isinstance(record, dict) for record in records):
         raise _problem("source", f"{path.name}: every row must be a JSON object with a {column!r} key")
-    columns = sorted({key for record in records for key in record})
+    _require_column(path, column, sorted({key for record in records for key in record}))
+    return [record.get(column) for record in records]
+
+
+def _require_column(path: Path, column: str, columns: list[str]) -> None:
     if column not in columns:
         raise _problem("textField", f"{path.name} has no column {column!r}; columns: {', '.join(columns)}")
-    return [record.get(column) for record in records]
 
 
 def _json_records(path: Path) -> list:

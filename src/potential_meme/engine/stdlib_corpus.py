@@ -66,6 +66,7 @@ def pages(scratch: str) -> list[dict[str, str]]:
     replaced by placeholders, so the pages are the same wherever Python is installed."""
     environment = os.path.dirname(os.path.dirname(sys.executable))  # a virtual environment, which -S ignores
     places = {environment: "<prefix>", sys.prefix: "<base-prefix>", sys.base_prefix: "<base-prefix>", scratch: "<cwd>"}
+    longest_first = sorted(places.items(), key=lambda item: -len(item[0]))
     documents = []
     sink = io.StringIO()
     for name in module_names():
@@ -76,7 +77,7 @@ def pages(scratch: str) -> list[dict[str, str]]:
         except BaseException:  # noqa: BLE001 - platform-specific modules fail to import; skip them
             continue
         text = _SUBMODULES_SECTION.sub("", _MEMORY_ADDRESS.sub("", text))
-        for place, placeholder in sorted(places.items(), key=lambda item: -len(item[0])):
+        for place, placeholder in longest_first:
             text = text.replace(place, placeholder)
         documents.append({"group": name.split(".")[0], "text": text})
     return documents

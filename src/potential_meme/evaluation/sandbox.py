@@ -39,8 +39,8 @@ def inside(path):
         return True  # an already open descriptor
     if isinstance(path, bytes):
         path = os.fsdecode(path)
-    return os.path.realpath(os.path.join(ROOT, path)) == ROOT or \
-        os.path.realpath(os.path.join(ROOT, path)).startswith(ROOT + os.sep)
+    real = os.path.realpath(os.path.join(ROOT, path))
+    return real == ROOT or real.startswith(ROOT + os.sep)
 
 
 def guard(event, args):
@@ -99,10 +99,9 @@ def run_untrusted(program: str, timeout: float = 10.0, memory_mb: int = 1024) ->
         try:
             _, stderr = process.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            _kill_group(process)
             return Outcome("timeout", f"still running after {timeout:g} s: killed")
         finally:
-            _kill_group(process)  # anything it left behind in its session
+            _kill_group(process)  # on timeout, and anything it left behind in its session
         detail = stderr.decode(errors="replace")[-2000:]
         if process.returncode == 0:
             return Outcome("passed", detail)
