@@ -83,7 +83,8 @@ def test_txt_md_jsonl_json_and_parquet_files_all_load(tmp_path):
     (tmp_path / "a.txt").write_text("alpha text file\n\nits second paragraph")
     (tmp_path / "b.jsonl").write_text("\n".join(json.dumps({"body": f"jsonl row {i}"}) for i in range(3)) + "\n\n")
     pd.DataFrame({"body": ["parquet row 1", None, "parquet row 2"]}).to_parquet(tmp_path / "c.parquet")
-    (tmp_path / "d.json").write_text(json.dumps([{"body": "json array row", "id": 1}, {"id": 2}]))
+    bom = "\ufeff"  # as Windows editors save UTF-8
+    (tmp_path / "d.json").write_text(bom + json.dumps([{"body": "json array row", "id": 1}, {"id": 2}]), "utf-8")
     (tmp_path / "e.md").write_text("# a markdown page")
     (tmp_path / "ignored.bin").write_bytes(b"\0")
     train, validation = load_documents(DatasetSpec(source=str(tmp_path), text_field="body", validation_fraction=0.5))
@@ -106,11 +107,13 @@ def test_txt_md_jsonl_json_and_parquet_files_all_load(tmp_path):
     [
         ('{"text": "fine"}\n{"text": "cut sh', "spec.dataset.source: b.jsonl line 2 is not JSON"),
         ('["a", "b"]', "spec.dataset.source: b.jsonl: every row must be a JSON object with a 'text' key"),
+        ('{"text": "caf\xe9"}'.encode("latin-1"), "spec.dataset.source: b.jsonl is not UTF-8 (byte 13)"),
     ],
 )
 def test_a_broken_json_file_is_named_with_its_line(tmp_path, content, problem):
     (tmp_path / "a.jsonl").write_text(json.dumps({"text": "x"}) + "\n")
-    (tmp_path / "b.jsonl").write_text(content)
+    written = (tmp_path / "b.jsonl").write_bytes if isinstance(content, bytes) else (tmp_path / "b.jsonl").write_text
+    written(content)
     with pytest.raises(ValueError, match=re.escape(problem)):
         load_documents(DatasetSpec(source=str(tmp_path)))
 

@@ -131,7 +131,10 @@ def _require_column(path: Path, column: str, columns: list[str]) -> None:
 
 
 def _json_records(path: Path) -> list:
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # JSON is UTF-8; editors on Windows add a BOM
+    except UnicodeDecodeError as exc:
+        raise _problem("source", f"{path.name} is not UTF-8 (byte {exc.start}): re-encode it as UTF-8") from None
     try:
         whole = json.loads(text)
     except json.JSONDecodeError:
