@@ -3,8 +3,9 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
-from potential_meme.spec import SpecError, parse_job, plan_stages
+from potential_meme.spec import SpecError, job_file_text, load_job, parse_job, plan_stages, read_job_document
 from potential_meme.spec.plan import resolve_evaluation
 
 GOOD = {
@@ -93,6 +94,26 @@ def test_every_problem_is_reported_at_once():
     with pytest.raises(SpecError) as caught:
         parse_job(_mutated(two_errors))
     assert {p for p, _ in caught.value.problems} == {"spec.method.knowledge.alpha", "spec.training.learningRate"}
+
+
+def test_the_job_file_the_operator_writes_for_its_pods_reads_back_exactly(tmp_path):
+    # Every character a Kubernetes string can hold (JSON allows some raw that YAML refuses or folds),
+    # and a key longer than YAML's 1,024-character limit for a simple key.
+    every_character = "".join(chr(c) for c in range(0x110000) if not 0xD800 <= c < 0xE000)
+    document = _mutated(lambda d: d["spec"].update(resources={"nodeSelector": {"k" * 2000: every_character}}))
+    written = job_file_text(document)
+    assert read_job_document(written) == document
+    (tmp_path / "job.yaml").write_text(written, encoding="utf-8")
+    assert load_job(tmp_path / "job.yaml").spec.resources.node_selector == {"k" * 2000: every_character}
+    plain = job_file_text(GOOD)
+    assert yaml.safe_load(plain) == GOOD  # still YAML for anyone reading the ConfigMap as YAML
+
+
+def test_a_yaml_job_in_flow_style_is_read_as_yaml():
+    assert read_job_document("{kind: DistillationJob, metadata: {name: demo}}") == {
+        "kind": "DistillationJob",
+        "metadata": {"name": "demo"},
+    }
 
 
 def test_plan_of_a_knowledge_job_is_one_deterministic_stage():

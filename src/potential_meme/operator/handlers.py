@@ -16,11 +16,10 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import kopf
-import yaml
 from pydantic import ValidationError
 
 from ..metrics import operator as metrics
-from ..spec import SpecError, parse_job
+from ..spec import SpecError, parse_job, read_job_document
 from ..spec.models import API_GROUP, API_VERSION, EvaluationJob, JobStatus
 from ..spec.plan import MANIFEST, Stage, plan_stages, resolve_evaluation, resolve_evaluation_as_recorded
 from ..storage import open_store, read_json_if_exists
@@ -68,9 +67,25 @@ def defaults_from_environment() -> Defaults:
     return Defaults(**{key: value for key, value in environment.items() if value})
 
 
+class _NoDiffBase(kopf.DiffBaseStorage):
+    """No last-handled state. kopf diffs every event against it (a deep copy of the body, its progress
+    fields cleared, then a diff) for on.create/on.update handlers; this operator has only on.event
+    handlers, which never read that diff. It cost ~15 % of the operator's CPU in a burst of 500 jobs."""
+
+    def build(self, *, body: kopf.Body, extra_fields: Any = None) -> None:
+        return None
+
+    def fetch(self, *, body: kopf.Body) -> None:
+        return None
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: Any) -> None:
+        raise AssertionError("no kopf change handler is registered: nothing has a last-handled state to store")
+
+
 @kopf.on.startup()
 async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     settings.posting.level = logging.WARNING
+    settings.persistence.diffbase_storage = _NoDiffBase()
 
     def login() -> kopf.ConnectionInfo:
         """Read afresh each time: a bound service-account token is rotated on disk by the kubelet."""
@@ -218,7 +233,7 @@ async def _resolved_evaluation(
     namespace, name = job.metadata.namespace, job.spec.distillation_job
     configmap = await kube.get("v1", "configmaps", namespace, configmap_name(job))
     if configmap is not None:
-        recorded = parse_job(yaml.safe_load(configmap["data"][JOB_FILE]), source=configmap_name(job))
+        recorded = parse_job(read_job_document(configmap["data"][JOB_FILE]), source=configmap_name(job))
         return resolve_evaluation_as_recorded(job, recorded), None
     body = await kube.get(API_VERSION, "distillationjobs", namespace, name)
     blocker = distillation_blocker(name, body)

