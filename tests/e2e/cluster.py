@@ -199,6 +199,13 @@ class StrictEmulator(kmock.KubernetesEmulator):
         finally:
             self.in_flight.discard(id(request))
 
+    async def _serve_watch(self, request):
+        # A watch is matched once, when it starts; while it streams (for the test's whole life) it need
+        # not be among the requests every new request is matched against.
+        self.in_flight.discard(id(request))
+        async for event in super()._serve_watch(request):
+            yield event
+
     def stored(self, plural: str, namespace: str | None, name: str) -> dict[str, Any] | None:
         """An object as stored now, read in-process (as the training operator reads its informer cache)."""
         key = self.keys_by_plural.get(plural, {}).get((namespace, name))
