@@ -7,9 +7,14 @@ import gzip
 import importlib.util
 import json
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from ..engine.generation import Sampling, generate
+from .results import Score, proportion, sample_mean
 from .sandbox import Outcome, run_untrusted
 
 # Where a completion of the function body ends: the next top-level statement (Codex paper's stops).
@@ -55,3 +60,51 @@ def pass_at_k(samples: int, correct: int, k: int) -> float:
     if samples - correct < k:
         return 1.0
     return 1.0 - math.comb(samples - correct, k) / math.comb(samples, k)
+
+
+def run_humaneval(
+    model: Any,
+    tokenizer: Any,
+    limit: int | None = None,
+    samples: int = 1,
+    temperature: float = 0.0,
+    max_tokens: int = 384,
+    batch_size: int = 8,
+    timeout: float = 10.0,
+) -> tuple[dict[str, Score], list[dict[str, Any]]]:
+    """pass@1 (greedy by default) and, with `samples` > 1 sampled at `temperature`, pass@k for k up to
+    `samples` in powers of ten; and each problem's first completion with its outcome."""
+    if samples > 1 and temperature <= 0:
+        raise ValueError("HumanEval with several samples a problem needs temperature > 0 (greedy ones are equal)")
+    problems = load_problems(limit)
+    prompts = [problem.prompt for problem in problems]
+    drawn = [
+        generate(
+            model,
+            tokenizer,
+            prompts,
+            Sampling(max_tokens=max_tokens, temperature=temperature, stop=STOP_SEQUENCES, seed=sample),
+            batch_size=batch_size,
+            progress=f"HumanEval sample {sample + 1}/{samples}",
+        )
+        for sample in range(samples)
+    ]
+    pairs = [(problem, completions[index].text) for completions in drawn for index, problem in enumerate(problems)]
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # each check is a process of its own
+        outcomes = list(pool.map(lambda pair: check(*pair, timeout=timeout), pairs))
+    passed = [0] * len(problems)
+    for position, outcome in enumerate(outcomes):
+        passed[position % len(problems)] += outcome.status == "passed"
+    if samples == 1:
+        scores = {"pass@1": proportion(sum(passed), len(problems), unit="pass@1")}
+    else:
+        ks = [k for k in (1, 10, 100) if k <= samples]
+        scores = {
+            f"pass@{k}": sample_mean([pass_at_k(samples, correct, k) for correct in passed], unit=f"pass@{k}")
+            for k in ks
+        }
+    shown = [
+        {"task_id": problem.task_id, "completion": truncate(drawn[0][index].text), "status": outcomes[index].status}
+        for index, problem in enumerate(problems)
+    ]
+    return scores, shown

@@ -1,0 +1,207 @@
+"""DistillationEvaluator: a teacher and its student on the benchmarks people quote, side by side.
+
+Measuring (`evaluate`) and showing (`visualize_comparison`, `generate_report`) are separate: the
+results object serializes to JSON, and a plot or report is rebuilt from it without measuring again.
+Models are measured one at a time (the previous one freed first), so each one's memory is its own.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import logging
+import sys
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic_core import to_jsonable_python
+
+from ..engine.models import load_model, load_tokenizer, parameter_count, resolve
+from ..spec.errors import SpecError
+from .results import EvaluationResults, ModelResults
+
+log = logging.getLogger(__name__)
+
+BENCHMARKS = ("mmlu", "humaneval", "mt-bench", "perplexity")
+METRICS = ("accuracy", "latency", "memory_usage")
+
+
+@dataclass
+class EvaluationSettings:
+    """How much of each benchmark to run. `limit`: questions per MMLU subject and HumanEval problems."""
+
+    limit: int | None = None
+    mmlu_source: str | None = None  # a folder or s3:// prefix in the MMLU CSV layout; None: the hub
+    mmlu_subjects: list[str] | None = None
+    mmlu_formulations: tuple[str, ...] = ("letter", "cloze")
+    num_fewshot: int = 5
+    humaneval_samples: int = 1
+    humaneval_temperature: float = 0.0
+    max_new_tokens: int = 384
+    batch_size: int = 8
+    latency_runs: int = 5
+    latency_tokens: int = 32
+    perplexity_dataset: str | None = None  # a source the engine reads (its held-out split is measured)
+    extra_setup: dict[str, Any] = field(default_factory=dict)
+
+
+def _versions() -> dict[str, str]:
+    found = {}
+    for package in ("potential-meme", "torch", "transformers", "lm-eval"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            pass
+    return found
+
+
+def _release_memory() -> None:
+    """Give freed tensors back to the system, so the next model's peak memory is its own."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # not glibc
+        pass
+
+
+def _check_choices(given: list[str], accepted: tuple[str, ...], name: str) -> None:
+    unknown = [item for item in given if item not in accepted]
+    if unknown:
+        raise SpecError([(name, f"unknown {', '.join(map(repr, unknown))}; accepted: {', '.join(accepted)}")])
+
+
+def model_reference(reference: str) -> str:
+    """The engine's references, and a DistillationJob file: its final student."""
+    path = Path(reference)
+    if path.suffix in (".yaml", ".yml", ".json") and path.is_file():
+        from ..spec import load_job
+        from ..spec.models import DistillationJob
+        from ..spec.plan import final_artifacts
+
+        job = load_job(path)
+        if not isinstance(job, DistillationJob):
+            raise SpecError([("model", f"{reference} is an {job.kind}; give a model or a DistillationJob file")])
+        return final_artifacts(job)["student"]
+    return reference
+
+
+class DistillationEvaluator:
+    def __init__(self, settings: EvaluationSettings | None = None, **overrides: Any):
+        self.settings = settings or EvaluationSettings(**overrides)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def evaluate(
+        self,
+        teacher_model: str | None,
+        student_model: str,
+        evaluation_datasets: list[str] = ["mmlu", "humaneval", "mt-bench"],  # noqa: B006 - the design's signature
+        metrics: list[str] = ["accuracy", "latency", "memory_usage"],  # noqa: B006
+    ) -> EvaluationResults:
+        _check_choices(list(evaluation_datasets), BENCHMARKS, "evaluation_datasets")
+        _check_choices(list(metrics), METRICS, "metrics")
+        if "mt-bench" in evaluation_datasets and "accuracy" in metrics:
+            raise SpecError(
+                [("evaluation_datasets", "mt-bench needs a judge endpoint, which this version cannot call yet")]
+            )
+        if "perplexity" in evaluation_datasets and not self.settings.perplexity_dataset:
+            raise SpecError([("perplexity_dataset", "perplexity needs a dataset: set perplexity_dataset=SOURCE")])
+        roles = {"teacher": teacher_model, "student": student_model}
+        measured = {
+            role: self._measure(model_reference(reference), list(evaluation_datasets), list(metrics))
+            for role, reference in roles.items()
+            if reference is not None
+        }
+        settings = to_jsonable_python({k: v for k, v in vars(self.settings).items() if k != "extra_setup"})
+        setup = {
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "device": str(self.device),
+            "versions": _versions(),
+            "command": " ".join(sys.argv),
+            "benchmarks": list(evaluation_datasets),
+            "metrics": list(metrics),
+            "settings": settings,
+            **self.settings.extra_setup,
+        }
+        return EvaluationResults(models=measured, setup=setup)
+
+    def _measure(self, reference: str, benchmarks: list[str], metrics: list[str]) -> ModelResults:
+        settings = self.settings
+        resolved = resolve(reference)
+        tokenizer = load_tokenizer(resolved)
+        model = load_model(resolved).to(self.device).eval()
+        results = ModelResults(reference=reference, parameters=parameter_count(model))
+        log.info("evaluating %s (%d parameters)", reference, results.parameters)
+        if "accuracy" in metrics:
+            if "mmlu" in benchmarks:
+                from .mmlu import run_mmlu
+
+                for formulation in settings.mmlu_formulations:
+                    macro, subjects = run_mmlu(
+                        model,
+                        tokenizer,
+                        settings.mmlu_source,
+                        formulation=formulation,
+                        subjects=settings.mmlu_subjects,
+                        limit=settings.limit,
+                        num_fewshot=settings.num_fewshot,
+                        batch_size=settings.batch_size,
+                    )
+                    results.benchmarks[f"mmlu_{formulation}"] = {"accuracy": macro}
+                    results.details[f"mmlu_{formulation}"] = subjects
+            if "humaneval" in benchmarks:
+                from .humaneval import run_humaneval
+
+                scores, shown = run_humaneval(
+                    model,
+                    tokenizer,
+                    limit=settings.limit,
+                    samples=settings.humaneval_samples,
+                    temperature=settings.humaneval_temperature,
+                    max_tokens=settings.max_new_tokens,
+                    batch_size=settings.batch_size,
+                )
+                results.benchmarks["humaneval"] = scores
+                results.samples["humaneval"] = shown
+            if "perplexity" in benchmarks:
+                results.benchmarks["perplexity"] = {"perplexity": self._perplexity(model, tokenizer)}
+        if "latency" in metrics:
+            from .latency import measure_speed
+
+            results.benchmarks["latency"] = measure_speed(
+                model, tokenizer, settings.latency_tokens, settings.latency_runs, settings.batch_size
+            )
+        if "memory_usage" in metrics:
+            from .latency import measure_memory
+
+            results.benchmarks["memory"] = measure_memory(
+                model, tokenizer, settings.latency_tokens, settings.batch_size
+            )
+        del model
+        _release_memory()
+        return results
+
+    def _perplexity(self, model: Any, tokenizer: Any) -> Any:
+        from ..engine.data import load_documents, pack
+        from ..engine.runtime import Runtime, perplexity
+        from ..spec.models import DatasetSpec
+        from .results import Score
+
+        _, documents = load_documents(DatasetSpec(source=self.settings.perplexity_dataset))
+        rows = pack(documents, tokenizer, 256, "perplexity_dataset")
+        runtime = Runtime(rank=0, world_size=1, device=self.device, autocast_dtype=None)
+        value = perplexity(model, rows, runtime, self.settings.batch_size, 256)
+        return Score(value=value, n=int(rows.numel()), unit="perplexity", higher_is_better=False)
+
+    def visualize_comparison(self, results: EvaluationResults, output_file: str = "comparison.png") -> Path:
+        from .report import comparison_figure
+
+        return comparison_figure(results, Path(output_file))
+
+    def generate_report(self, results: EvaluationResults, output_file: str = "report.pdf") -> Path:
+        from .report import pdf_report
+
+        return pdf_report(results, Path(output_file))
