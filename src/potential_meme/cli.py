@@ -1,4 +1,4 @@
-"""potential-meme: run | train | evaluate | render | operator | crds."""
+"""potential-meme: run | train | evaluate | render | operator | serve | crds."""
 
 from __future__ import annotations
 
@@ -165,6 +165,13 @@ def cmd_crds(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serving import serve
+
+    serve(args.model, args.host, args.port, args.batch_size, args.max_tokens, args.name)
+    return 0
+
+
 def cmd_launch(args: argparse.Namespace) -> int:
     from .launch import launch
 
@@ -236,6 +243,17 @@ def build_parser() -> argparse.ArgumentParser:
         "distinct ones (default: random)",
     )
     operator.set_defaults(handler=cmd_operator)
+
+    serve = commands.add_parser(
+        "serve", help="serve a model as an OpenAI-compatible chat completions endpoint (/v1/chat/completions)"
+    )
+    serve.add_argument("model", help="any model reference the engine loads (hub id, folder, GGUF, package:, s3://)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free one)")
+    serve.add_argument("--batch-size", type=int, default=8, help="requests answered together at most (default 8)")
+    serve.add_argument("--max-tokens", type=int, default=1024, help="the most tokens a request may ask for")
+    serve.add_argument("--name", help="the model's name in responses and /v1/models (default: MODEL)")
+    serve.set_defaults(handler=cmd_serve)
 
     crds = commands.add_parser("crds", help="write the CustomResourceDefinitions generated from the spec models")
     crds.add_argument("--output-dir", default="crds", type=Path)

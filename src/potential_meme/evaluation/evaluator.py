@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import logging
+import re
 import sys
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -20,8 +21,10 @@ from typing import Any
 import torch
 from pydantic_core import to_jsonable_python
 
+from ..engine.chat_api import ChatClient, ChatEndpoint
 from ..engine.models import load_model, load_tokenizer, parameter_count, resolve
 from ..spec.errors import SpecError
+from ..storage import cache_folder
 from .results import EvaluationResults, ModelResults
 
 log = logging.getLogger(__name__)
@@ -46,6 +49,11 @@ class EvaluationSettings:
     latency_runs: int = 5
     latency_tokens: int = 32
     perplexity_dataset: str | None = None  # a source the engine reads (its held-out split is measured)
+    mt_bench_source: str | None = None  # a folder or s3:// prefix with FastChat's MT-Bench files
+    judge: ChatEndpoint | None = None  # the MT-Bench judge
+    judge_cache: Path | None = None  # judgments already made (default: in the engine's cache folder)
+    mt_bench_max_tokens: int = 512
+    judge_max_tokens: int = 1024
     extra_setup: dict[str, Any] = field(default_factory=dict)
 
 
@@ -104,9 +112,10 @@ class DistillationEvaluator:
         _check_choices(list(evaluation_datasets), BENCHMARKS, "evaluation_datasets")
         _check_choices(list(metrics), METRICS, "metrics")
         if "mt-bench" in evaluation_datasets and "accuracy" in metrics:
-            raise SpecError(
-                [("evaluation_datasets", "mt-bench needs a judge endpoint, which this version cannot call yet")]
-            )
+            if self.settings.judge is None:
+                raise SpecError([("judge", "mt-bench needs a judge: judge=ChatEndpoint(model=..., base_url=...)")])
+            if self.settings.mt_bench_source is None:
+                raise SpecError([("mt_bench_source", "mt-bench needs its questions: a folder or s3:// prefix")])
         if "perplexity" in evaluation_datasets and not self.settings.perplexity_dataset:
             raise SpecError([("perplexity_dataset", "perplexity needs a dataset: set perplexity_dataset=SOURCE")])
         roles = {"teacher": teacher_model, "student": student_model}
@@ -166,6 +175,22 @@ class DistillationEvaluator:
                 )
                 results.benchmarks["humaneval"] = scores
                 results.samples["humaneval"] = shown
+            if "mt-bench" in benchmarks:
+                from .mt_bench import run_mt_bench
+
+                scores, categories, shown = run_mt_bench(
+                    model,
+                    tokenizer,
+                    settings.mt_bench_source,
+                    self._judge(),
+                    limit=settings.limit,
+                    max_tokens=settings.mt_bench_max_tokens,
+                    judge_max_tokens=settings.judge_max_tokens,
+                    batch_size=settings.batch_size,
+                )
+                results.benchmarks["mt-bench"] = scores
+                results.details["mt-bench"] = categories
+                results.samples["mt-bench"] = shown
             if "perplexity" in benchmarks:
                 results.benchmarks["perplexity"] = {"perplexity": self._perplexity(model, tokenizer)}
         if "latency" in metrics:
@@ -183,6 +208,14 @@ class DistillationEvaluator:
         del model
         _release_memory()
         return results
+
+    def _judge(self) -> ChatClient:
+        judge = self.settings.judge
+        cache = self.settings.judge_cache
+        if cache is None:
+            name = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{judge.model}@{judge.base_url or 'openai'}")
+            cache = cache_folder() / "judgments" / f"{name}.jsonl"
+        return ChatClient(judge, cache)
 
     def _perplexity(self, model: Any, tokenizer: Any) -> Any:
         from ..engine.data import load_documents, pack

@@ -1,0 +1,232 @@
+"""MT-Bench judged through `potential-meme serve` over HTTP with the official openai client: a judge that
+answers 429 and 500 for a while, a cache that makes a rerun free, and a server that batches."""
+
+import json
+import threading
+import time
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import openai
+import pytest
+import torch
+
+from potential_meme.engine.chat_api import ChatClient, ChatEndpoint, ChatRequest
+from potential_meme.engine.generation import chat_prompt
+from potential_meme.engine.models import load_model, load_tokenizer
+from potential_meme.evaluation import DistillationEvaluator
+from potential_meme.evaluation.mt_bench import judge_request, load_mt_bench, rating
+from potential_meme.serving import ChatServer
+
+from helpers import SHARED, save_tiny_llama, start_cli
+
+MT_BENCH = SHARED / "evaldata" / "mt_bench"
+CHATML = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+VERDICT = "Rating: [[7]]"
+
+
+@pytest.fixture(scope="module")
+def chat_model_dir(tiny_teacher_dir, tmp_path_factory):
+    """The tiny Llama with a chat template (ChatML, as SmolLM2's)."""
+    root = tmp_path_factory.mktemp("tiny-chat")
+    tokenizer = load_tokenizer(str(tiny_teacher_dir))
+    tokenizer.chat_template = CHATML
+    save_tiny_llama(root, tokenizer, hidden_size=64, layers=2, seed=2)
+    return root
+
+
+@pytest.fixture(scope="module")
+def judge_dir(chat_model_dir, tmp_path_factory):
+    """A tiny judge trained to give every answer the same verdict: MT-Bench's plumbing is under test here,
+    not a judge's taste (the slow test judges with the real SmolLM2)."""
+    root = tmp_path_factory.mktemp("tiny-judge")
+    tokenizer = load_tokenizer(str(chat_model_dir))
+    model = load_model(str(chat_model_dir)).train()
+    bench = load_mt_bench(str(MT_BENCH), limit=1)
+    examples = []
+    for question in bench.questions:
+        for turn in (0, 1):
+            request = judge_request(bench, question, [f"answer {question.question_id}", "a second answer"], turn, 16)
+            messages = [{"role": "system", "content": request.system}, {"role": "user", "content": request.user}]
+            prompt = tokenizer(chat_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"][-200:]
+            target = tokenizer(VERDICT)["input_ids"] + [tokenizer.eos_token_id]
+            examples.append((prompt, target))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for step in range(60):
+        prompt, target = examples[step % len(examples)]
+        ids = torch.tensor([prompt + target])
+        labels = torch.tensor([[-100] * len(prompt) + target])
+        model(input_ids=ids, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval().save_pretrained(root)
+    tokenizer.save_pretrained(root)
+    return root
+
+
+class FlakyProxy:
+    """In front of a real endpoint: 429 for the first requests, then 500, then passes everything on."""
+
+    def __init__(self, upstream: str, too_many: int, failing: int):
+        self.upstream, self.plan, self.seen, self.forwarded = upstream, ["429"] * too_many + ["500"] * failing, [], []
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *_):
+                pass
+
+            def do_POST(self):  # noqa: N802
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                with threading.Lock():
+                    fault = proxy.plan.pop(0) if proxy.plan else None
+                proxy.seen.append(fault or "ok")
+                if fault is not None:
+                    data = json.dumps({"error": {"message": f"injected {fault}", "type": "server_error"}}).encode()
+                    self.send_response(int(fault))
+                    self.send_header("Retry-After", "0")
+                else:
+                    proxy.forwarded.append(json.loads(body))
+                    request = urllib.request.Request(
+                        proxy.upstream + self.path.removeprefix("/v1"),
+                        data=body,
+                        headers={"Content-Type": "application/json"},
+                    )
+                    with urllib.request.urlopen(request, timeout=120) as response:
+                        data = response.read()
+                    self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_port}/v1"
+
+    def close(self):
+        self.server.shutdown()
+
+
+def _served(model_dir, *options):
+    server = start_cli("serve", str(model_dir), "--port", "0", "--name", "judge", *options)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        line = server.stdout.readline()
+        if line.startswith("serving "):
+            return server, line.split(" on ", 1)[1].strip()
+        if not line and server.poll() is not None:
+            break
+    server.kill()
+    raise AssertionError(f"serve did not start: {line!r}")
+
+
+def test_mt_bench_is_judged_through_a_flaky_endpoint_and_a_rerun_asks_nothing(
+    chat_model_dir, judge_dir, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("JUDGE_KEY", "k3y-value")
+    server, url = _served(judge_dir)
+    proxy = FlakyProxy(url, too_many=2, failing=2)
+    try:
+        endpoint = ChatEndpoint(model="judge", base_url=proxy.url, api_key_env="JUDGE_KEY", concurrency=2)
+        settings = {"limit": 1, "mt_bench_source": str(MT_BENCH), "judge": endpoint, "mt_bench_max_tokens": 8}
+        settings |= {"judge_max_tokens": 12, "judge_cache": tmp_path / "judgments.jsonl"}
+        evaluator = DistillationEvaluator(**settings)
+        results = evaluator.evaluate(None, str(chat_model_dir), ["mt-bench"], ["accuracy"])
+    finally:
+        server.kill()
+        proxy.close()
+    scores = results.models["student"].benchmarks["mt-bench"]
+    assert proxy.seen[:4] == ["429", "429", "500", "500"] and len(proxy.forwarded) == 16  # 8 categories, 2 turns
+    assert scores["unreadable_judgments"].value == 0 and scores["unreadable_judgments"].n == 16
+    assert scores["score"].value == 7 and scores["score"].n == 16
+    assert sorted(results.models["student"].details["mt-bench"]) == [
+        "coding", "extraction", "humanities", "math", "reasoning", "roleplay", "stem", "writing"
+    ]  # fmt: skip
+    asked = [request["messages"][1]["content"] for request in proxy.forwarded]
+    math_question = next(s for s in results.models["student"].samples["mt-bench"] if s["category"] == "math")
+    assert any("Reference Answer" in text and math_question["question"] in text for text in asked)
+    written = results.to_json() + (tmp_path / "judgments.jsonl").read_text()
+    assert "JUDGE_KEY" in written and "k3y-value" not in written  # the variable's name is kept, never its value
+
+    # The server is gone: everything the rerun needs comes from the judgment cache.
+    again = evaluator.evaluate(None, str(chat_model_dir), ["mt-bench"], ["accuracy"])
+    assert again.models["student"].benchmarks["mt-bench"] == scores
+
+
+def test_serve_answers_the_openai_client_and_refuses_bad_requests(chat_model_dir, monkeypatch):
+    monkeypatch.setenv("POTENTIAL_MEME_SERVE_API_KEY", "s3cret")
+    server, url = _served(chat_model_dir, "--batch-size", "4", "--max-tokens", "16")
+    try:
+        client = openai.OpenAI(base_url=url, api_key="s3cret", max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["judge"]
+        threads, answers = [], {}
+
+        def ask(index):
+            response = client.chat.completions.create(
+                model="judge", messages=[{"role": "user", "content": f"question {index}"}], max_tokens=6, temperature=0
+            )
+            answers[index] = response
+
+        for index in range(6):
+            threads.append(threading.Thread(target=ask, args=(index,)))
+            threads[-1].start()
+        for thread in threads:
+            thread.join(60)
+        assert sorted(answers) == list(range(6))
+        assert all(
+            a.choices[0].finish_reason in ("stop", "length") and a.usage.completion_tokens <= 6
+            for a in answers.values()
+        )
+        with pytest.raises(openai.BadRequestError, match="max_tokens: must be an integer from 1 to 16"):
+            client.chat.completions.create(model="judge", messages=[{"role": "user", "content": "x"}], max_tokens=99)
+        with pytest.raises(openai.BadRequestError, match="messages\\[0\\].role"):
+            client.chat.completions.create(model="judge", messages=[{"role": "robot", "content": "x"}])
+        with pytest.raises(openai.BadRequestError, match="streaming is not supported"):
+            client.chat.completions.create(model="judge", messages=[{"role": "user", "content": "x"}], stream=True)
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=url, api_key="wrong", max_retries=0).models.list()
+    finally:
+        server.kill()
+
+
+def test_requests_waiting_together_are_answered_in_one_batch(chat_model_dir):
+    model, tokenizer = load_model(str(chat_model_dir)).eval(), load_tokenizer(str(chat_model_dir))
+    server = ChatServer(model, tokenizer, "tiny", batch_size=4)
+    answers = {}
+
+    def ask(index):
+        body = {"messages": [{"role": "user", "content": f"question {index}"}], "max_tokens": 5, "temperature": 0}
+        answers[index] = server.complete(body)
+
+    threads = [threading.Thread(target=ask, args=(index,)) for index in range(6)]
+    for thread in threads:
+        thread.start()
+    while server.waiting.qsize() < 6:  # all six wait before the server starts answering
+        time.sleep(0.01)
+    server.start()
+    for thread in threads:
+        thread.join(60)
+    assert server.batches == 2  # 4 + 2, not 6
+    batched = answers[3]["choices"][0]
+    ask(3)  # again, alone
+    assert server.batches == 3
+    assert answers[3]["choices"][0] == batched  # batching changes no answer
+
+
+def test_judge_ratings_are_read_as_fastchat_reads_them():
+    assert rating("The answer is fine. Rating: [[8]]") == 8
+    assert rating("Rating: [[7.5]] and later [[2]]") == 7.5
+    assert rating("I'd say [6]") == 6
+    assert rating("Rating: [[0]]") is None and rating("no verdict") is None and rating("[[11]]") is None
+
+
+def test_the_cache_survives_a_cut_line(tmp_path):
+    cache = tmp_path / "judgments.jsonl"
+    request = ChatRequest(user="hello")
+    key = request.key("judge")
+    cache.write_text(json.dumps({"key": key, "answer": "Rating: [[9]]"}) + "\n" + '{"key": "cut sh')
+    client = ChatClient(ChatEndpoint(model="judge", base_url="http://127.0.0.1:9"), cache)
+    assert client.ask(request) == "Rating: [[9]]" and client.asked == 0
