@@ -1,6 +1,7 @@
 -- Argo CD health of a DistillationJob or EvaluationJob (distill.potential-meme.io).
 -- Healthy: Succeeded. Progressing: Pending or Running, or a spec the operator has not seen yet.
--- Degraded: Failed or Valid=False. Suspended: spec.suspend took effect.
+-- Degraded: Failed, Valid=False, or QualityGate=False (an evaluation whose student fell short of a gate).
+-- Suspended: spec.suspend took effect.
 local health = {status = "Progressing", message = "waiting for the operator"}
 if obj.status == nil then
   return health
@@ -18,14 +19,14 @@ end
 if conditions.Valid ~= nil and conditions.Valid.status == "False" then
   return {status = "Degraded", message = "invalid spec: " .. (conditions.Valid.message or "")}
 end
+if conditions.QualityGate ~= nil and conditions.QualityGate.status == "False" then
+  return {status = "Degraded", message = "quality gate failed: " .. (conditions.QualityGate.message or "")}
+end
 local phase = obj.status.phase
 local stage = obj.status.currentStage or ""
 if phase == "Succeeded" then
-  local artifact = ""
-  for _, uri in pairs(obj.status.artifacts or {}) do
-    artifact = uri
-  end
-  return {status = "Healthy", message = "succeeded " .. artifact}
+  local artifacts = obj.status.artifacts or {}
+  return {status = "Healthy", message = "succeeded " .. (artifacts.student or artifacts.results or "")}
 elseif phase == "Failed" then
   local failed = conditions.Failed or {}
   return {status = "Degraded", message = (failed.reason or "Failed") .. ": " .. (failed.message or "")}

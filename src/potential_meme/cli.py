@@ -104,20 +104,33 @@ def _evaluation(
 def cmd_evaluate(args: argparse.Namespace) -> int:
     job = _evaluation(load_job(args.job), args.job, args.distillation_job)
     from .engine.trainer import run_stage
-    from .spec.plan import plan_stages
+    from .spec.plan import RESULTS, plan_stages
 
     # Like `train`, it is what a pod runs: metrics listen on every interface for Prometheus.
     [stage] = plan_stages(job)
     manifest = run_stage(job, stage, metrics_port=args.metrics_port or None, metrics_address="0.0.0.0")
     row = manifest["metrics"]
-    print(f"\n{job.metadata.name}: held-out perplexity on {job.spec.dataset.source} ({row['sequences']} sequences)")
-    print(f"  {'model':<10}{'parameters':>14}{'perplexity':>14}  reference")
-    for role, reference in (("student", job.spec.student), ("teacher", job.spec.teacher)):
-        if f"{role}Perplexity" in row:
-            print(f"  {role:<10}{row[f'{role}Parameters']:>14,}{row[f'{role}Perplexity']:>14,.3f}  {reference}")
-    if "perplexityRatio" in row:
-        print(f"  student/teacher: perplexity {row['perplexityRatio']:.3f}x, parameters {row['parameterRatio']:.3f}x")
-    print(f"  results: {manifest['results']}")
+    if "studentPerplexity" in row:
+        print(f"\n{job.metadata.name}: held-out perplexity on {job.spec.dataset.source} ({row['sequences']} sequences)")
+        print(f"  {'model':<10}{'parameters':>14}{'perplexity':>14}  reference")
+        for role, reference in (("student", job.spec.student), ("teacher", job.spec.teacher)):
+            if f"{role}Perplexity" in row:
+                print(f"  {role:<10}{row[f'{role}Parameters']:>14,}{row[f'{role}Perplexity']:>14,.3f}  {reference}")
+        if "perplexityRatio" in row:
+            print(
+                f"  student/teacher: perplexity {row['perplexityRatio']:.3f}x, parameters {row['parameterRatio']:.3f}x"
+            )
+    if set(job.spec.benchmarks) - {"perplexity"} or set(job.spec.metrics) - {"accuracy"}:
+        from .evaluation import EvaluationResults
+        from .evaluation.report import results_table
+        from .storage import open_store
+
+        results = EvaluationResults.from_json(open_store(stage.output_uri).read_bytes(RESULTS).decode("utf-8"))
+        print("\n" + "\n".join("  " + line for line in results_table(results)))
+    for gate in manifest.get("gates", []):
+        print(f"  quality gate {gate['gate']}: {'passed' if gate['passed'] else 'FAILED'} ({gate['message']})")
+    beside = [entry["path"] for entry in manifest.get("files", []) if entry["path"] != RESULTS]
+    print(f"  results: {manifest['results']}" + (f" (beside it: {', '.join(beside)})" if beside else ""))
     return 0
 
 
@@ -212,7 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     launch.set_defaults(handler=cmd_launch)
 
     evaluate = commands.add_parser(
-        "evaluate", help="held-out perplexity of a student and its teacher (what an EvaluationJob's pod runs)"
+        "evaluate",
+        help="a student and its teacher on perplexity, MMLU, HumanEval, MT-Bench, latency and memory, with quality "
+        "gates (what an EvaluationJob's pod runs)",
     )
     evaluate.add_argument("job", help="an EvaluationJob file, or a DistillationJob file to evaluate its final student")
     evaluate.add_argument(

@@ -136,3 +136,29 @@ def test_the_applications_pass_argo_cds_own_crd(name):
     assert schema_problems(validator, application) == []
     application["spec"]["syncPolicy"] = {"automated": {"prune": "yes"}}
     assert schema_problems(validator, application)  # the check can fail
+
+
+def test_an_evaluation_whose_student_fails_a_gate_is_degraded_with_the_numbers():
+    document = {
+        "apiVersion": "distill.potential-meme.io/v1alpha1",
+        "kind": "EvaluationJob",
+        "metadata": {"name": "gated", "generation": 1},
+        "spec": {
+            "student": "s3://models/runs/kd/distill/student/",
+            "benchmarks": ["humaneval"],
+            "gates": [{"metric": "humaneval.pass@1", "atLeast": 0.1}],
+        },
+    }
+    job = parse_job(document)
+    child = {"gated-evaluate": pytorchjob("Succeeded")}
+    failing = {"gatesPassed": 0, "gatesFailed": 1, "gateFailures": "humaneval.pass@1 0.03 not >= 0.1"}
+    failed = decide(job, child, {"evaluate": {"metrics": failing}}, None, T1, 1).status
+    assert health(document | {"status": failed.to_yaml_dict()}) == {
+        "status": "Degraded",
+        "message": "quality gate failed: humaneval.pass@1 0.03 not >= 0.1",
+    }
+    passed = decide(job, child, {"evaluate": {"metrics": {"gatesPassed": 1, "gatesFailed": 0}}}, None, T1, 1).status
+    assert health(document | {"status": passed.to_yaml_dict()}) == {
+        "status": "Healthy",
+        "message": "succeeded file://./runs/gated/evaluate/results.json",
+    }

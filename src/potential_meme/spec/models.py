@@ -427,6 +427,98 @@ class DistillationJobSpec(Model):
         return self
 
 
+BENCHMARKS = ("perplexity", "mmlu", "humaneval", "mt-bench")
+MMLU_FORMULATIONS = ("letter", "cloze")
+
+
+class MMLUSpec(Model):
+    source: str | None = Field(
+        default=None,
+        description="A folder or s3:// prefix with dev/<subject>_dev.csv and test/<subject>_test.csv "
+        "(question, choice0..choice3, answer); unset: the hub's cais/mmlu.",
+    )
+    subjects: list[str] | None = Field(default=None, description="Subjects to ask; unset: all 57.")
+    formulations: list[Literal["letter", "cloze"]] = Field(
+        default_factory=lambda: list(MMLU_FORMULATIONS),
+        min_length=1,
+        description="letter: the original protocol (small models score at chance); cloze: the likelihood of each "
+        "answer's text, which tells small models apart.",
+    )
+    num_fewshot: int = Field(default=5, ge=0, le=5, description="Solved examples (the subject's dev split) first.")
+
+
+class HumanEvalSpec(Model):
+    samples: int = Field(default=1, ge=1, le=200, description="Completions a problem; pass@k for k up to it.")
+    temperature: float = Field(default=0.0, ge=0, le=2, description="0: greedy (pass@1 with one sample).")
+    max_new_tokens: int = Field(default=384, ge=16, le=4096)
+
+    @model_validator(mode="after")
+    def _sampled_when_several(self) -> HumanEvalSpec:
+        if self.samples > 1 and self.temperature <= 0:
+            raise ValueError("samples > 1 needs temperature > 0: greedy completions are all the same")
+        return self
+
+
+class JudgeSpec(Model):
+    model: str = Field(min_length=1, description="The judge's model name at the endpoint, e.g. gpt-4.")
+    base_url: str | None = Field(
+        default=None,
+        pattern=r"^https?://",
+        description="The http:// or https:// URL of an OpenAI-compatible endpoint, e.g. `potential-meme serve` in the "
+        "cluster (http://judge:8000/v1); unset: OpenAI's API.",
+    )
+    api_key_env: str = Field(
+        default="OPENAI_API_KEY",
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="The environment variable holding the key; give it from a Secret with resources.secretEnv.",
+    )
+    concurrency: int = Field(default=4, ge=1, le=256, description="Judge requests in flight at once.")
+    max_new_tokens: int = Field(default=1024, ge=16, le=8192, description="The judge's explanation and rating.")
+
+
+class MTBenchSpec(Model):
+    source: str = Field(
+        min_length=1,
+        description="A folder or s3:// prefix with FastChat's question.jsonl, judge_prompts.jsonl and "
+        "reference_answer_gpt-4.jsonl.",
+    )
+    max_new_tokens: int = Field(default=512, ge=16, le=4096, description="Tokens of each answer.")
+    judge: JudgeSpec
+
+
+class QualityGate(Model):
+    """A number the student must reach: the job's QualityGate condition is False, naming it, when it does not."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {"rule": "has(self.atLeast) != has(self.atMost)", "message": "set one of atLeast and atMost"}
+            ]
+        }
+    )
+
+    metric: str = Field(
+        pattern=r"^[a-z0-9_-]+\.[A-Za-z0-9_@.-]+$",
+        description="benchmark.metric as in the results: mmlu_cloze.accuracy, mmlu_letter.accuracy, humaneval.pass@1, "
+        "mt-bench.score, perplexity.perplexity, latency.per_token_p50_ms, memory.parameter_bytes.",
+    )
+    at_least: float | None = None
+    at_most: float | None = None
+    relative_to_teacher: bool = Field(
+        default=False, description="The bound is a share of the teacher's figure (0.9: 90 % of the teacher's)."
+    )
+
+    @model_validator(mode="after")
+    def _one_bound(self) -> QualityGate:
+        if (self.at_least is None) == (self.at_most is None):
+            raise ValueError("set one of atLeast and atMost")
+        return self
+
+    def describe(self) -> str:
+        bound = f">= {self.at_least}" if self.at_least is not None else f"<= {self.at_most}"
+        return f"{self.metric} {bound}" + (" x teacher" if self.relative_to_teacher else "")
+
+
 class EvaluationJobSpec(Model):
     """Evaluate a distilled student against its teacher."""
 
@@ -434,7 +526,15 @@ class EvaluationJobSpec(Model):
         json_schema_extra={
             "x-kubernetes-validations": [
                 {"rule": "has(self.student) || has(self.distillationJob)", "message": "set student or distillationJob"},
-                {"rule": "has(self.dataset) || has(self.distillationJob)", "message": "set dataset or distillationJob"},
+                {
+                    "rule": "has(self.dataset) || has(self.distillationJob) || "
+                    "(has(self.benchmarks) && !('perplexity' in self.benchmarks))",
+                    "message": "set dataset or distillationJob (perplexity is measured on its held-out split)",
+                },
+                {
+                    "rule": "!has(self.benchmarks) || !('mt-bench' in self.benchmarks) || has(self.mtBench)",
+                    "message": "mt-bench needs mtBench: its questions (source) and a judge",
+                },
             ]
         }
     )
@@ -473,6 +573,30 @@ class EvaluationJobSpec(Model):
         description="Results go to <uri>/<job name>/evaluate/; defaults to distillationJob's output.",
         json_schema_extra=_immutable("output"),
     )
+    benchmarks: list[Literal["perplexity", "mmlu", "humaneval", "mt-bench"]] = Field(
+        default_factory=lambda: ["perplexity"],
+        min_length=1,
+        description="perplexity (held-out split of dataset), mmlu, humaneval, mt-bench.",
+        json_schema_extra=_immutable("benchmarks"),
+    )
+    metrics: list[Literal["accuracy", "latency", "memoryUsage"]] = Field(
+        default_factory=lambda: ["accuracy"],
+        min_length=1,
+        description="accuracy: the benchmarks' scores; latency: time to first token, per-token latency, throughput; "
+        "memoryUsage: parameter bytes and peak memory while generating.",
+    )
+    limit: int | None = Field(
+        default=None,
+        ge=1,
+        description="At most this many questions per MMLU subject, HumanEval problems and MT-Bench questions per "
+        "category; unset: all.",
+    )
+    mmlu: MMLUSpec = Field(default_factory=MMLUSpec)
+    humaneval: HumanEvalSpec = Field(default_factory=HumanEvalSpec)
+    mt_bench: MTBenchSpec | None = None
+    gates: list[QualityGate] = Field(
+        default_factory=list, description="Numbers the student must reach; the result is the QualityGate condition."
+    )
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     run_policy: RunPolicySpec = Field(default_factory=RunPolicySpec)
     suspend: bool = False
@@ -482,8 +606,33 @@ class EvaluationJobSpec(Model):
         if self.distillation_job is None:
             if self.student is None:
                 raise ValueError("set 'student' (a model reference) or 'distillationJob' (a DistillationJob's name)")
-            if self.dataset is None:
-                raise ValueError("set 'dataset': its held-out split is what the models are evaluated on")
+            if self.dataset is None and "perplexity" in self.benchmarks:
+                raise ValueError("set 'dataset': perplexity is measured on its held-out split")
+        if "mt-bench" in self.benchmarks and self.mt_bench is None:
+            raise ValueError("mt-bench needs 'mtBench': its questions (source) and a judge")
+        return self
+
+    def result_benchmarks(self) -> list[str]:
+        """The benchmark keys of the results this spec produces (what gates may name)."""
+        names = [f"mmlu_{f}" for f in self.mmlu.formulations] if "mmlu" in self.benchmarks else []
+        names += [b for b in self.benchmarks if b != "mmlu"]
+        if "latency" in self.metrics:
+            names.append("latency")
+        if "memoryUsage" in self.metrics:
+            names.append("memory")
+        return names
+
+    @model_validator(mode="after")
+    def _gates_name_measured_numbers(self) -> EvaluationJobSpec:
+        measured = self.result_benchmarks()
+        for gate in self.gates:
+            benchmark = gate.metric.split(".", 1)[0]
+            if benchmark not in measured:
+                raise ValueError(
+                    f"gate {gate.metric}: this job measures no {benchmark!r}; it measures {', '.join(measured)}"
+                )
+            if gate.relative_to_teacher and self.teacher is None and self.distillation_job is None:
+                raise ValueError(f"gate {gate.metric} is relative to the teacher, but the job has no teacher")
         return self
 
 

@@ -14,6 +14,7 @@ from .models import DistillationJob, EvaluationJob, format_parameter_count
 MANIFEST = "manifest.json"  # written last by a stage: its presence means the stage is done
 STUDENT_DIR = "student/"  # the stage's student, a Hugging Face folder
 RESULTS = "results.json"  # an evaluation's results, next to its manifest
+PLOT, REPORT = "comparison.png", "report.pdf"  # and the two views of them
 
 
 class StageKind(StrEnum):
@@ -98,7 +99,11 @@ def final_artifacts(job: DistillationJob | EvaluationJob) -> dict[str, str]:
     """What a finished job leaves for its users: the final student, or an evaluation's results."""
     last = plan_stages(job)[-1]
     if isinstance(job, EvaluationJob):
-        return {"results": last.output_uri + RESULTS}
+        return {
+            "results": last.output_uri + RESULTS,
+            "plot": last.output_uri + PLOT,
+            "report": last.output_uri + REPORT,
+        }
     return {"student": last.output_uri + STUDENT_DIR}
 
 
