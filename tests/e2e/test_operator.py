@@ -37,12 +37,12 @@ def single_stage_job(name, tiny_teacher_dir, corpus_dir, steps=2):
     return job
 
 
-def evaluation_job(name, distillation_job):
+def evaluation_job(name, distillation_job, **spec):
     return {
         "apiVersion": API,
         "kind": "EvaluationJob",
         "metadata": {"name": name, "namespace": "ml"},
-        "spec": {"distillationJob": distillation_job, "batchSize": 2},
+        "spec": {"distillationJob": distillation_job, "batchSize": 2, **spec},
     }
 
 
@@ -82,7 +82,9 @@ def test_progressive_job_runs_stage_by_stage_to_a_student_in_s3_then_is_evaluate
     cluster, operator, tiny_teacher_dir, corpus_dir
 ):
     # The evaluation comes first and shares the job's name: it waits, and nothing of the two collides.
-    assert cluster.apply(evaluation_job("chain", distillation_job="chain"))[0] in (200, 201)
+    # A student pruned and trained for a few steps is not as good as its teacher: the gate fails.
+    gate = {"metric": "perplexity.perplexity", "atMost": 1.0, "relativeToTeacher": True}
+    assert cluster.apply(evaluation_job("chain", distillation_job="chain", gates=[gate]))[0] in (200, 201)
     evaluation, _ = wait_for(
         cluster,
         "chain",
@@ -136,11 +138,18 @@ def test_progressive_job_runs_stage_by_stage_to_a_student_in_s3_then_is_evaluate
     # The evaluation inherits the job's output and sequences: it finds the trainer's own figures again.
     results_uri = evaluation["status"]["artifacts"]["results"]
     assert results_uri == "s3://models/runs/chain/evaluate/results.json"
-    results = read_json(open_store(results_uri.removesuffix("results.json")), "results.json")
-    assert results["student"]["model"] == status["artifacts"]["student"]
-    assert results["student"]["perplexity"] == pytest.approx(stages[1]["metrics"]["studentPerplexityAfter"], rel=1e-4)
-    assert results["teacher"]["perplexity"] == pytest.approx(stages[0]["metrics"]["teacherPerplexity"], rel=1e-4)
-    assert row["metrics"]["studentPerplexity"] == results["student"]["perplexity"]
+    results = read_json(open_store(results_uri.removesuffix("results.json")), "results.json")["models"]
+    student, teacher = (
+        results[role]["benchmarks"]["perplexity"]["perplexity"]["value"] for role in ("student", "teacher")
+    )
+    assert results["student"]["reference"] == status["artifacts"]["student"]
+    assert student == pytest.approx(stages[1]["metrics"]["studentPerplexityAfter"], rel=1e-4)
+    assert teacher == pytest.approx(stages[0]["metrics"]["teacherPerplexity"], rel=1e-4)
+    assert row["metrics"]["studentPerplexity"] == student
+    gate = condition(evaluation, "QualityGate")
+    assert (gate["status"], gate["reason"]) == ("False", "GateFailed")
+    assert gate["message"] == f"perplexity.perplexity {student:.4g} not <= {teacher:.4g}"
+    assert open_store(results_uri.removesuffix("results.json")).exists("report.pdf")
 
     samples = {
         (s.name, tuple(sorted(s.labels.items()))): s.value
