@@ -54,6 +54,7 @@ def _settings(job: EvaluationJob) -> Any:
         mmlu_subjects=spec.mmlu.subjects,
         mmlu_formulations=tuple(spec.mmlu.formulations),
         num_fewshot=spec.mmlu.num_fewshot,
+        humaneval_limit=spec.humaneval.limit,
         humaneval_samples=spec.humaneval.samples,
         humaneval_temperature=spec.humaneval.temperature,
         max_new_tokens=spec.humaneval.max_new_tokens,

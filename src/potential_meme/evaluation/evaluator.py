@@ -37,13 +37,15 @@ METRICS = ("accuracy", "latency", "memory_usage")
 
 @dataclass
 class EvaluationSettings:
-    """How much of each benchmark to run. `limit`: questions per MMLU subject and HumanEval problems."""
+    """How much of each benchmark to run. `limit`: questions per MMLU subject and MT-Bench category, and
+    HumanEval problems unless `humaneval_limit` says otherwise."""
 
     limit: int | None = None
     mmlu_source: str | None = None  # a folder or s3:// prefix in the MMLU CSV layout; None: the hub
     mmlu_subjects: list[str] | None = None
     mmlu_formulations: tuple[str, ...] = ("letter", "cloze")
     num_fewshot: int = 5
+    humaneval_limit: int | None = None  # problems; unset: `limit`
     humaneval_samples: int = 1
     humaneval_temperature: float = 0.0
     max_new_tokens: int = 384
@@ -196,7 +198,7 @@ class DistillationEvaluator:
                 scores, shown = run_humaneval(
                     model,
                     tokenizer,
-                    limit=settings.limit,
+                    limit=settings.humaneval_limit or settings.limit,
                     samples=settings.humaneval_samples,
                     temperature=settings.humaneval_temperature,
                     max_tokens=settings.max_new_tokens,

@@ -448,6 +448,9 @@ class MMLUSpec(Model):
 
 
 class HumanEvalSpec(Model):
+    limit: int | None = Field(
+        default=None, ge=1, le=164, description="Problems to run; unset: spec.limit, else all 164."
+    )
     samples: int = Field(default=1, ge=1, le=200, description="Completions a problem; pass@k for k up to it.")
     temperature: float = Field(default=0.0, ge=0, le=2, description="0: greedy (pass@1 with one sample).")
     max_new_tokens: int = Field(default=384, ge=16, le=4096)
