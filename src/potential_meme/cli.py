@@ -14,6 +14,7 @@ from .spec import DistillationJob, EvaluationJob, SpecError, load_job
 from .spec.errors import Preempted, StageError
 
 DEFAULT_METRICS_PORT = 9464
+EXIT_GATE_FAILED = 4  # `run`: a stage's student fell short of a quality gate, and the chain stopped there
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -46,6 +47,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     manifests = run_job(job, metrics_port=args.metrics_port or None)
     print("\n" + stage_summary(job.metadata.name, manifests, final_artifacts(job)["student"]))
+    last = manifests[-1]
+    if last["metrics"].get("gatesFailed"):
+        failures = last["metrics"]["gateFailures"]
+        print(f"  stopped: stage {last['stage']}'s student fell short of a quality gate: {failures}")
+        return EXIT_GATE_FAILED
     return 0
 
 

@@ -6,6 +6,7 @@ import time
 
 import pytest
 import torch
+import yaml
 
 from potential_meme.distillation import ProgressiveDistiller
 from potential_meme.engine.data import load_documents, pack
@@ -222,3 +223,36 @@ def test_each_stage_runs_alone_once_the_one_before_is_done(tiny_teacher_dir, cor
     assert train("distill-150k").returncode == 0
     assert train("distill-100k").returncode == 0
     assert (tmp_path / "runs" / "prog" / "distill-100k" / "manifest.json").exists()
+
+
+def test_a_chain_stops_at_the_first_stage_that_falls_short_of_its_gates(tiny_teacher_dir, corpus_dir, tmp_path):
+    document = _document(tiny_teacher_dir, corpus_dir, tmp_path, maxSteps=2)
+    # A pruned student two steps in does not halve its teacher's perplexity.
+    document["spec"]["gates"] = [
+        {"metric": "parameters.count", "atMost": 1_000_000},
+        {"metric": "perplexity.perplexity", "atMost": 0.5, "relativeToTeacher": True},
+    ]
+    document["spec"]["gatedStages"] = "every"
+    path = tmp_path / "gated.yaml"
+    path.write_text(yaml.safe_dump(document))
+    result = cli("run", str(path), "--metrics-port", "0")
+    assert result.returncode == 4, result.stderr
+    assert "stopped: stage distill-150k's student fell short of a quality gate: perplexity.perplexity" in result.stdout
+    runs = tmp_path / "runs" / "prog"
+    manifest = json.loads((runs / "distill-150k" / "manifest.json").read_text())
+    assert [g["passed"] for g in manifest["gates"]] == [True, False]
+    assert manifest["metrics"]["gatesFailed"] == 1 and manifest["gates"][1]["required"] == pytest.approx(
+        0.5 * manifest["metrics"]["teacherPerplexity"]
+    )
+    assert not (runs / "distill-100k").exists()  # the chain went no further
+
+    # Gates only on the final stage: the first stage is not held to them, the chain runs to its end.
+    document["spec"]["gatedStages"] = "final"
+    document["metadata"]["name"] = "final-gated"
+    document["spec"]["gates"] = [{"metric": "parameters.count", "atMost": 100_000}]
+    path.write_text(yaml.safe_dump(document))
+    result = cli("run", str(path), "--metrics-port", "0")
+    assert result.returncode == 0, result.stderr
+    final = json.loads((tmp_path / "runs" / "final-gated" / "distill-100k" / "manifest.json").read_text())
+    first = json.loads((tmp_path / "runs" / "final-gated" / "distill-150k" / "manifest.json").read_text())
+    assert "gates" not in first and final["metrics"]["gatesPassed"] == 1

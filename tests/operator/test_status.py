@@ -236,6 +236,24 @@ def test_an_evaluations_gates_become_its_quality_gate_condition():
     assert _conditions(passing.status)["QualityGate"] == ("True", "GatesPassed")
 
 
+def test_a_stage_below_its_gates_ends_the_chain_as_failed():
+    document = yaml.safe_load(EXAMPLE.read_text())
+    document["spec"]["gates"] = [{"metric": "perplexity.perplexity", "atMost": 3, "relativeToTeacher": True}]
+    document["spec"]["gatedStages"] = "every"
+    job = parse_job(document)
+    child = {"progressive-smollm2-distill-100m": _pytorchjob(("Succeeded", "s", ""), completion=T1)}
+    short = {"gatesPassed": 0, "gatesFailed": 1, "gateFailures": "perplexity.perplexity 80.1 not <= 45.3"}
+    decision = decide(job, child, {"distill-100m": {"metrics": short}}, None, T1, 1)
+    assert decision.create is None and decision.status.phase == "Failed"
+    conditions = {c.type: c for c in decision.status.conditions}
+    assert (conditions["Failed"].reason, conditions["QualityGate"].status) == ("QualityGateFailed", "False")
+    assert conditions["QualityGate"].message == "stage distill-100m: perplexity.perplexity 80.1 not <= 45.3"
+    assert "distill-100m's student fell short" in conditions["Failed"].message
+    passed = decide(job, child, {"distill-100m": {"metrics": {"gatesPassed": 1, "gatesFailed": 0}}}, None, T1, 1)
+    assert passed.create.name == "distill-70m" and passed.status.phase == "Running"
+    assert {c.type: c.status for c in passed.status.conditions}["QualityGate"] == "Unknown"
+
+
 def test_what_a_job_shows_of_a_child_ignores_what_it_does_not_show():
     waiting, created = child_state({}), child_state(_pytorchjob(("Created", "PyTorchJobCreated", ""), start=None))
     assert waiting.reason != created.reason and waiting.shown == created.shown

@@ -249,3 +249,11 @@ def test_spec_package_and_cli_do_not_import_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_a_distillation_gate_names_what_a_stage_measures():
+    document = _mutated(lambda d: d["spec"].update(gates=[{"metric": "mmlu_cloze.accuracy", "atLeast": 0.3}]))
+    with pytest.raises(SpecError, match="a distillation stage measures perplexity.perplexity, parameters.count"):
+        parse_job(document)
+    document = _mutated(lambda d: d["spec"].update(gates=[{"metric": "perplexity.perplexity", "atMost": 50}]))
+    assert parse_job(document).spec.gated_stages == "final"

@@ -69,7 +69,7 @@ def _settings(job: EvaluationJob) -> Any:
 
 def _summary(job: EvaluationJob, results: Any, gates: list[dict[str, Any]]) -> dict[str, Any]:
     """The manifest's metrics: what the job's status shows."""
-    from ..evaluation.gates import headline
+    from ..evaluation.gates import gate_metrics, headline
 
     summary = headline(results)
     for role in results.models:
@@ -82,12 +82,7 @@ def _summary(job: EvaluationJob, results: Any, gates: list[dict[str, Any]]) -> d
         summary["parameterRatio"] = results.models["student"].parameters / results.models["teacher"].parameters
         if "teacherPerplexity" in summary:
             summary["perplexityRatio"] = summary["studentPerplexity"] / summary["teacherPerplexity"]
-    if gates:  # in the metrics, so the job's status (and its QualityGate condition) carries them
-        failures = [gate["message"] for gate in gates if not gate["passed"]]
-        summary["gatesPassed"], summary["gatesFailed"] = len(gates) - len(failures), len(failures)
-        if failures:
-            summary["gateFailures"] = "; ".join(failures)
-    return summary
+    return summary | gate_metrics(gates)
 
 
 def run_evaluation_stage(

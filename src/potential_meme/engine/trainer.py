@@ -144,9 +144,19 @@ def run_distill_stage(
             "tokensPerSecond": round(steps_run * tokens_per_step / train_seconds, 1) if train_seconds else None,
             "teacherParameters": parameter_count(setup.teacher_model),
             "studentParameters": parameter_count(setup.student),
+            "validationTokens": int(setup.validation_rows.numel()),
             **setup.facts,
         },
     )
+    if spec.gates and (spec.gated_stages == "every" or stage.index == len(plan_stages(job)) - 1):
+        from ..evaluation.gates import check_gates, gate_metrics, stage_results
+
+        manifest["gates"] = check_gates(spec.gates, stage_results(manifest["metrics"]))
+        manifest["metrics"] |= gate_metrics(manifest["gates"])
+        for gate in manifest["gates"]:
+            log.info(
+                "quality gate %s: %s (%s)", gate["gate"], "passed" if gate["passed"] else "FAILED", gate["message"]
+            )
     if runtime.is_main:
         publish(store, setup.student, setup.tokenizer, manifest, leftovers=checkpoint.PREFIX)
     runtime.barrier()
@@ -221,8 +231,13 @@ def _run_stage(
 
 
 def run_job(job: DistillationJob | EvaluationJob, metrics_port: int | None = None) -> list[dict[str, Any]]:
-    """Every planned stage in order, in this process."""
-    return [run_stage(job, stage, metrics_port) for stage in plan_stages(job)]
+    """Every planned stage in order, in this process, until one whose student fails a quality gate."""
+    manifests = []
+    for stage in plan_stages(job):
+        manifests.append(run_stage(job, stage, metrics_port))
+        if manifests[-1]["metrics"].get("gatesFailed"):
+            break
+    return manifests
 
 
 def find_stage(job: DistillationJob | EvaluationJob, name: str) -> Stage:

@@ -5,8 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..spec.models import QualityGate
-from .report import compared_rows
-from .results import EvaluationResults
+from .results import EvaluationResults, ModelResults, Score, compared_rows
 
 
 def check_gates(gates: list[QualityGate], results: EvaluationResults) -> list[dict[str, Any]]:
@@ -49,3 +48,36 @@ def headline(results: EvaluationResults) -> dict[str, Any]:
         if teacher is not None and teacher.value:
             numbers[f"{benchmark}.{metric}.shareOfTeacher"] = round(student.value / teacher.value, 6)
     return numbers
+
+
+def gate_metrics(outcomes: list[dict[str, Any]]) -> dict[str, Any]:
+    """What a stage's metrics (and so its job's status and QualityGate condition) carry of its gates."""
+    if not outcomes:
+        return {}
+    failures = [outcome["message"] for outcome in outcomes if not outcome["passed"]]
+    summary: dict[str, Any] = {"gatesPassed": len(outcomes) - len(failures), "gatesFailed": len(failures)}
+    if failures:
+        summary["gateFailures"] = "; ".join(failures)
+    return summary
+
+
+def stage_results(metrics: dict[str, Any]) -> EvaluationResults:
+    """A distillation stage's own validation numbers, as results its gates can be checked against."""
+
+    def measured(role: str, perplexity: float) -> ModelResults:
+        parameters = int(metrics[f"{role}Parameters"])
+        return ModelResults(
+            reference=role,
+            parameters=parameters,
+            benchmarks={
+                "perplexity": {"perplexity": Score(value=perplexity, n=int(metrics.get("validationTokens", 0)))},
+                "parameters": {"count": Score(value=parameters, n=1, higher_is_better=False)},
+            },
+        )
+
+    return EvaluationResults(
+        models={
+            "teacher": measured("teacher", metrics["teacherPerplexity"]),
+            "student": measured("student", metrics["studentPerplexityAfter"]),
+        }
+    )

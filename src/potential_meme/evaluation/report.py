@@ -15,7 +15,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.backends.backend_pdf import PdfPages
 from matplotlib.figure import Figure
 
-from .results import EvaluationResults, Score
+from .results import EvaluationResults, Score, compared_rows
 
 BENCHMARK_TITLES = {
     "mmlu_letter": "MMLU, letter choice (original protocol)",
@@ -57,18 +57,6 @@ def with_interval(score: Score) -> str:
         return formatted(score)
     low, high = (formatted(score.model_copy(update={"value": bound})) for bound in (score.low, score.high))
     return f"{formatted(score)} [{low}, {high}]"
-
-
-def compared_rows(results: EvaluationResults) -> list[tuple[str, str, Score | None, Score]]:
-    """(benchmark, metric, teacher's score or None, student's score) for everything the student has."""
-    student = results.models["student"]
-    teacher = results.models.get("teacher")
-    rows = []
-    for benchmark, metrics in student.benchmarks.items():
-        for metric, score in metrics.items():
-            theirs = teacher.benchmarks.get(benchmark, {}).get(metric) if teacher else None
-            rows.append((benchmark, metric, theirs, score))
-    return rows
 
 
 def _draw_comparison(figure: Figure, results: EvaluationResults) -> None:

@@ -101,3 +101,15 @@ class EvaluationResults(BaseModel):
 
     def score(self, role: str, benchmark: str, metric: str) -> Score | None:
         return self.models.get(role, ModelResults(reference="", parameters=0)).benchmarks.get(benchmark, {}).get(metric)
+
+
+def compared_rows(results: EvaluationResults) -> list[tuple[str, str, Score | None, Score]]:
+    """(benchmark, metric, teacher's score or None, student's score) for everything the student has."""
+    student = results.models["student"]
+    teacher = results.models.get("teacher")
+    rows = []
+    for benchmark, metrics in student.benchmarks.items():
+        for metric, score in metrics.items():
+            theirs = teacher.benchmarks.get(benchmark, {}).get(metric) if teacher else None
+            rows.append((benchmark, metric, theirs, score))
+    return rows

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..spec.models import Condition, EvaluationJob, JobStatus, Phase, StageStatus
+from ..spec.models import Condition, DistillationJob, JobStatus, Phase, StageStatus
 from ..spec.plan import Stage, final_artifacts, plan_stages, spec_hash
 from .render import Job, pytorchjob_name
 
@@ -132,8 +132,14 @@ def decide(
             create, blocked = stage, True
         rows.append(row)
 
+    # A stage whose student fell short of a quality gate ends the job: the chain goes no further.
+    gated_out = next((r for r in rows if r.phase == "Succeeded" and r.metrics.get("gatesFailed")), None)
+    if gated_out is not None and isinstance(job, DistillationJob):
+        create = None
+    else:
+        gated_out = None
     failed = next((r for r in rows if r.phase == "Failed"), None)
-    if failed is not None:
+    if failed is not None or gated_out is not None:
         phase: Phase = "Failed"
     elif job.spec.suspend:
         phase = "Suspended"
@@ -159,6 +165,11 @@ def decide(
     status.spec_hash = accepted
     changed = current_hash != accepted
     failure = _failure(failed, children, previous, stale)
+    if failure is None and gated_out is not None:
+        failure = Problem(
+            "QualityGateFailed",
+            f"stage {gated_out.name}'s student fell short of a quality gate: {gated_out.metrics.get('gateFailures')}",
+        )
     unverified = next(iter((unreadable or {}).values()), None)
     status.conditions = conditions(
         previous,
@@ -205,22 +216,19 @@ def decide(
 
 
 def _quality_gate(job: Job, rows: list[StageStatus]) -> tuple[str, bool | None, str, str] | None:
-    """An evaluation's gates, as the QualityGate condition: Unknown until measured, then True or False
-    with the numbers that fell short."""
-    if not isinstance(job, EvaluationJob) or not job.spec.gates:
+    """The job's gates, as the QualityGate condition: Unknown until its gated stages are measured, then
+    True, or False with the numbers that fell short."""
+    if not job.spec.gates:
         return None
-    evaluated = rows[-1]
-    if evaluated.phase != "Succeeded":
-        return ("QualityGate", None, "NotEvaluated", f"{len(job.spec.gates)} gates wait for the evaluation")
-    failed = int(evaluated.metrics.get("gatesFailed", 0))
-    if failed:
-        return (
-            "QualityGate",
-            False,
-            "GateFailed",
-            str(evaluated.metrics.get("gateFailures", f"{failed} gates failed")),
-        )
-    return ("QualityGate", True, "GatesPassed", f"all {len(job.spec.gates)} gates passed")
+    every = isinstance(job, DistillationJob) and job.spec.gated_stages == "every"
+    gated = rows if every else rows[-1:]
+    for row in gated:
+        if row.phase == "Succeeded" and row.metrics.get("gatesFailed"):
+            failures = str(row.metrics.get("gateFailures", f"{row.metrics['gatesFailed']} gates failed"))
+            return ("QualityGate", False, "GateFailed", (f"stage {row.name}: " if every else "") + failures)
+    if all(row.phase == "Succeeded" for row in gated):
+        return ("QualityGate", True, "GatesPassed", f"all {len(job.spec.gates)} gates passed")
+    return ("QualityGate", None, "NotEvaluated", f"{len(job.spec.gates)} gates wait for the gated stages")
 
 
 def _failure(

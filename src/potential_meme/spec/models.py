@@ -397,37 +397,8 @@ def _immutable(field: str) -> dict[str, Any]:
     }
 
 
-class DistillationJobSpec(Model):
-    """Distill a teacher LLM into a smaller student."""
-
-    teacher: TeacherSpec = Field(json_schema_extra=_immutable("teacher"))
-    student: StudentSpec | None = Field(
-        default=None,
-        description="Required except for progressive, which prunes its own.",
-        json_schema_extra=_immutable("student"),
-    )
-    dataset: DatasetSpec = Field(json_schema_extra=_immutable("dataset"))
-    method: MethodSpec = Field(json_schema_extra=_immutable("method"))
-    training: TrainingSpec = Field(default_factory=TrainingSpec, json_schema_extra=_immutable("training"))
-    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, json_schema_extra=_immutable("checkpoint"))
-    output: OutputSpec = Field(default_factory=OutputSpec, json_schema_extra=_immutable("output"))
-    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
-    run_policy: RunPolicySpec = Field(default_factory=RunPolicySpec)
-    suspend: bool = False
-
-    @model_validator(mode="after")
-    def _student_matches_method(self) -> DistillationJobSpec:
-        progressive = self.method.progressive is not None
-        if progressive and self.student is not None:
-            raise ValueError(
-                "student: leave it out for progressive; each stage's student is pruned from the one before"
-            )
-        if not progressive and self.student is None:
-            raise ValueError("student: required; set student.model or student.fromTeacher")
-        return self
-
-
-BENCHMARKS = ("perplexity", "mmlu", "humaneval", "mt-bench")
+# What a distillation stage measures of its student (and of its teacher), so its gates may name them.
+STAGE_GATE_METRICS = ("perplexity.perplexity", "parameters.count")
 MMLU_FORMULATIONS = ("letter", "cloze")
 
 
@@ -520,6 +491,56 @@ class QualityGate(Model):
     def describe(self) -> str:
         bound = f">= {self.at_least}" if self.at_least is not None else f"<= {self.at_most}"
         return f"{self.metric} {bound}" + (" x teacher" if self.relative_to_teacher else "")
+
+
+class DistillationJobSpec(Model):
+    """Distill a teacher LLM into a smaller student."""
+
+    teacher: TeacherSpec = Field(json_schema_extra=_immutable("teacher"))
+    student: StudentSpec | None = Field(
+        default=None,
+        description="Required except for progressive, which prunes its own.",
+        json_schema_extra=_immutable("student"),
+    )
+    dataset: DatasetSpec = Field(json_schema_extra=_immutable("dataset"))
+    method: MethodSpec = Field(json_schema_extra=_immutable("method"))
+    training: TrainingSpec = Field(default_factory=TrainingSpec, json_schema_extra=_immutable("training"))
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, json_schema_extra=_immutable("checkpoint"))
+    output: OutputSpec = Field(default_factory=OutputSpec, json_schema_extra=_immutable("output"))
+    gates: list[QualityGate] = Field(
+        default_factory=list,
+        description="Numbers each gated stage's student must reach, from the stage's own validation: "
+        f"{', '.join(STAGE_GATE_METRICS)}. A stage that falls short ends the job (Failed, QualityGate False): "
+        "a progressive chain goes no further.",
+        json_schema_extra=_immutable("gates"),
+    )
+    gated_stages: Literal["final", "every"] = Field(
+        default="final", description="final: the last stage's student; every: each stage's, for a progressive chain."
+    )
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    run_policy: RunPolicySpec = Field(default_factory=RunPolicySpec)
+    suspend: bool = False
+
+    @model_validator(mode="after")
+    def _gates_name_stage_numbers(self) -> DistillationJobSpec:
+        for gate in self.gates:
+            if gate.metric not in STAGE_GATE_METRICS:
+                raise ValueError(
+                    f"gate {gate.metric}: a distillation stage measures {', '.join(STAGE_GATE_METRICS)}; "
+                    "gate benchmarks with an EvaluationJob"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _student_matches_method(self) -> DistillationJobSpec:
+        progressive = self.method.progressive is not None
+        if progressive and self.student is not None:
+            raise ValueError(
+                "student: leave it out for progressive; each stage's student is pruned from the one before"
+            )
+        if not progressive and self.student is None:
+            raise ValueError("student: required; set student.model or student.fromTeacher")
+        return self
 
 
 class EvaluationJobSpec(Model):
