@@ -173,7 +173,9 @@ def _sample_lines(results: EvaluationResults, benchmark: str, shown: int = 3, wi
     for sample in results.models["student"].samples.get(benchmark, [])[:shown]:
         key = sample.get("task_id", sample.get("question_id"))
         left, right = _column(theirs.get(key), "teacher", width, 22), _column(sample, "student", width, 22)
-        lines += [f"== {key}", *(f"{a:{width}} | {b}" for a, b in itertools.zip_longest(left, right, fillvalue="")), ""]
+        asked = textwrap.wrap(f"Q: {sample['question']}", 2 * width)[:3] if sample.get("question") else []
+        paired = (f"{a:{width}} | {b}" for a, b in itertools.zip_longest(left, right, fillvalue=""))
+        lines += [f"== {key}", *asked, *paired, ""]
     return lines
 
 
