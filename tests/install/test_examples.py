@@ -13,7 +13,8 @@ from k8s_rules import crd_validator
 
 EXAMPLES = REPO / "examples"
 LOCAL = sorted(EXAMPLES.glob("*.yaml"))
-PLACEMENT = {"resources", "runPolicy", "output", "batchSize"}  # what a cluster twin may change
+# What a cluster twin may change: where it runs and writes, and where its benchmark data and judge are.
+PLACEMENT = {"resources", "runPolicy", "output", "batchSize", "mtBench"}
 
 
 def job_validator(kind: str):
