@@ -139,3 +139,38 @@ def test_an_evaluation_job_on_benchmarks_publishes_results_plot_and_report_with_
     report = tmp_path / "report.pdf"
     report.write_bytes(s3.get_object(Bucket="models", Key=prefix + "report.pdf")["Body"].read())
     assert "MMLU by subject" in "".join(page.extract_text() for page in PdfReader(report).pages)
+
+
+def test_a_killed_evaluation_keeps_what_it_measured(tmp_path, tiny_teacher_dir):
+    import signal
+
+    from helpers import SHARED, start_cli
+
+    path = evaluation_file(
+        tmp_path,
+        name="killed",
+        student=str(tiny_teacher_dir),
+        teacher=str(tiny_teacher_dir),
+        benchmarks=["mmlu", "humaneval"],
+        limit=2,
+        mmlu={"source": str(SHARED / "evaldata" / "mmlu"), "subjects": ["anatomy"], "numFewshot": 0},
+        humaneval={"maxNewTokens": 16},
+    )
+    process = start_cli("evaluate", str(path))
+    seen = []
+    while not any("the teacher's mmlu_cloze:" in line for line in seen):
+        seen.append(process.stdout.readline())
+        assert seen[-1] or process.poll() is None, "".join(seen)
+    process.send_signal(signal.SIGKILL)  # no chance to clean up: only what was written counts
+    process.wait(30)
+    stage = tmp_path / "runs" / "killed" / "evaluate"
+    kept = json.loads((stage / "measured" / "teacher.json").read_text())["results"]
+    assert {"mmlu_letter", "mmlu_cloze"} <= set(kept["benchmarks"]) and not (stage / "manifest.json").exists()
+
+    result = cli("evaluate", str(path))
+    assert result.returncode == 0, result.stderr
+    assert "the teacher's mmlu_cloze, mmlu_letter: measured before, kept" in result.stderr
+    results = json.loads((stage / "results.json").read_text())["models"]
+    assert results["teacher"]["benchmarks"]["mmlu_cloze"] == kept["benchmarks"]["mmlu_cloze"]
+    assert set(results["teacher"]["benchmarks"]) == {"mmlu_letter", "mmlu_cloze", "humaneval"}
+    assert not (stage / "measured").exists()  # done: the partial results go

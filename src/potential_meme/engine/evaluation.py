@@ -16,8 +16,8 @@ from typing import Any
 
 from ..metrics import trainer as metrics
 from ..spec.models import EvaluationJob
-from ..spec.plan import MANIFEST, PLOT, REPORT, RESULTS, Stage, stage_manifest
-from ..storage import file_sha256, open_store, write_json
+from ..spec.plan import MANIFEST, PLOT, REPORT, RESULTS, Stage, spec_hash, stage_manifest
+from ..storage import file_sha256, open_store, read_json_if_exists, write_json
 from .data import Document, load_documents, pack
 from .models import ResolvedModel
 from .runtime import Runtime, perplexity
@@ -40,6 +40,27 @@ def held_out_perplexity(
     rows = pack(documents, tokenizer, max_seq_length, "spec.maxSeqLength")[:max_sequences]
     value = perplexity(model, rows, runtime, batch_size, chunk_size)
     return Score(value=value, n=int(rows.numel()), unit="perplexity", higher_is_better=False)
+
+
+MEASURED = "measured/"  # each model's results so far: a restarted evaluation keeps what it measured
+
+
+def _measured_before(job: EvaluationJob, store: Any) -> dict[str, Any]:
+    """What an interrupted run of this spec measured, by role (a run of another spec's is ignored)."""
+    from ..evaluation.results import ModelResults
+
+    done = {}
+    for role in ("teacher", "student"):
+        kept = read_json_if_exists(store, f"{MEASURED}{role}.json")
+        if kept is not None and kept.get("specHash") == spec_hash(job):
+            done[role] = ModelResults.model_validate(kept["results"])
+    return done
+
+
+def _keep_measured(job: EvaluationJob, store: Any, role: str, results: Any) -> None:
+    write_json(
+        store, f"{MEASURED}{role}.json", {"specHash": spec_hash(job), "results": results.model_dump(mode="json")}
+    )
 
 
 def _settings(job: EvaluationJob) -> Any:
@@ -109,7 +130,16 @@ def run_evaluation_stage(
     roles = (("teacher", spec.teacher), ("student", spec.student))
     models = {role: (reference, resolved[role]) for role, reference in roles if reference is not None}
     wanted = ["memory_usage" if metric == "memoryUsage" else metric for metric in spec.metrics]
-    results = DistillationEvaluator(_settings(job)).measure(models, list(spec.benchmarks), wanted, held_out, runtime)
+    store = open_store(stage.output_uri)
+    results = DistillationEvaluator(_settings(job)).measure(
+        models,
+        list(spec.benchmarks),
+        wanted,
+        held_out,
+        runtime,
+        done=_measured_before(job, store),
+        checkpoint=partial(_keep_measured, job, store) if runtime.is_main else None,
+    )
     for role in results.models:
         score = results.score(role, "perplexity", "perplexity")
         if score is not None:
@@ -125,7 +155,6 @@ def run_evaluation_stage(
     )
     manifest["gates"] = gates
     if runtime.is_main:
-        store = open_store(stage.output_uri)
         with tempfile.TemporaryDirectory(prefix="evaluation-") as scratch:
             files = {
                 RESULTS: results.save(Path(scratch) / RESULTS),
@@ -139,5 +168,6 @@ def run_evaluation_stage(
             for name, path in files.items():
                 store.upload_file(path, name)
         write_json(store, MANIFEST, manifest)  # last: its presence marks the evaluation done
+        store.delete_prefix(MEASURED)
     runtime.barrier()
     return manifest

@@ -15,6 +15,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from functools import partial
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -102,6 +103,7 @@ def model_reference(reference: str) -> str:
 
 
 PerplexityOf = Callable[[Any, Any], Score]  # (model, tokenizer) -> held-out perplexity
+Checkpoint = Callable[[str, ModelResults], None]  # (role, what it has measured so far)
 
 
 class DistillationEvaluator:
@@ -130,9 +132,12 @@ class DistillationEvaluator:
         metrics: list[str],
         perplexity: PerplexityOf | None = None,
         runtime: Runtime | None = None,
+        done: dict[str, ModelResults] | None = None,
+        checkpoint: Checkpoint | None = None,
     ) -> EvaluationResults:
         """Each model (role -> reference, resolved) on `benchmarks` and `metrics`, one loaded at a time. Under torchrun,
-        every rank measures perplexity (it is split over them) and the main rank alone the rest."""
+        every rank measures perplexity (it is split over them) and the main rank alone the rest. `done`: what an
+        interrupted run measured (role -> results), kept; `checkpoint(role, results)` after each benchmark."""
         _check_choices(benchmarks, BENCHMARKS, "evaluation_datasets")
         _check_choices(metrics, METRICS, "metrics")
         if "mt-bench" in benchmarks and "accuracy" in metrics:
@@ -141,8 +146,9 @@ class DistillationEvaluator:
             if self.settings.mt_bench_source is None:
                 raise SpecError([("mt_bench_source", "mt-bench needs its questions: a folder or s3:// prefix")])
         main = runtime is None or runtime.is_main
+        units = self._units(benchmarks, metrics, perplexity, main)
         measured = {
-            role: self._measure(role, reference, resolved, benchmarks, metrics, perplexity, main)
+            role: self._measure(role, reference, resolved, units, (done or {}).get(role), checkpoint)
             for role, (reference, resolved) in models.items()
         }
         settings = to_jsonable_python({k: v for k, v in vars(self.settings).items() if k != "extra_setup"})
@@ -158,85 +164,127 @@ class DistillationEvaluator:
         }
         return EvaluationResults(models=measured, setup=setup)
 
+    def _units(
+        self, benchmarks: list[str], metrics: list[str], perplexity: PerplexityOf | None, main: bool
+    ) -> list[tuple[str, Callable[[Any, Any, ModelResults], None]]]:
+        """The pieces of work for one model, each named by the results key it fills, in order."""
+        units: list[tuple[str, Callable[[Any, Any, ModelResults], None]]] = []
+        accuracy = "accuracy" in metrics
+        if accuracy and "perplexity" in benchmarks and perplexity is not None:
+            units.append(("perplexity", partial(self._perplexity_unit, perplexity)))
+        if main and accuracy and "mmlu" in benchmarks:
+            units += [(f"mmlu_{f}", partial(self._mmlu_unit, f)) for f in self.settings.mmlu_formulations]
+        if main and accuracy and "humaneval" in benchmarks:
+            units.append(("humaneval", self._humaneval_unit))
+        if main and accuracy and "mt-bench" in benchmarks:
+            units.append(("mt-bench", self._mt_bench_unit))
+        if main and "latency" in metrics:
+            units.append(("latency", self._latency_unit))
+        if main and "memory_usage" in metrics:
+            units.append(("memory", self._memory_unit))
+        return units
+
     def _measure(
         self,
         role: str,
         reference: str,
         resolved: ResolvedModel,
-        benchmarks: list[str],
-        metrics: list[str],
-        perplexity: PerplexityOf | None,
-        main: bool,
+        units: list[tuple[str, Callable[[Any, Any, ModelResults], None]]],
+        done: ModelResults | None,
+        checkpoint: Checkpoint | None,
     ) -> ModelResults:
-        settings = self.settings
+        todo = [(key, run) for key, run in units if done is None or key not in done.benchmarks]
+        if done is not None and len(todo) < len(units):
+            log.info("the %s's %s: measured before, kept", role, ", ".join(sorted(done.benchmarks)))
+        if done is not None and not todo:
+            return done
         tokenizer = load_tokenizer(resolved)
         model = load_model(resolved).to(self.device).eval()
-        results = ModelResults(reference=reference, parameters=parameter_count(model))
+        results = (
+            done.model_copy(deep=True) if done else ModelResults(reference=reference, parameters=parameter_count(model))
+        )
         log.info("evaluating the %s, %s (%d parameters)", role, reference, results.parameters)
-        if "accuracy" in metrics and "perplexity" in benchmarks and perplexity is not None:
-            results.benchmarks["perplexity"] = {"perplexity": perplexity(model, tokenizer)}
-        if main and "accuracy" in metrics:
-            if "mmlu" in benchmarks:
-                from .mmlu import run_mmlu
-
-                for formulation in settings.mmlu_formulations:
-                    macro, subjects = run_mmlu(
-                        model,
-                        tokenizer,
-                        settings.mmlu_source,
-                        formulation=formulation,
-                        subjects=settings.mmlu_subjects,
-                        limit=settings.limit,
-                        num_fewshot=settings.num_fewshot,
-                        batch_size=settings.batch_size,
-                    )
-                    results.benchmarks[f"mmlu_{formulation}"] = {"accuracy": macro}
-                    results.details[f"mmlu_{formulation}"] = subjects
-            if "humaneval" in benchmarks:
-                from .humaneval import run_humaneval
-
-                scores, shown = run_humaneval(
-                    model,
-                    tokenizer,
-                    limit=settings.humaneval_limit or settings.limit,
-                    samples=settings.humaneval_samples,
-                    temperature=settings.humaneval_temperature,
-                    max_tokens=settings.max_new_tokens,
-                    batch_size=settings.batch_size,
-                )
-                results.benchmarks["humaneval"] = scores
-                results.samples["humaneval"] = shown
-            if "mt-bench" in benchmarks:
-                from .mt_bench import run_mt_bench
-
-                scores, categories, shown = run_mt_bench(
-                    model,
-                    tokenizer,
-                    settings.mt_bench_source,
-                    self._judge(),
-                    limit=settings.limit,
-                    max_tokens=settings.mt_bench_max_tokens,
-                    judge_max_tokens=settings.judge_max_tokens,
-                    batch_size=settings.batch_size,
-                )
-                results.benchmarks["mt-bench"] = scores
-                results.details["mt-bench"] = categories
-                results.samples["mt-bench"] = shown
-        if main and "latency" in metrics:
-            from .latency import measure_speed
-
-            results.benchmarks["latency"] = measure_speed(
-                model, tokenizer, settings.latency_tokens, settings.latency_runs, settings.batch_size
-            )
-        if main and "memory_usage" in metrics:
-            from .latency import measure_memory
-
-            results.benchmarks["memory"] = measure_memory(
-                model, tokenizer, settings.latency_tokens, settings.batch_size
+        for key, run in todo:
+            run(model, tokenizer, results)
+            if checkpoint is not None:
+                checkpoint(role, results)
+            log.info(  # after the checkpoint: what this line reports survives a crash
+                "the %s's %s: %s",
+                role,
+                key,
+                ", ".join(f"{m} {s.value:.4g}" for m, s in results.benchmarks[key].items()),
             )
         del model
         _release_memory()
         return results
+
+    def _perplexity_unit(self, perplexity: PerplexityOf, model: Any, tokenizer: Any, results: ModelResults) -> None:
+        results.benchmarks["perplexity"] = {"perplexity": perplexity(model, tokenizer)}
+
+    def _mmlu_unit(self, formulation: str, model: Any, tokenizer: Any, results: ModelResults) -> None:
+        from .mmlu import run_mmlu
+
+        settings = self.settings
+        macro, subjects = run_mmlu(
+            model,
+            tokenizer,
+            settings.mmlu_source,
+            formulation=formulation,
+            subjects=settings.mmlu_subjects,
+            limit=settings.limit,
+            num_fewshot=settings.num_fewshot,
+            batch_size=settings.batch_size,
+        )
+        results.benchmarks[f"mmlu_{formulation}"] = {"accuracy": macro}
+        results.details[f"mmlu_{formulation}"] = subjects
+
+    def _humaneval_unit(self, model: Any, tokenizer: Any, results: ModelResults) -> None:
+        from .humaneval import run_humaneval
+
+        settings = self.settings
+        scores, shown = run_humaneval(
+            model,
+            tokenizer,
+            limit=settings.humaneval_limit or settings.limit,
+            samples=settings.humaneval_samples,
+            temperature=settings.humaneval_temperature,
+            max_tokens=settings.max_new_tokens,
+            batch_size=settings.batch_size,
+        )
+        results.benchmarks["humaneval"] = scores
+        results.samples["humaneval"] = shown
+
+    def _mt_bench_unit(self, model: Any, tokenizer: Any, results: ModelResults) -> None:
+        from .mt_bench import run_mt_bench
+
+        settings = self.settings
+        scores, categories, shown = run_mt_bench(
+            model,
+            tokenizer,
+            settings.mt_bench_source,
+            self._judge(),
+            limit=settings.limit,
+            max_tokens=settings.mt_bench_max_tokens,
+            judge_max_tokens=settings.judge_max_tokens,
+            batch_size=settings.batch_size,
+        )
+        results.benchmarks["mt-bench"] = scores
+        results.details["mt-bench"] = categories
+        results.samples["mt-bench"] = shown
+
+    def _latency_unit(self, model: Any, tokenizer: Any, results: ModelResults) -> None:
+        from .latency import measure_speed
+
+        settings = self.settings
+        results.benchmarks["latency"] = measure_speed(
+            model, tokenizer, settings.latency_tokens, settings.latency_runs, settings.batch_size
+        )
+
+    def _memory_unit(self, model: Any, tokenizer: Any, results: ModelResults) -> None:
+        from .latency import measure_memory
+
+        settings = self.settings
+        results.benchmarks["memory"] = measure_memory(model, tokenizer, settings.latency_tokens, settings.batch_size)
 
     def _judge(self) -> ChatClient:
         judge = self.settings.judge
