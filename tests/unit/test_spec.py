@@ -257,3 +257,26 @@ def test_a_distillation_gate_names_what_a_stage_measures():
         parse_job(document)
     document = _mutated(lambda d: d["spec"].update(gates=[{"metric": "perplexity.perplexity", "atMost": 50}]))
     assert parse_job(document).spec.gated_stages == "final"
+
+
+def test_spec_hashes_survive_new_fields_with_defaults():
+    """Finished stages on disk and running jobs' accepted specs are found by this hash: a release that adds
+    a field with a default must not change it (these are the examples' hashes before gates existed)."""
+    from pathlib import Path
+
+    from potential_meme.spec import load_job
+    from potential_meme.spec.plan import spec_hash
+
+    examples = Path(__file__).resolve().parents[2] / "examples"
+    published = {
+        "kd-smollm2.yaml": "7b419174aa2aded82ea346410ba1bdcd04a6ba08af2aec228edd5252f7d1d4f2",
+        "progressive-smollm2.yaml": "d78ef78d829c2b915b2e99b820293d3176a264319bf288b0796c96acd1f390b4",
+        "evaluate-kd-smollm2.yaml": "949dda981468190e31a969bcd65e2cc1051b8601a87d5edadda668ab9fde778d",
+    }
+    for name, expected in published.items():
+        assert spec_hash(load_job(examples / name)) == expected, name
+    gated = load_job(examples / "kd-smollm2.yaml")
+    gated.spec.gates = parse_job(
+        _mutated(lambda d: d["spec"].update(gates=[{"metric": "perplexity.perplexity", "atMost": 50}]))
+    ).spec.gates
+    assert spec_hash(gated) != published["kd-smollm2.yaml"]  # a field that is set still counts
