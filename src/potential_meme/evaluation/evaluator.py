@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from functools import partial
+from functools import cached_property, partial
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -262,7 +262,7 @@ class DistillationEvaluator:
             model,
             tokenizer,
             settings.mt_bench_source,
-            self._judge(),
+            self._judge,
             limit=settings.limit,
             max_tokens=settings.mt_bench_max_tokens,
             judge_max_tokens=settings.judge_max_tokens,
@@ -286,7 +286,9 @@ class DistillationEvaluator:
         settings = self.settings
         results.benchmarks["memory"] = measure_memory(model, tokenizer, settings.latency_tokens, settings.batch_size)
 
+    @cached_property
     def _judge(self) -> ChatClient:
+        """One client for every model measured: its judgment cache is read from disk once."""
         judge = self.settings.judge
         cache = self.settings.judge_cache
         if cache is None:
