@@ -1,14 +1,20 @@
 """`potential-meme run` / `train` end to end on a tiny teacher, in a subprocess like a user runs it."""
 
 import json
+import math
 import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
-from helpers import cli, cli_env
+from potential_meme.engine.data import pack, read_documents
+from potential_meme.engine.models import load_tokenizer
+from potential_meme.spec.models import TextSource
+
+from helpers import SHARED, cli, cli_env
 
 
 def test_run_distills_saves_a_loadable_student_and_skips_when_rerun(job_file, tmp_path):
@@ -20,6 +26,12 @@ def test_run_distills_saves_a_loadable_student_and_skips_when_rerun(job_file, tm
     metrics = manifest["metrics"]
     assert metrics["steps"] == 12 and metrics["tokens"] == 12 * 4 * 64
     assert metrics["studentPerplexityAfter"] < metrics["studentPerplexityBefore"]
+    # The derived student's layers were chosen by measured importance, and the measurement is kept.
+    assert metrics["layerSelection"] == "importance" and len(metrics["keptLayers"]) == 2
+    dropped = [entry["layer"] for entry in metrics["droppedLayers"]]
+    assert sorted(dropped + metrics["keptLayers"]) == [0, 1, 2, 3]
+    assert all(entry["influence"] > 0 for entry in metrics["droppedLayers"])
+    assert f"student keeps teacher layers {metrics['keptLayers']}" in result.stderr
     assert f"held-out perplexity, teacher {metrics['teacherPerplexity']:,.2f}" in result.stdout
     assert f"{metrics['studentPerplexityBefore']:,.2f}" in result.stdout
     assert f"{metrics['studentPerplexityAfter']:,.2f}" in result.stdout
@@ -34,6 +46,44 @@ def test_run_distills_saves_a_loadable_student_and_skips_when_rerun(job_file, tm
     assert again.returncode == 0
     assert "skipped" in again.stderr
     assert json.loads((stage / "manifest.json").read_text()) == manifest
+
+
+def test_further_validation_sets_are_measured_and_reported_apart_from_the_held_out_split(
+    job_file, tmp_path, tiny_teacher_dir
+):
+    # Text of another kind than the corpus (docstrings): licence prose and a README.
+    prose = tmp_path / "prose"
+    prose.mkdir()
+    for source in (SHARED / "evaldata/mt_bench/LICENSE", SHARED / "evaldata/README.md"):
+        (prose / f"{source.parent.name}-{source.stem}.txt").write_text(source.read_text())
+    path = job_file(
+        dataset={"validation": [{"name": "prose", "source": str(prose), "maxSequences": 3}]},
+        training={"maxSteps": 4},
+    )
+    result = cli("run", str(path), "--metrics-port", "0")
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((tmp_path / "runs/tiny/distill/manifest.json").read_text())["metrics"]
+    elsewhere = metrics["validationSets"]["prose"]
+    assert elsewhere["sequences"] == 3
+    # The teacher's number is its perplexity on the set's first 3 rows, computed here by plain transformers.
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_teacher_dir)
+    rows = pack(read_documents(TextSource(source=str(prose))), load_tokenizer(str(tiny_teacher_dir)), 64, max_rows=3)
+    with torch.no_grad():
+        expected = math.exp(teacher(input_ids=rows, labels=rows).loss.item())
+    assert elsewhere["teacherPerplexity"] == pytest.approx(expected, rel=1e-4)
+    assert elsewhere["teacherPerplexity"] != pytest.approx(metrics["teacherPerplexity"], rel=1e-3)
+    assert f"validation perplexity on prose: teacher {elsewhere['teacherPerplexity']:.2f}" in result.stderr
+    row = next(line for line in result.stdout.splitlines() if "prose" in line).split()
+    assert row[:2] == ["distill", "prose"]
+    assert [float(v.replace(",", "")) for v in row[2:]] == pytest.approx(
+        [elsewhere["teacherPerplexity"], elsewhere["studentPerplexityBefore"], elsewhere["studentPerplexityAfter"]],
+        abs=0.01,
+    )
+
+    missing = job_file("missing", dataset={"validation": [{"name": "prose", "source": str(tmp_path / "nothing")}]})
+    refused = cli("run", str(missing), "--metrics-port", "0")
+    assert refused.returncode == 2
+    assert f"spec.dataset.validation.0.source: {tmp_path / 'nothing'} does not exist" in refused.stderr
 
 
 def test_a_changed_spec_does_not_silently_reuse_a_finished_stage(job_file, tmp_path):

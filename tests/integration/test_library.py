@@ -59,7 +59,7 @@ def test_knowledge_distiller_distills_saves_and_serves_metrics(tiny_teacher_dir,
     after = samples[
         (
             "potential_meme_trainer_validation_perplexity",
-            (("job", "lib"), ("model", "student"), ("stage", "distill"), ("when", "after")),
+            (("dataset", "held-out"), ("job", "lib"), ("model", "student"), ("stage", "distill"), ("when", "after")),
         )
     ]
     assert after == pytest.approx(result["studentPerplexityAfter"])

@@ -12,7 +12,7 @@ from potential_meme.distillation import ProgressiveDistiller
 from potential_meme.engine.data import load_documents, pack
 from potential_meme.engine.loop import EarlyStopping
 from potential_meme.engine.models import load_model, load_tokenizer, parameter_count
-from potential_meme.engine.pruning import layer_influence, prune_to
+from potential_meme.engine.pruning import choose_layers, layer_influence, prune_to
 from potential_meme.spec import SpecError, parse_job, plan_stages
 from potential_meme.spec.models import DatasetSpec, format_parameter_count, parse_parameter_count
 
@@ -107,7 +107,7 @@ def test_pruning_drops_the_layer_that_changes_least_then_narrows_the_mlp(tiny_te
     per_layer = sum(p.numel() for p in teacher.model.layers[0].parameters())
     target = total - per_layer - 10_000  # one layer is not enough: then MLP channels go
     student, report = prune_to(teacher, target, calibration)
-    assert report.kept_layers == [0, 2, 3]
+    assert report.layers.kept == [0, 2, 3] and report.layers.dropped[0][0] == 1
     assert target - 3 * 64 * 3 < parameter_count(student) <= target  # within one channel of every layer
     assert student.config.intermediate_size < teacher.config.intermediate_size == report.intermediate_size_before
     with torch.no_grad():  # the pruned model is still a working language model
@@ -116,6 +116,22 @@ def test_pruning_drops_the_layer_that_changes_least_then_narrows_the_mlp(tiny_te
         prune_to(teacher, total, calibration)
     with pytest.raises(ValueError, match="below the smallest prunable model"):
         prune_to(teacher, 1000, calibration)
+
+
+def test_a_derived_student_keeps_the_layers_that_matter_or_evenly_spaced_ones(tiny_teacher_dir, calibration):
+    teacher = load_model(str(tiny_teacher_dir))
+    with torch.no_grad():  # layer 2 becomes a no-op: the first to go
+        teacher.model.layers[2].self_attn.o_proj.weight.zero_()
+        teacher.model.layers[2].mlp.down_proj.weight.zero_()
+    before = {name: value.clone() for name, value in teacher.state_dict().items()}
+    chosen = choose_layers(teacher, 2, "importance", calibration)
+    assert len(chosen.kept) == 2 and 2 not in chosen.kept
+    assert chosen.dropped[0] == (2, pytest.approx(0.0, abs=1e-6))
+    assert [layer for layer, _ in chosen.dropped] + chosen.kept != [0, 1, 2, 3]  # measured, not positional
+    assert all(torch.equal(value, before[name]) for name, value in teacher.state_dict().items())  # teacher intact
+    assert choose_layers(teacher, 2, "even", calibration).kept == [0, 3]
+    with pytest.raises(ValueError, match="choose 1 to 4"):
+        choose_layers(teacher, 5, "importance", calibration)
 
 
 def test_early_stopping_keeps_the_best_and_counts_misses():

@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from potential_meme.engine.models import derive_student, evenly_spaced_layers, load_model, load_tokenizer, resolve
+from potential_meme.engine.models import evenly_spaced_layers, keep_layers, load_model, load_tokenizer, resolve
 
 
 def test_evenly_spaced_layers_keep_first_and_last():
@@ -16,9 +16,9 @@ def test_evenly_spaced_layers_keep_first_and_last():
         evenly_spaced_layers(4, 5)
 
 
-def test_derived_student_copies_the_chosen_layers_and_shares_embeddings(tiny_teacher_dir):
+def test_a_student_of_kept_layers_copies_them_and_shares_embeddings(tiny_teacher_dir):
     teacher = load_model(str(tiny_teacher_dir))
-    student = derive_student(teacher, 2)
+    student = keep_layers(teacher, [0, 3])
     assert student.config.num_hidden_layers == 2
     assert student.config.vocab_size == teacher.config.vocab_size
     for new, old in enumerate([0, 3]):
@@ -32,7 +32,7 @@ def test_derived_student_copies_the_chosen_layers_and_shares_embeddings(tiny_tea
     # A student that keeps every layer is the teacher.
     ids = torch.tensor([[1, 5, 9, 30, 2]])
     with torch.no_grad():
-        torch.testing.assert_close(derive_student(teacher, 4)(ids).logits, teacher(ids).logits)
+        torch.testing.assert_close(keep_layers(teacher, [0, 1, 2, 3])(ids).logits, teacher(ids).logits)
     assert student.model.layers[1].self_attn.layer_idx == 1  # KV-cache slots renumbered
 
 

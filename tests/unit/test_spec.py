@@ -65,6 +65,26 @@ def test_camel_case_yaml_maps_to_snake_case_python_and_back():
             "spec.dataset.sourc",
             "unknown field; accepted fields: maxValidationSequences, source",
         ),
+        (
+            lambda d: d["spec"]["dataset"].update(validation=[{"name": "prose", "source": "a"}] * 2),
+            "spec.dataset",
+            "validation set names must differ; repeated: prose",
+        ),
+        (
+            lambda d: d["spec"]["dataset"].update(validation=[{"name": "Prose Text", "source": "a"}]),
+            "spec.dataset.validation.0.name",
+            "pattern",
+        ),
+        (
+            lambda d: d["spec"]["dataset"].update(validation=[{"name": "prose"}]),
+            "spec.dataset.validation.0.source",
+            "required field is missing",
+        ),
+        (
+            lambda d: d["spec"]["student"]["fromTeacher"].update(layerSelection="random"),
+            "spec.student.fromTeacher.layerSelection",
+            "'importance' or 'even'",
+        ),
         (lambda d: d["spec"]["training"].update(batchSize="four"), "spec.training.batchSize", "valid integer"),
         (
             lambda d: d["spec"]["method"]["knowledge"].update(divergence="kl"),
@@ -261,13 +281,13 @@ def test_a_distillation_gate_names_what_a_stage_measures():
 
 def test_spec_hashes_survive_new_fields_with_defaults():
     """Finished stages on disk and running jobs' accepted specs are found by this hash: a release that adds
-    a field with a default must not change it (these are the examples' hashes before gates existed)."""
+    a field with a default must not change it (the examples as published before gates existed, and their hashes)."""
     from pathlib import Path
 
     from potential_meme.spec import load_job
     from potential_meme.spec.plan import spec_hash
 
-    examples = Path(__file__).resolve().parents[2] / "examples"
+    examples = Path(__file__).resolve().parent / "published"
     published = {
         "kd-smollm2.yaml": "7b419174aa2aded82ea346410ba1bdcd04a6ba08af2aec228edd5252f7d1d4f2",
         "progressive-smollm2.yaml": "d78ef78d829c2b915b2e99b820293d3176a264319bf288b0796c96acd1f390b4",

@@ -14,12 +14,13 @@ from pathlib import Path
 import torch
 
 from ..spec.errors import SpecError
-from ..spec.models import DatasetSpec
+from ..spec.models import DatasetSpec, TextSource
 from ..storage import cache_folder, open_store
 
 log = logging.getLogger(__name__)
 
 BUILTIN_STDLIB = "builtin:python-stdlib"
+BUILTIN_REFERENCE = "builtin:python-reference"
 TEXT_SUFFIXES = {".txt": "text", ".md": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
@@ -73,6 +74,15 @@ def stdlib_documents() -> list[Document]:
     return [Document(**json.loads(line)) for line in lines]
 
 
+def reference_documents() -> list[Document]:
+    """The Python Language Reference's topics as this interpreter ships them (`pydoc_data`, which the
+    stdlib corpus leaves out): long-form prose with code, written for readers rather than beside the code
+    it documents, so it tells how a student trained on docstrings does on text of another kind."""
+    from pydoc_data.topics import topics
+
+    return [Document(group=name, text=text) for name, text in sorted(topics.items())]
+
+
 def _read_cached(path: Path) -> list[str] | None:
     """The cached lines, or None when absent or not whole (every line a page, the last complete)."""
     try:
@@ -92,7 +102,7 @@ def _write_cache(path: Path, text: str) -> None:
         log.warning("could not keep the rendered corpus in %s (%s)", path.parent, exc)
 
 
-def _file_documents(root: Path, spec: DatasetSpec) -> list[Document]:
+def _file_documents(root: Path, spec: TextSource) -> list[Document]:
     paths = _local_files(root)
     documents = []
     for path in paths:
@@ -166,27 +176,33 @@ def _local_files(root: Path) -> list[Path]:
     return files
 
 
-def load_documents(spec: DatasetSpec) -> tuple[list[Document], list[Document]]:
-    """(train, validation) documents for a dataset spec."""
+def read_documents(spec: TextSource) -> list[Document]:
+    """Every document of a source."""
     source = spec.source
     if source == BUILTIN_STDLIB:
-        documents = stdlib_documents()
-    elif source.startswith(("s3://", "file://")):
+        return stdlib_documents()
+    if source == BUILTIN_REFERENCE:
+        return reference_documents()
+    if source.startswith(("s3://", "file://")):
         from ..storage import download_to_scratch
 
         local = open_store(source).root if source.startswith("file://") else download_to_scratch(source, "data")
-        documents = _file_documents(local, spec)
-    elif Path(source).expanduser().exists():
-        documents = _file_documents(Path(source).expanduser(), spec)
-    elif source.startswith("builtin:"):
-        raise _problem("source", f"unknown builtin {source!r}; accepted: {BUILTIN_STDLIB}")
-    elif source.startswith((".", "/", "~")):
+        return _file_documents(local, spec)
+    if Path(source).expanduser().exists():
+        return _file_documents(Path(source).expanduser(), spec)
+    if source.startswith("builtin:"):
+        raise _problem("source", f"unknown builtin {source!r}; accepted: {BUILTIN_STDLIB}, {BUILTIN_REFERENCE}")
+    if source.startswith((".", "/", "~")):
         raise _problem("source", f"{source} does not exist")
-    else:
-        import datasets
+    import datasets
 
-        table = datasets.load_dataset(source, split="train")
-        documents = [Document(group=str(i), text=t) for i, t in enumerate(table[spec.text_field]) if t]
+    table = datasets.load_dataset(source, split="train")
+    return [Document(group=str(i), text=t) for i, t in enumerate(table[spec.text_field]) if t]
+
+
+def load_documents(spec: DatasetSpec) -> tuple[list[Document], list[Document]]:
+    """(train, validation) documents for a dataset spec."""
+    documents = read_documents(spec)
     train, validation = split_documents(documents, spec.validation_fraction)
     if not train or not validation:
         raise _problem(
@@ -197,16 +213,39 @@ def load_documents(spec: DatasetSpec) -> tuple[list[Document], list[Document]]:
     return train, validation
 
 
+def load_validation_sets(spec: DatasetSpec) -> dict[str, list[Document]]:
+    """The documents of each further validation set, by name; errors name the set's own fields."""
+    sets = {}
+    for index, entry in enumerate(spec.validation):
+        try:
+            sets[entry.name] = read_documents(entry)
+        except SpecError as exc:
+            prefix = f"spec.dataset.validation.{index}."
+            raise SpecError(
+                [(path.replace("spec.dataset.", prefix, 1), message) for path, message in exc.problems], "dataset"
+            ) from None
+        if not sets[entry.name]:
+            raise SpecError([(f"spec.dataset.validation.{index}.source", f"{entry.source} holds no text")], "dataset")
+    return sets
+
+
 def pack(
-    documents: list[Document], tokenizer, sequence_length: int, length_field: str = "spec.training.maxSeqLength"
+    documents: list[Document],
+    tokenizer,
+    sequence_length: int,
+    length_field: str = "spec.training.maxSeqLength",
+    max_rows: int | None = None,
 ) -> torch.Tensor:
-    """Tokenize, join documents with EOS and cut into [N, sequence_length] rows (the tail is dropped)."""
+    """Tokenize, join documents with EOS and cut into [N, sequence_length] rows (the tail is dropped);
+    at most `max_rows` rows, tokenizing no more documents than they need."""
     eos = tokenizer.eos_token_id
     stream: list[int] = []
     for document in documents:
         stream.extend(tokenizer(document.text, add_special_tokens=False)["input_ids"])
         stream.append(eos)
-    rows = len(stream) // sequence_length
+        if max_rows is not None and len(stream) >= max_rows * sequence_length:
+            break
+    rows = len(stream) // sequence_length if max_rows is None else min(max_rows, len(stream) // sequence_length)
     if rows == 0:
         raise SpecError(
             [

@@ -37,7 +37,7 @@ def held_out_perplexity(
 ) -> Any:
     from ..evaluation.results import Score
 
-    rows = pack(documents, tokenizer, max_seq_length, "spec.maxSeqLength")[:max_sequences]
+    rows = pack(documents, tokenizer, max_seq_length, "spec.maxSeqLength", max_rows=max_sequences)
     value = perplexity(model, rows, runtime, batch_size, chunk_size)
     return Score(value=value, n=int(rows.numel()), unit="perplexity", higher_is_better=False)
 
@@ -144,7 +144,7 @@ def run_evaluation_stage(
         score = results.score(role, "perplexity", "perplexity")
         if score is not None:
             metrics.VALIDATION_PERPLEXITY.labels(
-                job=job.metadata.name, stage=stage.name, model=role, when="evaluation"
+                job=job.metadata.name, stage=stage.name, model=role, when="evaluation", dataset=metrics.HELD_OUT_SPLIT
             ).set(score.value)
             log.info("%s: held-out perplexity %.3f", role, score.value)
     gates = check_gates(spec.gates, results)

@@ -171,10 +171,14 @@ def load_model(reference: str | ResolvedModel, dtype: torch.dtype = torch.float3
 _LAYER_KEY = re.compile(r"^(.*\.layers\.)(\d+)(\..*)$")
 
 
-def evenly_spaced_layers(total: int, keep: int) -> list[int]:
-    """`keep` indices over range(total), first and last included."""
+def check_layers_to_keep(total: int, keep: int) -> None:
     if not 1 <= keep <= total:
         raise ValueError(f"cannot keep {keep} of {total} layers: choose 1 to {total}")
+
+
+def evenly_spaced_layers(total: int, keep: int) -> list[int]:
+    """`keep` indices over range(total), first and last included."""
+    check_layers_to_keep(total, keep)
     if keep == 1:
         return [total - 1]
     return [round(i * (total - 1) / (keep - 1)) for i in range(keep)]
@@ -205,18 +209,6 @@ def load_exactly(model: PreTrainedModel, state: dict[str, torch.Tensor]) -> None
     untied = [key for key in missing if not (model.config.tie_word_embeddings and key.startswith("lm_head."))]
     if unexpected or untied:
         raise RuntimeError(f"weights do not fit the architecture: missing={untied} unexpected={unexpected}")
-
-
-def derive_student(teacher: PreTrainedModel, num_layers: int) -> PreTrainedModel:
-    """A student that keeps `num_layers` of the teacher's decoder layers, evenly spaced, weights copied.
-
-    Embeddings, final norm and lm-head are copied too, so the student speaks the teacher's
-    tokenizer from the first step.
-    """
-    total = teacher.config.num_hidden_layers
-    kept = evenly_spaced_layers(total, num_layers)
-    log.info("student keeps teacher layers %s (%d of %d)", kept, num_layers, total)
-    return keep_layers(teacher, kept)
 
 
 def parameter_count(model: torch.nn.Module) -> int:

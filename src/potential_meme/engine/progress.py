@@ -58,7 +58,8 @@ class Progress:
 
 
 def stage_summary(job_name: str, manifests: list[dict[str, Any]], student_uri: str) -> str:
-    """The table `potential-meme run` prints at the end: each stage's size and held-out perplexity."""
+    """The table `potential-meme run` prints at the end: each stage's size and held-out perplexity, then its
+    perplexity on each further validation set."""
     first = manifests[0]["metrics"]
     lines = [
         f"{job_name}: {len(manifests)} stage(s) done; held-out perplexity, teacher {first['teacherPerplexity']:,.2f}",
@@ -71,6 +72,18 @@ def stage_summary(job_name: str, manifests: list[dict[str, Any]], student_uri: s
             f"  {manifest['stage']:<18}{row['studentParameters']:>16,}{row['studentPerplexityBefore']:>16,.2f}"
             f"{row['studentPerplexityAfter']:>12,.2f}{row['steps']:>7}{stopped}"
         )
+    elsewhere = [
+        (manifest["stage"], name, values)
+        for manifest in manifests
+        for name, values in manifest["metrics"].get("validationSets", {}).items()
+    ]
+    if elsewhere:
+        lines.append(f"  {'further validation':<18}{'set':<16}{'teacher':>12}{'before':>12}{'after':>12}")
+        for stage, name, values in elsewhere:
+            lines.append(
+                f"  {stage:<18}{name:<16}{values['teacherPerplexity']:>12,.2f}"
+                f"{values['studentPerplexityBefore']:>12,.2f}{values['studentPerplexityAfter']:>12,.2f}"
+            )
     lines.append(f"  student: {student_uri}")
     return "\n".join(lines)
 

@@ -20,9 +20,23 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from .models import keep_layers, load_exactly, parameter_count
+from .models import check_layers_to_keep, evenly_spaced_layers, keep_layers, load_exactly, parameter_count
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class LayerSelection:
+    """Which decoder layers a smaller model keeps, and the influence each dropped layer had when it went."""
+
+    kept: list[int]
+    dropped: list[tuple[int, float]] = field(default_factory=list)
+
+    def as_metrics(self) -> dict:
+        return {
+            "keptLayers": self.kept,
+            "droppedLayers": [{"layer": layer, "influence": round(influence, 6)} for layer, influence in self.dropped],
+        }
 
 
 @dataclass
@@ -30,7 +44,7 @@ class PruningReport:
     parameters_before: int
     parameters_after: int = 0
     layers_before: int = 0
-    kept_layers: list[int] = field(default_factory=list)
+    layers: LayerSelection | None = None
     intermediate_size_before: int = 0
     intermediate_size_after: int = 0
 
@@ -39,7 +53,7 @@ class PruningReport:
             "parametersBefore": self.parameters_before,
             "parametersAfter": self.parameters_after,
             "layersBefore": self.layers_before,
-            "keptLayers": self.kept_layers,
+            **(self.layers.as_metrics() if self.layers else {}),
             "intermediateSizeBefore": self.intermediate_size_before,
             "intermediateSizeAfter": self.intermediate_size_after,
         }
@@ -81,6 +95,37 @@ def layer_influence(model: PreTrainedModel, calibration: torch.Tensor, batch_siz
     handles = [layer.register_forward_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
     count = _calibration_pass(model, calibration, handles, batch_size)
     return [total / count for total in totals]
+
+
+def drop_least_influential_layers(
+    model: PreTrainedModel, keep: int, calibration: torch.Tensor
+) -> tuple[PreTrainedModel, LayerSelection]:
+    """`model` with only its `keep` most influential decoder layers (a new model; `model` is left as it was)."""
+    check_layers_to_keep(len(decoder_layers(model)), keep)
+    selection = LayerSelection(kept=list(range(len(decoder_layers(model)))))
+    while len(selection.kept) > keep:
+        influence = layer_influence(model, calibration)
+        drop = min(range(len(influence)), key=influence.__getitem__)
+        log.info("dropping layer %d (influence %.4f)", selection.kept[drop], influence[drop])
+        selection.dropped.append((selection.kept[drop], influence[drop]))
+        remaining = [i for i in range(len(influence)) if i != drop]
+        model = keep_layers(model, remaining)
+        selection.kept = [selection.kept[i] for i in remaining]
+    return model, selection
+
+
+def choose_layers(
+    teacher: PreTrainedModel, num_layers: int, selection: str, calibration: torch.Tensor
+) -> LayerSelection:
+    """Which `num_layers` decoder layers a student derived from `teacher` keeps: the most influential
+    on `calibration` (selection "importance") or evenly spaced, first and last kept ("even")."""
+    total = teacher.config.num_hidden_layers
+    if selection == "even":
+        chosen = LayerSelection(evenly_spaced_layers(total, num_layers))
+    else:
+        chosen = drop_least_influential_layers(teacher, num_layers, calibration)[1]
+    log.info("student keeps teacher layers %s (%d of %d, by %s)", chosen.kept, num_layers, total, selection)
+    return chosen
 
 
 def channel_importance(model: PreTrainedModel, calibration: torch.Tensor, batch_size: int = 4) -> list[torch.Tensor]:
@@ -135,23 +180,18 @@ def prune_to(model: PreTrainedModel, target: int, calibration: torch.Tensor) -> 
             f"size {target:,} is below the smallest prunable model ({smallest:,}: embeddings and one layer)"
         )
 
-    original_indices = list(range(len(layers)))
-    while len(original_indices) > 1 and fixed + per_layer * (len(original_indices) - 1) >= target:
-        influence = layer_influence(model, calibration)
-        drop = min(range(len(influence)), key=influence.__getitem__)
-        log.info("dropping layer %d (influence %.4f)", original_indices[drop], influence[drop])
-        keep = [i for i in range(len(influence)) if i != drop]
-        model = keep_layers(model, keep)
-        original_indices = [original_indices[i] for i in keep]
+    depth = len(layers)
+    while depth > 1 and fixed + per_layer * (depth - 1) >= target:
+        depth -= 1
+    model, report.layers = drop_least_influential_layers(model, depth, calibration)
 
     current = parameter_count(model)
     if current > target:
-        per_channel = 3 * model.config.hidden_size * len(original_indices)
+        per_channel = 3 * model.config.hidden_size * depth
         remove = math.ceil((current - target) / per_channel)
         keep = model.config.intermediate_size - remove
         log.info("keeping %d of %d MLP channels per layer", keep, model.config.intermediate_size)
         model = keep_channels(model, keep, channel_importance(model, calibration))
-    report.kept_layers = original_indices
     report.parameters_after = parameter_count(model)
     report.intermediate_size_after = model.config.intermediate_size
     return model, report

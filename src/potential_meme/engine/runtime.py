@@ -7,6 +7,7 @@ import math
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -36,6 +37,15 @@ class Runtime:
     def barrier(self) -> None:
         if self.world_size > 1:
             dist.barrier()
+
+    def from_main(self, value: Any) -> Any:
+        """Rank 0's `value` on every process: a choice every rank must make alike (a float tie on one
+        GPU must not give the ranks different models)."""
+        if self.world_size == 1:
+            return value
+        holder = [value]
+        dist.broadcast_object_list(holder, src=0)
+        return holder[0]
 
     def all_sum(self, values: list[float]) -> list[float]:
         if self.world_size == 1:

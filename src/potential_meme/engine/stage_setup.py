@@ -12,13 +12,13 @@ from torch import nn
 from ..spec.errors import SpecError, StageError
 from ..spec.models import DistillationJob
 from ..spec.plan import STUDENT_DIR, Stage, StageKind, plan_stages
-from .data import load_documents, pack
+from .data import load_documents, load_validation_sets, pack
 from .finish import finished_manifest
 from .loop import Batches, Teacher
-from .models import derive_student, load_model, load_tokenizer, resolve
+from .models import keep_layers, load_model, load_tokenizer, resolve
 from .objective import DistillationObjective, HiddenStateTap
 from .preflight import CheckedModels
-from .pruning import prune_to
+from .pruning import choose_layers, prune_to
 from .runtime import Runtime, perplexity
 from .schedule import lr_lambda
 
@@ -63,9 +63,19 @@ def _load_models(
             raise SpecError([(f"spec.method.progressive.{field}", str(exc))], job.metadata.name) from None
         teacher = teacher.to(dtype)
         facts = report.as_metrics()
-    elif job.spec.student.from_teacher is not None:
+    elif (derived := job.spec.student.from_teacher) is not None:
         teacher = load_model(models.teacher, dtype=dtype)
-        student = derive_student(teacher, job.spec.student.from_teacher.num_layers)
+        calibration = train_rows[: derived.calibration_sequences].to(runtime.device)
+        teacher.to(runtime.device)
+        choice = (
+            choose_layers(teacher, derived.num_layers, derived.layer_selection, calibration)
+            if runtime.is_main
+            else None
+        )
+        selection = runtime.from_main(choice)  # the other ranks wait rather than measure: all must keep the same layers
+        # Embeddings, final norm and lm-head are copied too: the student speaks the teacher's tokenizer from step one.
+        student = keep_layers(teacher, selection.kept)
+        facts = {"layerSelection": derived.layer_selection, **selection.as_metrics()}
     else:
         teacher = load_model(models.teacher, dtype=dtype)
         student = load_model(models.student)
@@ -78,7 +88,8 @@ class StageSetup:
     """Everything the step loop works with."""
 
     tokenizer: Any
-    validation_rows: torch.Tensor
+    validation_rows: torch.Tensor  # the held-out split of the training corpus
+    validation_sets: dict[str, torch.Tensor]  # further validation text, by name
     teacher_model: nn.Module
     teacher: Teacher
     teacher_weight: torch.Tensor | None  # the teacher's lm-head, when the loss needs its logits
@@ -98,6 +109,13 @@ class StageSetup:
         """Held-out perplexity of `model` on the stage's validation rows."""
         return perplexity(model, self.validation_rows, self.runtime, self.batch_size, self.chunk_size)
 
+    def perplexities_elsewhere(self, model: nn.Module) -> dict[str, float]:
+        """Perplexity of `model` on each further validation set, by name."""
+        return {
+            name: perplexity(model, rows, self.runtime, self.batch_size, self.chunk_size)
+            for name, rows in self.validation_sets.items()
+        }
+
 
 def set_up(
     job: DistillationJob, stage: Stage, runtime: Runtime, accumulation: int, models: CheckedModels
@@ -111,7 +129,21 @@ def set_up(
     train_docs, validation_docs = load_documents(spec.dataset)  # before the models: data errors come fast
     tokenizer = load_tokenizer(models.teacher)
     train_rows = pack(train_docs, tokenizer, training.max_seq_length)
-    validation_rows = pack(validation_docs, tokenizer, training.max_seq_length)[: spec.dataset.max_validation_sequences]
+    validation_rows = pack(
+        validation_docs, tokenizer, training.max_seq_length, max_rows=spec.dataset.max_validation_sequences
+    )
+    validation_sets = {
+        entry.name: pack(
+            documents,
+            tokenizer,
+            training.max_seq_length,
+            f"spec.dataset.validation.{index}.source",
+            max_rows=entry.max_sequences or spec.dataset.max_validation_sequences,
+        )
+        for index, (entry, documents) in enumerate(
+            zip(spec.dataset.validation, load_validation_sets(spec.dataset).values(), strict=True)
+        )
+    }
     teacher_model, student, facts = _load_models(job, stage, previous, models, train_rows, runtime)
     vocabulary = models.vocabulary
     if vocabulary is not None and vocabulary.teacher_rows != vocabulary.student_rows:
@@ -148,6 +180,7 @@ def set_up(
     return StageSetup(
         tokenizer=tokenizer,
         validation_rows=validation_rows,
+        validation_sets=validation_sets,
         teacher_model=teacher_model,
         teacher=teacher,
         teacher_weight=teacher_model.get_output_embeddings().weight if method.alpha < 1 or layerwise else None,

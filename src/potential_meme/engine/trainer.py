@@ -58,6 +58,11 @@ def run_distill_stage(
             "teacherPerplexity": setup.perplexity(setup.teacher_model),
             "studentPerplexityBefore": setup.perplexity(setup.student),
         }
+        if setup.validation_sets:
+            teacher, student = (setup.perplexities_elsewhere(model) for model in (setup.teacher_model, setup.student))
+            before["validationSets"] = {
+                name: {"teacherPerplexity": teacher[name], "studentPerplexityBefore": student[name]} for name in teacher
+            }
         if training.eval_every_steps:
             early.observe(0, before["studentPerplexityBefore"], setup.student)  # training must beat the start
         if runtime.is_main:
@@ -66,6 +71,13 @@ def run_distill_stage(
                 before["teacherPerplexity"],
                 before["studentPerplexityBefore"],
             )
+            for name, measured in before.get("validationSets", {}).items():
+                log.info(
+                    "validation perplexity on %s: teacher %.2f, student before %.2f",
+                    name,
+                    measured["teacherPerplexity"],
+                    measured["studentPerplexityBefore"],
+                )
 
     total_steps = setup.total_steps
     metrics.TOTAL_STEPS.labels(**labels).set(total_steps)
@@ -119,13 +131,26 @@ def run_distill_stage(
     if early.best_state is not None:
         setup.student.load_state_dict(early.best_state)  # the best evaluated student, not the last
     after = setup.perplexity(setup.student)
-
-    for model_name, when, value in (
-        ("teacher", "before", before["teacherPerplexity"]),
-        ("student", "before", before["studentPerplexityBefore"]),
-        ("student", "after", after),
-    ):
-        metrics.VALIDATION_PERPLEXITY.labels(**labels, model=model_name, when=when).set(value)
+    elsewhere = {
+        name: {
+            **before["validationSets"][name],
+            "studentPerplexityAfter": value,
+            "sequences": len(setup.validation_sets[name]),
+        }
+        for name, value in setup.perplexities_elsewhere(setup.student).items()
+    }
+    measured = {metrics.HELD_OUT_SPLIT: {**before, "studentPerplexityAfter": after}, **elsewhere}
+    for dataset, values in measured.items():
+        for model_name, when, key in (
+            ("teacher", "before", "teacherPerplexity"),
+            ("student", "before", "studentPerplexityBefore"),
+            ("student", "after", "studentPerplexityAfter"),
+        ):
+            metrics.VALIDATION_PERPLEXITY.labels(**labels, model=model_name, when=when, dataset=dataset).set(
+                values[key]
+            )
+        if runtime.is_main and dataset != metrics.HELD_OUT_SPLIT:
+            log.info("validation perplexity on %s: student after %.2f", dataset, values["studentPerplexityAfter"])
     steps_run = step - (resumed_from or 0)
     manifest = stage_manifest(
         job,
@@ -135,6 +160,7 @@ def run_distill_stage(
         metrics={
             **before,
             "studentPerplexityAfter": after,
+            **({"validationSets": elsewhere} if elsewhere else {}),
             "finalLoss": losses[-1] if losses else None,
             "steps": step,
             "stoppedEarly": stopped_early,

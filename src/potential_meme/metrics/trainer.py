@@ -22,8 +22,11 @@ CURRENT_STEP = Gauge("potential_meme_trainer_step", "Optimizer step reached (sur
 TOTAL_STEPS = Gauge("potential_meme_trainer_planned_steps", "Optimizer steps planned for the stage", _LABELS)
 STAGE_INDEX = Gauge("potential_meme_trainer_stage_index", "0-based index of the running stage in the plan", ("job",))
 STAGE_INFO = Gauge("potential_meme_trainer_stage_info", "1 for the stage this process runs", _LABELS)
+HELD_OUT_SPLIT = "held-out"  # the `dataset` label of the training corpus' held-out split; other sets go by name
 VALIDATION_PERPLEXITY = Gauge(
-    "potential_meme_trainer_validation_perplexity", "Held-out perplexity", (*_LABELS, "model", "when")
+    "potential_meme_trainer_validation_perplexity",
+    "Validation perplexity",
+    (*_LABELS, "model", "when", "dataset"),
 )
 
 _served_ports: set[int] = set()

@@ -33,6 +33,14 @@ class Model(BaseModel):
         return self.model_dump(by_alias=True, exclude_none=True, mode="json")
 
 
+def added_later(default: Any = None, *, default_factory: Any = None, **field: Any) -> Any:
+    """A field added after stages began publishing spec hashes: left out of dumps, so of the hash,
+    while it holds its default, so that a stage an older spec finished still counts as finished."""
+    unset = default_factory() if default_factory else default
+    source = {"default_factory": default_factory} if default_factory else {"default": default}
+    return Field(**source, exclude_if=lambda value: value == unset, **field)
+
+
 ModelReference = Annotated[
     str,
     Field(
@@ -53,10 +61,14 @@ class TeacherSpec(Model):
 class DerivedStudent(Model):
     """A student made from the teacher by keeping some of its decoder layers."""
 
-    num_layers: int = Field(
-        ge=1,
-        description="Decoder layers to keep, evenly spaced over the teacher's (first and last kept).",
+    num_layers: int = Field(ge=1, description="Decoder layers to keep.")
+    layer_selection: Literal["importance", "even"] = added_later(
+        "importance",
+        description="importance: drop, one at a time, the layer whose output differs least from its input on "
+        "calibration sequences (measured again after each drop); even: keep evenly spaced layers, first and last "
+        "included.",
     )
+    calibration_sequences: int = added_later(8, ge=1, description="Training sequences on which importance is measured.")
 
 
 class StudentSpec(Model):
@@ -85,16 +97,33 @@ class StudentSpec(Model):
         return self
 
 
-class DatasetSpec(Model):
+class TextSource(Model):
     source: str = Field(
         min_length=1,
         description=(
-            "'builtin:python-stdlib' (docstrings of Python's standard library, built offline), "
+            "'builtin:python-stdlib' (pydoc pages of Python's standard library, built offline), "
+            "'builtin:python-reference' (the Python Language Reference's prose, offline), "
             "a local .txt/.jsonl/.parquet file or folder, an s3:// prefix, or a Hugging Face "
             "dataset name."
         ),
     )
     text_field: str = Field(default="text", description="Column holding the text (jsonl, parquet, hub).")
+
+
+class ValidationSet(TextSource):
+    """Text of another kind than the training corpus: how well a student does on what it did not train on."""
+
+    name: str = Field(
+        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+        max_length=40,
+        description="How logs, manifests, status and metrics name this set (lowercase letters, digits, '-').",
+    )
+    max_sequences: int | None = Field(
+        default=None, ge=1, description="Sequences used; defaults to the dataset's maxValidationSequences."
+    )
+
+
+class DatasetSpec(TextSource):
     validation_fraction: float = Field(
         default=0.1,
         gt=0,
@@ -104,6 +133,19 @@ class DatasetSpec(Model):
     max_validation_sequences: int = Field(
         default=32, ge=1, description="Held-out sequences used for validation perplexity."
     )
+    validation: list[ValidationSet] = added_later(
+        default_factory=list,
+        max_length=16,
+        description="Further validation sets, all of each one's text held out, each measured and reported "
+        "separately beside the held-out split.",
+    )
+
+    @model_validator(mode="after")
+    def _distinct_validation_names(self) -> DatasetSpec:
+        names = [entry.name for entry in self.validation]
+        if repeated := sorted({name for name in names if names.count(name) > 1}):
+            raise ValueError(f"validation set names must differ; repeated: {', '.join(repeated)}")
+        return self
 
 
 Divergence = Literal["forwardKL", "reverseKL", "jsd"]
@@ -507,15 +549,15 @@ class DistillationJobSpec(Model):
     training: TrainingSpec = Field(default_factory=TrainingSpec, json_schema_extra=_immutable("training"))
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, json_schema_extra=_immutable("checkpoint"))
     output: OutputSpec = Field(default_factory=OutputSpec, json_schema_extra=_immutable("output"))
-    gates: list[QualityGate] = Field(
+    gates: list[QualityGate] = added_later(
         default_factory=list,
         description="Numbers each gated stage's student must reach, from the stage's own validation: "
         f"{', '.join(STAGE_GATE_METRICS)}. A stage that falls short ends the job (Failed, QualityGate False): "
         "a progressive chain goes no further.",
         json_schema_extra=_immutable("gates"),
     )
-    gated_stages: Literal["final", "every"] = Field(
-        default="final", description="final: the last stage's student; every: each stage's, for a progressive chain."
+    gated_stages: Literal["final", "every"] = added_later(
+        "final", description="final: the last stage's student; every: each stage's, for a progressive chain."
     )
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     run_policy: RunPolicySpec = Field(default_factory=RunPolicySpec)
@@ -597,28 +639,28 @@ class EvaluationJobSpec(Model):
         description="Results go to <uri>/<job name>/evaluate/; defaults to distillationJob's output.",
         json_schema_extra=_immutable("output"),
     )
-    benchmarks: list[Literal["perplexity", "mmlu", "humaneval", "mt-bench"]] = Field(
+    benchmarks: list[Literal["perplexity", "mmlu", "humaneval", "mt-bench"]] = added_later(
         default_factory=lambda: ["perplexity"],
         min_length=1,
         description="perplexity (held-out split of dataset), mmlu, humaneval, mt-bench.",
         json_schema_extra=_immutable("benchmarks"),
     )
-    metrics: list[Literal["accuracy", "latency", "memoryUsage"]] = Field(
+    metrics: list[Literal["accuracy", "latency", "memoryUsage"]] = added_later(
         default_factory=lambda: ["accuracy"],
         min_length=1,
         description="accuracy: the benchmarks' scores; latency: time to first token, per-token latency, throughput; "
         "memoryUsage: parameter bytes and peak memory while generating.",
     )
-    limit: int | None = Field(
-        default=None,
+    limit: int | None = added_later(
+        None,
         ge=1,
         description="At most this many questions per MMLU subject, HumanEval problems and MT-Bench questions per "
         "category; unset: all.",
     )
-    mmlu: MMLUSpec = Field(default_factory=MMLUSpec)
-    humaneval: HumanEvalSpec = Field(default_factory=HumanEvalSpec)
-    mt_bench: MTBenchSpec | None = None
-    gates: list[QualityGate] = Field(
+    mmlu: MMLUSpec = added_later(default_factory=MMLUSpec)
+    humaneval: HumanEvalSpec = added_later(default_factory=HumanEvalSpec)
+    mt_bench: MTBenchSpec | None = added_later()
+    gates: list[QualityGate] = added_later(
         default_factory=list, description="Numbers the student must reach; the result is the QualityGate condition."
     )
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)

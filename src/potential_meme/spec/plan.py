@@ -37,11 +37,6 @@ class Stage:
     target_parameters: int | None = None  # progressive: the size this stage prunes to
 
 
-# Spec fields added after hashes were first published count only when set: a new field with a default
-# must not turn every finished stage (and every running job's accepted spec) into "a different spec".
-ADDED_LATER = {"gates", "gated_stages", "benchmarks", "metrics", "limit", "mmlu", "humaneval", "mt_bench"}
-
-
 def spec_hash(job: DistillationJob | EvaluationJob) -> str:
     """Hash of what determines a stage's result; placement, retries and suspension do not."""
     placement = {
@@ -51,11 +46,9 @@ def spec_hash(job: DistillationJob | EvaluationJob) -> str:
         "output": {"credentials_secret", "endpoint"},
         "checkpoint": {"upload_timeout_minutes"},
     }
+    # Fields added after hashes were first published (models.added_later) drop out at their default: a new field
+    # must not turn every finished stage, and every running job's accepted spec, into "a different spec".
     relevant = job.spec.model_dump(mode="json", exclude=placement)
-    fields = type(job.spec).model_fields
-    for name in ADDED_LATER & relevant.keys():
-        if getattr(job.spec, name) == fields[name].get_default(call_default_factory=True):
-            del relevant[name]
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 
 
