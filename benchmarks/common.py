@@ -19,7 +19,34 @@ def arguments(description: str, steps: int) -> argparse.ArgumentParser:
     parser.add_argument("--learning-rate", type=float, default=3e-4)
     parser.add_argument("--validation-sequences", type=int, default=24)
     parser.add_argument("--output", default="runs/benchmarks", help="where the runs go (reruns skip finished ones)")
+    parser.add_argument(
+        "--other-text",
+        action="append",
+        default=["builtin:python-reference"],
+        metavar="SOURCE",
+        help="a further validation set of another kind of text (any dataset source; repeatable)",
+    )
     return parser
+
+
+def other_text_names(args: argparse.Namespace) -> list[str]:
+    """The validation-set name each --other-text source is reported under."""
+    return [f"other-{index}" for index in range(len(args.other_text))]
+
+
+def perplexity_header(names: list[str]) -> str:
+    return f"{'held-out':>10}{'x teacher':>10}" + "".join(f"{name:>10}{'x teacher':>10}" for name in names)
+
+
+def perplexity_cells(metrics: dict[str, Any], teacher: dict[str, Any], names: list[str], key: str) -> str:
+    """`metrics[key]` on the held-out split and on each further validation set, each beside its ratio to the
+    teacher's (`teacher`: the metrics of a stage distilled from the original teacher)."""
+    held_out = metrics[key]
+    cells = f"{held_out:10,.2f}{held_out / teacher['teacherPerplexity']:10.2f}"
+    for name in names:
+        value = metrics["validationSets"][name][key]
+        cells += f"{value:10,.2f}{value / teacher['validationSets'][name]['teacherPerplexity']:10.2f}"
+    return cells
 
 
 def run(
@@ -29,7 +56,14 @@ def run(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     spec = {
         "teacher": {"model": args.teacher},
-        "dataset": {"source": "builtin:python-stdlib", "maxValidationSequences": args.validation_sequences},
+        "dataset": {
+            "source": "builtin:python-stdlib",
+            "maxValidationSequences": args.validation_sequences,
+            "validation": [
+                {"name": name, "source": source}
+                for name, source in zip(other_text_names(args), args.other_text, strict=True)
+            ],
+        },
         "method": method,
         "training": {
             "batchSize": args.batch_size,

@@ -1,0 +1,83 @@
+"""Which KD settings work best here: one setting changed at a time around the spec's defaults.
+
+Every run trains the same derived student (the teacher's layers halved, by default) for the same
+tokens and is scored on the corpus' held-out split and on text of another kind (`--other-text`).
+The grid: temperature 1 / 2 / 4, alpha 0 / 0.1 / 0.5, forward KL / reverse KL / JSD, learning
+rate 1e-4 / 3e-4 / 1e-3, and layerwise matching (mse, cosine) on top of the default logit KD.
+
+    python benchmarks/kd_sweep.py [--steps 30] [--layers 15]
+"""
+
+from __future__ import annotations
+
+from common import arguments, other_text_names, perplexity_cells, perplexity_header, run
+
+BASELINE = {"temperature": 2.0, "alpha": 0.5, "divergence": "forwardKL"}
+CHANGES = [
+    ("temperature", 1.0),
+    ("temperature", 4.0),
+    ("alpha", 0.0),
+    ("alpha", 0.1),
+    ("divergence", "reverseKL"),
+    ("divergence", "jsd"),
+]
+LEARNING_RATES = [1e-4, 1e-3]
+
+
+def _slug(value) -> str:
+    return str(value).lower().replace(".", "p")
+
+
+def main() -> None:
+    parser = arguments(__doc__.splitlines()[0], steps=30)
+    parser.add_argument("--layers", type=int, default=15, help="decoder layers of the derived student")
+    parser.add_argument("--pairs", type=int, default=5, help="matched layer pairs of the layerwise runs")
+    args = parser.parse_args()
+    student = {"fromTeacher": {"numLayers": args.layers}}
+    settings = {"baseline": dict(BASELINE)} | {f"{name}={value}": BASELINE | {name: value} for name, value in CHANGES}
+    rows = {
+        label: run(
+            f"sweep-{args.layers}l-" + "-".join(_slug(v) for v in knowledge.values()),
+            {"knowledge": knowledge},
+            args,
+            student,
+        )[-1]
+        for label, knowledge in settings.items()
+    }
+    for rate in LEARNING_RATES:
+        rows[f"learningRate={rate:g}"] = run(
+            f"sweep-{args.layers}l-lr{rate:g}".replace(".", "p"),
+            {"knowledge": BASELINE},
+            args,
+            student,
+            learningRate=rate,
+        )[-1]
+    kept = rows["baseline"]["keptLayers"]
+    matched = [round((i + 1) * args.layers / args.pairs) for i in range(args.pairs)]
+    for loss in ("mse", "cosine"):
+        layerwise = BASELINE | {
+            "studentLayers": matched,
+            "teacherLayers": [kept[k - 1] + 1 for k in matched],
+            "layerLoss": loss,
+        }
+        rows[f"layerwise {loss}"] = run(
+            f"sweep-{args.layers}l-layerwise-{loss}", {"layerwise": layerwise}, args, student
+        )[-1]
+
+    names = other_text_names(args)
+    baseline = rows["baseline"]
+    print(
+        f"\n{args.steps} steps x {args.batch_size} x {args.seq_length} tokens each, student = {args.layers} layers "
+        f"(chosen by importance) of the teacher; baseline {BASELINE}, learning rate {args.learning_rate:g}"
+    )
+    print(f"{'setting':26}{perplexity_header(names)}")
+    print(f"{'(before training)':26}{perplexity_cells(baseline, baseline, names, 'studentPerplexityBefore')}")
+    for label, row in sorted(rows.items(), key=lambda item: item[1]["studentPerplexityAfter"]):
+        print(f"{label:26}{perplexity_cells(row, baseline, names, 'studentPerplexityAfter')}")
+    best = min(rows, key=lambda label: rows[label]["studentPerplexityAfter"])
+    ratio = rows[best]["studentPerplexityAfter"] / baseline["studentPerplexityAfter"]
+    print(f"best held-out: {best} ({ratio:.3f} x the baseline's perplexity)")
+
+
+if __name__ == "__main__":
+    main()

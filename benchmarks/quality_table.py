@@ -1,0 +1,68 @@
+"""Every method on one table: held-out perplexity, parameters and training time at equal tokens.
+
+The same student size for every method (the teacher's layers halved, by default), the same number
+of training tokens, the same held-out modules of the standard-library corpus, and the same further
+validation text of another kind (`--other-text`, default the Python Language Reference):
+
+- CE only: the derived student fine-tuned on the corpus (alpha 1), no teacher;
+- logit KD: the spec's default knowledge distillation;
+- layerwise: logit KD plus hidden-state matching, each matched student layer paired with the
+  teacher layer it was copied from;
+- progressive: pruned to a size halfway, distilled, pruned to the final size, distilled, half the
+  steps each;
+- direct pruning: pruned straight to the final size, all the steps on one stage.
+
+    python benchmarks/quality_table.py [--steps 60] [--layers 15] [--other-text SOURCE ...]
+"""
+
+from __future__ import annotations
+
+from common import arguments, other_text_names, perplexity_cells, perplexity_header, run
+
+
+def main() -> None:
+    parser = arguments(__doc__.splitlines()[0], steps=60)
+    parser.add_argument("--layers", type=int, default=15, help="decoder layers of the derived student")
+    parser.add_argument("--pairs", type=int, default=5, help="matched layer pairs of the layerwise run")
+    args = parser.parse_args()
+    student = {"fromTeacher": {"numLayers": args.layers}}
+    rows: dict[str, list[dict]] = {}
+    rows["CE only (alpha 1)"] = run("table-ce", {"knowledge": {"alpha": 1.0}}, args, student)
+    rows["logit KD (defaults)"] = kd = run("table-kd", {"knowledge": {}}, args, student)
+    kept = kd[-1]["keptLayers"]
+    matched = [round((i + 1) * args.layers / args.pairs) for i in range(args.pairs)]  # 1-based student layers
+    layerwise = {"studentLayers": matched, "teacherLayers": [kept[k - 1] + 1 for k in matched]}
+    rows["layerwise"] = run("table-layerwise", {"layerwise": layerwise}, args, student)
+    final = kd[-1]["studentParameters"]
+    halfway = (kd[-1]["teacherParameters"] + final) // 2
+    per_stage = args.steps // 2
+    progressive = {"progressive": {"intermediateSizes": [halfway], "finalSize": final}}
+    rows["progressive (via halfway)"] = run("table-progressive", progressive, args, maxSteps=per_stage)
+    rows["direct pruning"] = run("table-direct", {"progressive": {"finalSize": final}}, args, maxSteps=2 * per_stage)
+
+    first = kd[0]  # distilled from the original teacher: its numbers are the teacher's
+    names = other_text_names(args)
+    sources = ", ".join(f"{name} = {source}" for name, source in zip(names, args.other_text, strict=True))
+    print(
+        f"\n{args.steps} steps x {args.batch_size} x {args.seq_length} tokens per method; perplexity on the "
+        f"corpus' held-out split and on {sources}"
+    )
+    print(f"{'':28}{'params':>13}{perplexity_header(names)}{'train s':>9}")
+    print(f"{'teacher':28}{first['teacherParameters']:13,}{perplexity_cells(first, first, names, 'teacherPerplexity')}")
+    before = perplexity_cells(first, first, names, "studentPerplexityBefore")
+    print(f"{'student before training':28}{first['studentParameters']:13,}{before}")
+    for label, stages in rows.items():
+        last, seconds = stages[-1], sum(stage["trainSeconds"] for stage in stages)
+        after = perplexity_cells(last, first, names, "studentPerplexityAfter")
+        print(f"{label:28}{last['studentParameters']:13,}{after}{seconds:9,.0f}")
+    after = {label: stages[-1]["studentPerplexityAfter"] for label, stages in rows.items()}
+    for top, bottom in (
+        ("logit KD (defaults)", "CE only (alpha 1)"),
+        ("layerwise", "logit KD (defaults)"),
+        ("progressive (via halfway)", "direct pruning"),
+    ):
+        print(f"{top} / {bottom}: {after[top] / after[bottom]:.3f}")
+
+
+if __name__ == "__main__":
+    main()
