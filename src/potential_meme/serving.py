@@ -213,13 +213,11 @@ def _handler(server: ChatServer, api_key: str | None) -> type[BaseHTTPRequestHan
 
 def serve(reference: str, host: str, port: int, batch_size: int, max_tokens: int, name: str | None = None) -> None:
     from .engine.models import load_model, load_tokenizer, resolve
+    from .engine.runtime import default_device
 
     resolved = resolve(reference)
     tokenizer = load_tokenizer(resolved)
-    import torch
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_model(resolved).to(device).eval()
+    model = load_model(resolved).to(default_device()).eval()
     chat = ChatServer(model, tokenizer, name or reference, batch_size=batch_size, max_tokens=max_tokens).start()
     httpd = ThreadingHTTPServer((host, port), _handler(chat, os.environ.get(API_KEY_VARIABLE) or None))
     # The line a test or a script waits for: the address is bound and requests are answered from now on.

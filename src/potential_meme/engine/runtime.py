@@ -55,6 +55,13 @@ class Runtime:
         return tensor.tolist()
 
 
+def default_device() -> torch.device:
+    """This process's GPU (torchrun's LOCAL_RANK) where there is one, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
 def start_runtime(precision: str, timeout: timedelta | None = None) -> Runtime:
     """Join the torchrun process group when WORLD_SIZE > 1; pick device and autocast dtype.
 
@@ -62,11 +69,9 @@ def start_runtime(precision: str, timeout: timedelta | None = None) -> Runtime:
     student while the others wait at a barrier, so it must outlast the slowest upload.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    device = default_device()
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
     rank = dist.get_rank() if world_size > 1 else 0

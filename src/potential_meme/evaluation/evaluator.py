@@ -20,12 +20,11 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-import torch
 from pydantic_core import to_jsonable_python
 
 from ..engine.chat_api import ChatClient, ChatEndpoint
 from ..engine.models import ResolvedModel, load_model, load_tokenizer, parameter_count, resolve
-from ..engine.runtime import Runtime
+from ..engine.runtime import Runtime, default_device
 from ..spec.errors import SpecError
 from ..storage import cache_folder
 from .results import EvaluationResults, ModelResults, Score
@@ -109,7 +108,7 @@ Checkpoint = Callable[[str, ModelResults], None]  # (role, what it has measured 
 class DistillationEvaluator:
     def __init__(self, settings: EvaluationSettings | None = None, **overrides: Any):
         self.settings = settings or EvaluationSettings(**overrides)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = default_device()
 
     def evaluate(
         self,
