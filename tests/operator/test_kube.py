@@ -109,3 +109,45 @@ async def test_errors_that_last_and_refusals_reach_the_caller_with_the_apis_mess
         assert gone.value.status == 0 and "ClientConnectorError" in str(gone.value)
     finally:
         await unreachable.close()
+
+
+async def test_status_writes_give_way_to_creates_in_flight_but_not_forever(monkeypatch):
+    """Under a burst, every job's PyTorchJob before any job's status; a status still goes out in bounded time."""
+    import asyncio
+
+    arrived: list[str] = []
+    release = asyncio.Event()
+
+    async def handler(request):
+        arrived.append(f"{request.method} {request.path}")
+        if request.method == "POST":
+            await release.wait()  # a slow create, as under a burst
+        return web.json_response({})
+
+    runner, url = await _serve(handler)
+    client = Kube(lambda: kopf.ConnectionInfo(server=url, token="t"))
+    pytorchjob = {"apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob", "metadata": {"name": "a", "namespace": "ml"}}
+    status = ("distill.potential-meme.io/v1alpha1", "distillationjobs", "ml", "b", {"status": {"phase": "Pending"}})
+    try:
+        create = asyncio.create_task(client.create(pytorchjob))
+        while not arrived:
+            await asyncio.sleep(0.01)
+        patch = asyncio.create_task(client.merge_patch(*status, sub="status"))
+        await asyncio.sleep(0.3)
+        assert arrived == ["POST /apis/kubeflow.org/v1/namespaces/ml/pytorchjobs"]  # the status waits
+        release.set()
+        await asyncio.wait_for(asyncio.gather(create, patch), 5)
+        assert arrived[-1] == "PATCH /apis/distill.potential-meme.io/v1alpha1/namespaces/ml/distillationjobs/b/status"
+
+        # A create that never ends holds a status back for STATUS_WAIT_SECONDS, no longer.
+        monkeypatch.setattr(kube_module, "STATUS_WAIT_SECONDS", 0.2)
+        release.clear()
+        stuck = asyncio.create_task(client.create(pytorchjob))
+        await asyncio.sleep(0.05)
+        await asyncio.wait_for(client.merge_patch(*status, sub="status"), 2)
+        assert not stuck.done()
+        release.set()
+        await stuck
+    finally:
+        await client.close()
+        await runner.cleanup()

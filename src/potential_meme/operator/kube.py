@@ -63,6 +63,7 @@ def path(api_version: str, plural: str, namespace: str | None, name: str | None 
 TIMEOUT = aiohttp.ClientTimeout(total=30, connect=5)
 ATTEMPTS = 6  # a call is tried this often through throttling, 5xx and timeouts (~20 s of backoff at most)
 BACKOFF_SECONDS, BACKOFF_CAP_SECONDS = 0.2, 8.0
+STATUS_WAIT_SECONDS = 5.0  # the longest a status write gives way to creates in flight
 
 
 def backoff(attempt: int, retry_after: str | None = None) -> float:
@@ -73,7 +74,13 @@ def backoff(attempt: int, retry_after: str | None = None) -> float:
 
 
 class Kube:
-    """`login()` gives the credentials; it is called again on a 401, as bound service-account tokens rotate."""
+    """`login()` gives the credentials; it is called again on a 401, as bound service-account tokens rotate.
+
+    Status writes give way, for a bounded time, while creates are in flight. A burst of new jobs
+    otherwise moves in lockstep: every job's ConfigMap, PyTorchJob and status write queue behind every
+    other job's at the API server, and the first PyTorchJob waits for most of the burst's status
+    writes. A status may lag a moment; the PyTorchJob is what the user waits for.
+    """
 
     def __init__(self, login: Callable[[], kopf.ConnectionInfo]):
         self.login = login
@@ -86,6 +93,9 @@ class Kube:
             timeout=TIMEOUT,
             connector=aiohttp.TCPConnector(ssl=_ssl_context(info)),
         )
+        self.creating = 0
+        self.no_creates = asyncio.Event()
+        self.no_creates.set()
 
     async def close(self) -> None:
         await self.session.close()
@@ -153,6 +163,8 @@ class Kube:
     async def create(self, obj: dict[str, Any]) -> bool:
         """Create `obj`; False when it already exists (a restarted operator finds its children)."""
         plural = PLURALS[obj["kind"]]
+        self.creating += 1
+        self.no_creates.clear()
         try:
             await self._call("POST", path(obj["apiVersion"], plural, obj["metadata"].get("namespace")), json=obj)
             return True
@@ -160,6 +172,10 @@ class Kube:
             if exc.status == 409:
                 return False
             raise
+        finally:
+            self.creating -= 1
+            if not self.creating:
+                self.no_creates.set()
 
     async def delete(self, api_version: str, plural: str, namespace: str | None, name: str) -> None:
         """Delete an object; one already gone is no error."""
@@ -178,6 +194,11 @@ class Kube:
         patch: dict[str, Any],
         sub: str | None = None,
     ) -> dict[str, Any]:
+        if sub == "status":
+            try:
+                await asyncio.wait_for(self.no_creates.wait(), STATUS_WAIT_SECONDS)
+            except asyncio.TimeoutError:
+                pass  # a steady stream of creates must not starve status writes
         return await self._call(
             "PATCH",
             path(api_version, plural, namespace, name, sub),
