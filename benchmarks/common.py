@@ -29,6 +29,19 @@ def arguments(description: str, steps: int) -> argparse.ArgumentParser:
     return parser
 
 
+def student_arguments(parser: argparse.ArgumentParser) -> None:
+    """The derived student every run of a comparison trains, and the layer pairs its layerwise runs match."""
+    parser.add_argument("--layers", type=int, default=15, help="decoder layers of the derived student")
+    parser.add_argument("--pairs", type=int, default=5, help="matched layer pairs of the layerwise runs")
+
+
+def copied_layer_pairs(args: argparse.Namespace, kept: list[int]) -> dict[str, list[int]]:
+    """`args.pairs` student layers spread over the student (1-based outputs), each paired with the output of the
+    teacher layer it was copied from (`kept`: the teacher layers the derived student kept, in order)."""
+    matched = [round((i + 1) * args.layers / args.pairs) for i in range(args.pairs)]
+    return {"studentLayers": matched, "teacherLayers": [kept[k - 1] + 1 for k in matched]}
+
+
 def other_text_names(args: argparse.Namespace) -> list[str]:
     """The validation-set name each --other-text source is reported under."""
     return [f"other-{index}" for index in range(len(args.other_text))]

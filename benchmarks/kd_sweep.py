@@ -10,7 +10,15 @@ rate 1e-4 / 3e-4 / 1e-3, and layerwise matching (mse, cosine) on top of the defa
 
 from __future__ import annotations
 
-from common import arguments, other_text_names, perplexity_cells, perplexity_header, run
+from common import (
+    arguments,
+    copied_layer_pairs,
+    other_text_names,
+    perplexity_cells,
+    perplexity_header,
+    run,
+    student_arguments,
+)
 
 BASELINE = {"temperature": 2.0, "alpha": 0.5, "divergence": "forwardKL"}
 CHANGES = [
@@ -30,8 +38,7 @@ def _slug(value) -> str:
 
 def main() -> None:
     parser = arguments(__doc__.splitlines()[0], steps=30)
-    parser.add_argument("--layers", type=int, default=15, help="decoder layers of the derived student")
-    parser.add_argument("--pairs", type=int, default=5, help="matched layer pairs of the layerwise runs")
+    student_arguments(parser)
     args = parser.parse_args()
     student = {"fromTeacher": {"numLayers": args.layers}}
     settings = {"baseline": dict(BASELINE)} | {f"{name}={value}": BASELINE | {name: value} for name, value in CHANGES}
@@ -52,12 +59,10 @@ def main() -> None:
             student,
             learningRate=rate,
         )[-1]
-    kept = rows["baseline"]["keptLayers"]
-    matched = [round((i + 1) * args.layers / args.pairs) for i in range(args.pairs)]
+    pairs = copied_layer_pairs(args, rows["baseline"]["keptLayers"])
     for loss in ("mse", "cosine"):
         layerwise = BASELINE | {
-            "studentLayers": matched,
-            "teacherLayers": [kept[k - 1] + 1 for k in matched],
+            **pairs,
             "layerLoss": loss,
         }
         rows[f"layerwise {loss}"] = run(

@@ -17,21 +17,26 @@ validation text of another kind (`--other-text`, default the Python Language Ref
 
 from __future__ import annotations
 
-from common import arguments, other_text_names, perplexity_cells, perplexity_header, run
+from common import (
+    arguments,
+    copied_layer_pairs,
+    other_text_names,
+    perplexity_cells,
+    perplexity_header,
+    run,
+    student_arguments,
+)
 
 
 def main() -> None:
     parser = arguments(__doc__.splitlines()[0], steps=60)
-    parser.add_argument("--layers", type=int, default=15, help="decoder layers of the derived student")
-    parser.add_argument("--pairs", type=int, default=5, help="matched layer pairs of the layerwise run")
+    student_arguments(parser)
     args = parser.parse_args()
     student = {"fromTeacher": {"numLayers": args.layers}}
     rows: dict[str, list[dict]] = {}
     rows["CE only (alpha 1)"] = run("table-ce", {"knowledge": {"alpha": 1.0}}, args, student)
     rows["logit KD (defaults)"] = kd = run("table-kd", {"knowledge": {}}, args, student)
-    kept = kd[-1]["keptLayers"]
-    matched = [round((i + 1) * args.layers / args.pairs) for i in range(args.pairs)]  # 1-based student layers
-    layerwise = {"studentLayers": matched, "teacherLayers": [kept[k - 1] + 1 for k in matched]}
+    layerwise = copied_layer_pairs(args, kd[-1]["keptLayers"])
     rows["layerwise"] = run("table-layerwise", {"layerwise": layerwise}, args, student)
     final = kd[-1]["studentParameters"]
     halfway = (kd[-1]["teacherParameters"] + final) // 2
