@@ -132,17 +132,16 @@ def set_up(
     validation_rows = pack(
         validation_docs, tokenizer, training.max_seq_length, max_rows=spec.dataset.max_validation_sequences
     )
+    documents_elsewhere = load_validation_sets(spec.dataset)
     validation_sets = {
         entry.name: pack(
-            documents,
+            documents_elsewhere[entry.name],
             tokenizer,
             training.max_seq_length,
             f"spec.dataset.validation.{index}.source",
             max_rows=entry.max_sequences or spec.dataset.max_validation_sequences,
         )
-        for index, (entry, documents) in enumerate(
-            zip(spec.dataset.validation, load_validation_sets(spec.dataset).values(), strict=True)
-        )
+        for index, entry in enumerate(spec.dataset.validation)
     }
     teacher_model, student, facts = _load_models(job, stage, previous, models, train_rows, runtime)
     vocabulary = models.vocabulary
