@@ -70,6 +70,7 @@ def training_state(
         "accumulation": setup.batches.accumulation,
         "spec_hash": spec_hash(job),
         "before": before,
+        "facts": setup.facts,
         "early_stopping": early.state(),
     }
 

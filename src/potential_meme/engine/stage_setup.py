@@ -45,8 +45,10 @@ def _load_models(
     models: CheckedModels,
     train_rows: torch.Tensor,
     runtime: Runtime,
+    facts_before: dict[str, Any] | None,
 ):
-    """(teacher, student, stage facts) for a stage; progressive stages prune their student."""
+    """(teacher, student, stage facts) for a stage; progressive stages prune their student.
+    `facts_before`: what a checkpoint being resumed recorded, whose student already has its layers chosen."""
     dtype = runtime.autocast_dtype or torch.float32
     facts: dict[str, Any] = {}
     if stage.kind is StageKind.PROGRESSIVE:
@@ -65,17 +67,20 @@ def _load_models(
         facts = report.as_metrics()
     elif (derived := job.spec.student.from_teacher) is not None:
         teacher = load_model(models.teacher, dtype=dtype)
-        calibration = train_rows[: derived.calibration_sequences].to(runtime.device)
-        teacher.to(runtime.device)
-        choice = (
-            choose_layers(teacher, derived.num_layers, derived.layer_selection, calibration)
-            if runtime.is_main
-            else None
-        )
-        selection = runtime.from_main(choice)  # the other ranks wait rather than measure: all must keep the same layers
+        if facts_before and "keptLayers" in facts_before:  # resumed: measuring again would choose the same layers
+            facts = facts_before
+        else:
+            calibration = train_rows[: derived.calibration_sequences].to(runtime.device)
+            teacher.to(runtime.device)
+            choice = (
+                choose_layers(teacher, derived.num_layers, derived.layer_selection, calibration)
+                if runtime.is_main
+                else None
+            )
+            selection = runtime.from_main(choice)  # the other ranks wait rather than measure: all keep the same layers
+            facts = {"layerSelection": derived.layer_selection, **selection.as_metrics()}
         # Embeddings, final norm and lm-head are copied too: the student speaks the teacher's tokenizer from step one.
-        student = keep_layers(teacher, selection.kept)
-        facts = {"layerSelection": derived.layer_selection, **selection.as_metrics()}
+        student = keep_layers(teacher, facts["keptLayers"])
     else:
         teacher = load_model(models.teacher, dtype=dtype)
         student = load_model(models.student)
@@ -118,7 +123,12 @@ class StageSetup:
 
 
 def set_up(
-    job: DistillationJob, stage: Stage, runtime: Runtime, accumulation: int, models: CheckedModels
+    job: DistillationJob,
+    stage: Stage,
+    runtime: Runtime,
+    accumulation: int,
+    models: CheckedModels,
+    facts_before: dict[str, Any] | None = None,
 ) -> StageSetup:
     """Load data and models and build the objective, optimizer and schedule of a distill stage.
     `accumulation`: micro-batches per process and step (a resumed run keeps its checkpoint's global batch)."""
@@ -143,7 +153,7 @@ def set_up(
         )
         for index, entry in enumerate(spec.dataset.validation)
     }
-    teacher_model, student, facts = _load_models(job, stage, previous, models, train_rows, runtime)
+    teacher_model, student, facts = _load_models(job, stage, previous, models, train_rows, runtime, facts_before)
     vocabulary = models.vocabulary
     if vocabulary is not None and vocabulary.teacher_rows != vocabulary.student_rows:
         log.info(

@@ -46,7 +46,10 @@ def run_distill_stage(
     store = open_store(stage.output_uri)
     labels = {"job": job.metadata.name, "stage": stage.name}
     restored = checkpoint.load_newest(store)
-    setup = set_up(job, stage, runtime, resume.accumulation_for(job, restored, runtime.world_size), models)
+    facts_before = restored.training_state.get("facts") if restored is not None else None
+    setup = set_up(
+        job, stage, runtime, resume.accumulation_for(job, restored, runtime.world_size), models, facts_before
+    )
     early = EarlyStopping(training.early_stopping_patience)
     step, resumed_from, stopped_early = 0, None, False
     if restored is not None:
