@@ -15,7 +15,7 @@ from potential_meme.engine.chat_api import ChatClient, ChatEndpoint, ChatRequest
 from potential_meme.engine.generation import chat_prompt
 from potential_meme.engine.models import load_model, load_tokenizer
 from potential_meme.evaluation import DistillationEvaluator
-from potential_meme.evaluation.mt_bench import judge_request, load_mt_bench, rating
+from potential_meme.evaluation.mt_bench import rating
 from potential_meme.serving import ChatServer
 
 from helpers import SHARED, save_tiny_llama, start_cli
@@ -25,7 +25,7 @@ CHATML = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-VERDICT = "Rating: [[7]]"
+VERDICT = "Rating: [7]"  # the looser form weak judges write: "[[" would repeat a token
 
 
 @pytest.fixture(scope="module")
@@ -40,29 +40,33 @@ def chat_model_dir(tiny_teacher_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def judge_dir(chat_model_dir, tmp_path_factory):
-    """A tiny judge trained to give every answer the same verdict: MT-Bench's plumbing is under test here,
-    not a judge's taste (the slow test judges with the real SmolLM2)."""
+    """A tiny Llama built to give every answer the same verdict: MT-Bench's plumbing is under test here,
+    not a judge's taste (the slow test judges with the real SmolLM2). Its layers add nothing to the
+    residual stream, so each next token depends on the current one alone; the embeddings and output
+    rows make that a chain from the generation prompt's last token through the verdict to EOS."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     root = tmp_path_factory.mktemp("tiny-judge")
     tokenizer = load_tokenizer(str(chat_model_dir))
-    model = load_model(str(chat_model_dir)).train()
-    bench = load_mt_bench(str(MT_BENCH), limit=1)
-    examples = []
-    for question in bench.questions:
-        for turn in (0, 1):
-            request = judge_request(bench, question, [f"answer {question.question_id}", "a second answer"], turn, 16)
-            messages = [{"role": "system", "content": request.system}, {"role": "user", "content": request.user}]
-            prompt = tokenizer(chat_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"][-200:]
-            target = tokenizer(VERDICT)["input_ids"] + [tokenizer.eos_token_id]
-            examples.append((prompt, target))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for step in range(60):
-        prompt, target = examples[step % len(examples)]
-        ids = torch.tensor([prompt + target])
-        labels = torch.tensor([[-100] * len(prompt) + target])
-        model(input_ids=ids, labels=labels).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.eval().save_pretrained(root)
+    prompt = tokenizer(chat_prompt(tokenizer, [{"role": "user", "content": "?"}]), add_special_tokens=False)
+    chain = [prompt["input_ids"][-1], *tokenizer(VERDICT, add_special_tokens=False)["input_ids"]]
+    assert len(set(chain)) == len(chain) <= 16, "a bigram chain needs distinct tokens, one dimension each"
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=8, num_hidden_layers=1,
+        num_attention_heads=1, max_position_embeddings=4096, tie_word_embeddings=False,
+        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.model.embed_tokens.weight.zero_()
+        model.lm_head.weight.zero_()
+        for position, (token, following) in enumerate(zip(chain, [*chain[1:], tokenizer.eos_token_id], strict=True)):
+            model.model.embed_tokens.weight[token, position] = 1.0
+            model.lm_head.weight[following, position] = 10.0
+    model.save_pretrained(root)
     tokenizer.save_pretrained(root)
     return root
 
@@ -140,10 +144,8 @@ def test_mt_bench_is_judged_through_a_flaky_endpoint_and_a_rerun_asks_nothing(
         proxy.close()
     scores = results.models["student"].benchmarks["mt-bench"]
     assert proxy.seen[:4] == ["429", "429", "500", "500"] and len(proxy.forwarded) == 16  # 8 categories, 2 turns
-    # A judge that writes no readable rating is counted, never guessed (the tiny judge slips now and then).
-    unreadable = int(scores["unreadable_judgments"].value)
-    assert scores["unreadable_judgments"].n == 16 and unreadable <= 4
-    assert scores["score"].value == 7 and scores["score"].n == 16 - unreadable
+    assert scores["unreadable_judgments"].value == 0 and scores["unreadable_judgments"].n == 16
+    assert scores["score"].value == 7 and scores["score"].n == 16
     assert sorted(results.models["student"].details["mt-bench"]) == [
         "coding", "extraction", "humanities", "math", "reasoning", "roleplay", "stem", "writing"
     ]  # fmt: skip
