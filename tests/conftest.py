@@ -14,6 +14,11 @@ import yaml
 
 from helpers import free_port, save_tiny_llama
 
+CHATML = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
 
 def pytest_configure(config):
     """One cache folder for the session (the built-in corpus is rendered once), never the user's."""
@@ -63,6 +68,18 @@ def tiny_teacher_dir(tmp_path_factory) -> Path:
     bpe.train_from_iterator(_corpus_texts().values(), trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
     save_tiny_llama(root, tokenizer, hidden_size=64, layers=4, seed=0)
+    return root
+
+
+@pytest.fixture(scope="session")
+def chat_model_dir(tiny_teacher_dir, tmp_path_factory) -> Path:
+    """The tiny Llama with a chat template (ChatML, as SmolLM2's)."""
+    from potential_meme.engine.models import load_tokenizer
+
+    root = tmp_path_factory.mktemp("tiny-chat")
+    tokenizer = load_tokenizer(str(tiny_teacher_dir))
+    tokenizer.chat_template = CHATML
+    save_tiny_llama(root, tokenizer, hidden_size=64, layers=2, seed=2)
     return root
 
 

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import tempfile
+import threading
+import time
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from zygote import Forked, read_until_closed, zygote
@@ -132,3 +137,61 @@ class Ranks:
         for member in self.members:
             member.wait(timeout)
         return self.returncode
+
+
+class FlakyProxy:
+    """In front of a real endpoint: 429 for the first requests, then 500, then passes everything on."""
+
+    def __init__(self, upstream: str, too_many: int, failing: int):
+        self.upstream, self.plan, self.seen, self.forwarded = upstream, ["429"] * too_many + ["500"] * failing, [], []
+        self.lock = threading.Lock()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *_):
+                pass
+
+            def do_POST(self):  # noqa: N802
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                with proxy.lock:
+                    fault = proxy.plan.pop(0) if proxy.plan else None
+                proxy.seen.append(fault or "ok")
+                if fault is not None:
+                    data = json.dumps({"error": {"message": f"injected {fault}", "type": "server_error"}}).encode()
+                    self.send_response(int(fault))
+                    self.send_header("Retry-After", "0")
+                else:
+                    proxy.forwarded.append(json.loads(body))
+                    request = urllib.request.Request(
+                        proxy.upstream + self.path.removeprefix("/v1"),
+                        data=body,
+                        headers={"Content-Type": "application/json"},
+                    )
+                    with urllib.request.urlopen(request, timeout=120) as response:
+                        data = response.read()
+                    self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_port}/v1"
+
+    def close(self):
+        self.server.shutdown()
+
+
+def serve(model_dir, *options) -> tuple[Forked, str]:
+    """`potential-meme serve MODEL` on a free port: (its process, its base URL)."""
+    server = start_cli("serve", str(model_dir), "--port", "0", *options)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        line = server.stdout.readline()
+        if line.startswith("serving "):
+            return server, line.split(" on ", 1)[1].strip()
+        if not line and server.poll() is not None:
+            break
+    server.kill()
+    raise AssertionError(f"serve did not start: {line!r}")

@@ -4,8 +4,6 @@ answers 429 and 500 for a while, a cache that makes a rerun free, and a server t
 import json
 import threading
 import time
-import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import openai
 import pytest
@@ -18,24 +16,10 @@ from potential_meme.evaluation import DistillationEvaluator
 from potential_meme.evaluation.mt_bench import rating
 from potential_meme.serving import ChatServer
 
-from helpers import SHARED, save_tiny_llama, start_cli
+from helpers import SHARED, FlakyProxy, serve
 
 MT_BENCH = SHARED / "evaldata" / "mt_bench"
-CHATML = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 VERDICT = "Rating: [7]"  # the looser form weak judges write: "[[" would repeat a token
-
-
-@pytest.fixture(scope="module")
-def chat_model_dir(tiny_teacher_dir, tmp_path_factory):
-    """The tiny Llama with a chat template (ChatML, as SmolLM2's)."""
-    root = tmp_path_factory.mktemp("tiny-chat")
-    tokenizer = load_tokenizer(str(tiny_teacher_dir))
-    tokenizer.chat_template = CHATML
-    save_tiny_llama(root, tokenizer, hidden_size=64, layers=2, seed=2)
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -71,67 +55,11 @@ def judge_dir(chat_model_dir, tmp_path_factory):
     return root
 
 
-class FlakyProxy:
-    """In front of a real endpoint: 429 for the first requests, then 500, then passes everything on."""
-
-    def __init__(self, upstream: str, too_many: int, failing: int):
-        self.upstream, self.plan, self.seen, self.forwarded = upstream, ["429"] * too_many + ["500"] * failing, [], []
-        proxy = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *_):
-                pass
-
-            def do_POST(self):  # noqa: N802
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                with threading.Lock():
-                    fault = proxy.plan.pop(0) if proxy.plan else None
-                proxy.seen.append(fault or "ok")
-                if fault is not None:
-                    data = json.dumps({"error": {"message": f"injected {fault}", "type": "server_error"}}).encode()
-                    self.send_response(int(fault))
-                    self.send_header("Retry-After", "0")
-                else:
-                    proxy.forwarded.append(json.loads(body))
-                    request = urllib.request.Request(
-                        proxy.upstream + self.path.removeprefix("/v1"),
-                        data=body,
-                        headers={"Content-Type": "application/json"},
-                    )
-                    with urllib.request.urlopen(request, timeout=120) as response:
-                        data = response.read()
-                    self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_port}/v1"
-
-    def close(self):
-        self.server.shutdown()
-
-
-def _served(model_dir, *options):
-    server = start_cli("serve", str(model_dir), "--port", "0", "--name", "judge", *options)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        line = server.stdout.readline()
-        if line.startswith("serving "):
-            return server, line.split(" on ", 1)[1].strip()
-        if not line and server.poll() is not None:
-            break
-    server.kill()
-    raise AssertionError(f"serve did not start: {line!r}")
-
-
 def test_mt_bench_is_judged_through_a_flaky_endpoint_and_a_rerun_asks_nothing(
     chat_model_dir, judge_dir, tmp_path, monkeypatch
 ):
     monkeypatch.setenv("JUDGE_KEY", "k3y-value")
-    server, url = _served(judge_dir)
+    server, url = serve(judge_dir, "--name", "judge")
     proxy = FlakyProxy(url, too_many=2, failing=2)
     try:
         endpoint = ChatEndpoint(model="judge", base_url=proxy.url, api_key_env="JUDGE_KEY", concurrency=2)
@@ -162,7 +90,7 @@ def test_mt_bench_is_judged_through_a_flaky_endpoint_and_a_rerun_asks_nothing(
 
 def test_serve_answers_the_openai_client_and_refuses_bad_requests(chat_model_dir, monkeypatch):
     monkeypatch.setenv("POTENTIAL_MEME_SERVE_API_KEY", "s3cret")
-    server, url = _served(chat_model_dir, "--batch-size", "4", "--max-tokens", "16")
+    server, url = serve(chat_model_dir, "--name", "judge", "--batch-size", "4", "--max-tokens", "16")
     try:
         client = openai.OpenAI(base_url=url, api_key="s3cret", max_retries=0)
         assert [m.id for m in client.models.list().data] == ["judge"]

@@ -79,19 +79,22 @@ def test_the_rendered_corpus_is_kept_and_a_cut_copy_is_not_used(stdlib_rendering
         assert data._read_cached(kept) is None
 
 
-def test_txt_md_jsonl_json_and_parquet_files_all_load(tmp_path):
+def test_txt_md_jsonl_json_csv_and_parquet_files_all_load(tmp_path):
     (tmp_path / "a.txt").write_text("alpha text file\n\nits second paragraph")
     (tmp_path / "b.jsonl").write_text("\n".join(json.dumps({"body": f"jsonl row {i}"}) for i in range(3)) + "\n\n")
     pd.DataFrame({"body": ["parquet row 1", None, "parquet row 2"]}).to_parquet(tmp_path / "c.parquet")
     bom = "\ufeff"  # as Windows editors save UTF-8
     (tmp_path / "d.json").write_text(bom + json.dumps([{"body": "json array row", "id": 1}, {"id": 2}]), "utf-8")
     (tmp_path / "e.md").write_text("# a markdown page")
+    (tmp_path / "f.csv").write_text('id,body\n1,"csv row, quoted"\n2,\n3,"a csv row\nover two lines"\n', "utf-8")
     (tmp_path / "ignored.bin").write_bytes(b"\0")
     train, validation = load_documents(DatasetSpec(source=str(tmp_path), text_field="body", validation_fraction=0.5))
     texts = sorted(d.text for d in train + validation)
     assert texts == [
         "# a markdown page",
+        "a csv row\nover two lines",
         "alpha text file\n\nits second paragraph",
+        "csv row, quoted",
         "json array row",
         "jsonl row 0",
         "jsonl row 1",
@@ -118,10 +121,12 @@ def test_a_broken_json_file_is_named_with_its_line(tmp_path, content, problem):
         load_documents(DatasetSpec(source=str(tmp_path)))
 
 
-def test_missing_text_field_is_named(tmp_path):
-    (tmp_path / "a.jsonl").write_text(json.dumps({"content": "x"}) + "\n")
-    (tmp_path / "b.jsonl").write_text(json.dumps({"content": "y"}) + "\n")
-    with pytest.raises(ValueError, match="spec.dataset.textField: a.jsonl has no column 'text'; columns: content"):
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_missing_text_field_is_named(tmp_path, suffix):
+    for name, text in (("a", "x"), ("b", "y")):
+        content = json.dumps({"content": text}) + "\n" if suffix == ".jsonl" else f"content\n{text}\n"
+        (tmp_path / f"{name}{suffix}").write_text(content)
+    with pytest.raises(ValueError, match=f"spec.dataset.textField: a{suffix} has no column 'text'; columns: content"):
         load_documents(DatasetSpec(source=str(tmp_path)))
 
 

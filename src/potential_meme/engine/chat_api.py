@@ -14,12 +14,14 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm.auto import tqdm
+
+from .generation import Completion
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +75,8 @@ class ChatClient:
                         continue
                     self.cached[entry["key"]] = entry["answer"]
 
-    def ask(self, request: ChatRequest) -> str:
-        key = request.key(self.endpoint.model)
-        if key in self.cached:
-            return self.cached[key]
+    def complete(self, request: ChatRequest) -> Completion:
+        """One answer from the endpoint, with why it ended and its token counts (no cache)."""
         messages = ([{"role": "system", "content": request.system}] if request.system else []) + [
             {"role": "user", "content": request.user}
         ]
@@ -86,9 +86,33 @@ class ChatClient:
             temperature=request.temperature,
             max_tokens=request.max_tokens,
         )
-        answer = response.choices[0].message.content or ""
+        choice, usage = response.choices[0], response.usage
         with self._lock:
             self.asked += 1
+        return Completion(
+            text=choice.message.content or "",
+            finish_reason=choice.finish_reason or "stop",
+            prompt_tokens=usage.prompt_tokens if usage else 0,
+            completion_tokens=usage.completion_tokens if usage else 0,
+        )
+
+    def complete_each(self, requests: Sequence[ChatRequest]) -> Iterator[tuple[int, Completion]]:
+        """(index, answer) of every request as each arrives, at most `concurrency` in flight."""
+        with ThreadPoolExecutor(max_workers=self.endpoint.concurrency) as pool:
+            futures = {pool.submit(self.complete, request): index for index, request in enumerate(requests)}
+            try:
+                for future in as_completed(futures):
+                    yield futures[future], future.result()
+            finally:  # a failed request or a caller that stops early: nothing more is sent
+                for future in futures:
+                    future.cancel()
+
+    def ask(self, request: ChatRequest) -> str:
+        key = request.key(self.endpoint.model)
+        if key in self.cached:
+            return self.cached[key]
+        answer = self.complete(request).text
+        with self._lock:
             self.cached[key] = answer
             if self.cache_file is not None:
                 self.cache_file.parent.mkdir(parents=True, exist_ok=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import logging
@@ -21,7 +22,14 @@ log = logging.getLogger(__name__)
 
 BUILTIN_STDLIB = "builtin:python-stdlib"
 BUILTIN_REFERENCE = "builtin:python-reference"
-TEXT_SUFFIXES = {".txt": "text", ".md": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+TEXT_SUFFIXES = {
+    ".txt": "text",
+    ".md": "text",
+    ".jsonl": "json",
+    ".json": "json",
+    ".csv": "csv",
+    ".parquet": "parquet",
+}
 
 
 def _problem(field: str, message: str) -> SpecError:
@@ -102,12 +110,12 @@ def _write_cache(path: Path, text: str) -> None:
         log.warning("could not keep the rendered corpus in %s (%s)", path.parent, exc)
 
 
-def _file_documents(root: Path, spec: TextSource) -> list[Document]:
+def _file_documents(root: Path, spec: TextSource, line_per_text: bool) -> list[Document]:
     paths = _local_files(root)
     documents = []
     for path in paths:
         name = str(path.relative_to(root)) if root.is_dir() else path.name  # stable across machines
-        texts = _file_texts(path, spec.text_field)
+        texts = _file_texts(path, spec.text_field, line_per_text)
         # Files are the split unit when there are several; otherwise rows are.
         for row, text in enumerate(texts):
             if isinstance(text, str) and text.strip():
@@ -115,14 +123,21 @@ def _file_documents(root: Path, spec: TextSource) -> list[Document]:
     return documents
 
 
-def _file_texts(path: Path, column: str) -> list:
-    """A text file is one document; JSON Lines, a JSON array of records and Parquet give one a row.
+def _file_texts(path: Path, column: str, line_per_text: bool = False) -> list:
+    """A text file is one document (or one a line: `line_per_text`); JSON Lines, a JSON array of records,
+    CSV and Parquet give one a row.
 
     Read directly rather than through `datasets`, whose import and Arrow cache cost seconds per
     trainer start and need a writable home directory.
     """
     if TEXT_SUFFIXES[path.suffix] == "text":
-        return [path.read_text(encoding="utf-8", errors="replace")]
+        text = path.read_text(encoding="utf-8", errors="replace")
+        return text.splitlines() if line_per_text else [text]
+    if path.suffix == ".csv":
+        with path.open(newline="", encoding="utf-8-sig") as file:
+            reader = csv.DictReader(file)
+            _require_column(path, column, list(reader.fieldnames or []))
+            return [row[column] for row in reader]
     if path.suffix == ".parquet":
         import pyarrow.parquet
 
@@ -176,8 +191,8 @@ def _local_files(root: Path) -> list[Path]:
     return files
 
 
-def read_documents(spec: TextSource) -> list[Document]:
-    """Every document of a source."""
+def read_documents(spec: TextSource, line_per_text: bool = False) -> list[Document]:
+    """Every document of a source; `line_per_text`: each line of a text file is one (prompts, not prose)."""
     source = spec.source
     if source == BUILTIN_STDLIB:
         return stdlib_documents()
@@ -187,9 +202,9 @@ def read_documents(spec: TextSource) -> list[Document]:
         from ..storage import download_to_scratch
 
         local = open_store(source).root if source.startswith("file://") else download_to_scratch(source, "data")
-        return _file_documents(local, spec)
+        return _file_documents(local, spec, line_per_text)
     if Path(source).expanduser().exists():
-        return _file_documents(Path(source).expanduser(), spec)
+        return _file_documents(Path(source).expanduser(), spec, line_per_text)
     if source.startswith("builtin:"):
         raise _problem("source", f"unknown builtin {source!r}; accepted: {BUILTIN_STDLIB}, {BUILTIN_REFERENCE}")
     if source.startswith((".", "/", "~")):

@@ -68,10 +68,12 @@ def generate(
     add_special_tokens: bool = True,
     progress: str | None = None,
     on_step: Callable[[], None] | None = None,
+    on_batch: Callable[[list[tuple[int, Completion]]], None] | None = None,
 ) -> list[Completion]:
     """Completions of `prompts`, in their order. `add_special_tokens`: False for text that a chat template
     rendered (it has its own begin-of-sequence marker). `progress`: a label for a progress bar.
-    `on_step`: called as each batch's prompt is read and after every decoding step (latency is timed so)."""
+    `on_step`: called as each batch's prompt is read and after every decoding step (latency is timed so).
+    `on_batch`: called with each finished batch's (prompt index, completion) pairs (to keep them as they come)."""
     encoded = [tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"] for prompt in prompts]
     order = sorted(range(len(prompts)), key=lambda index: len(encoded[index]))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -105,18 +107,22 @@ def generate(
             eos_token_id=sorted(eos),
             **options,
         )
+        finished = []
         for row, index in enumerate(batch):
             tokens = output[row, width:].tolist()
             # A row that ended early is filled with padding while the others go on.
             ended = next((position for position, token in enumerate(tokens) if token in eos or token == pad), None)
             kept = tokens if ended is None else tokens[:ended]
             text, stopped = _cut(tokenizer.decode(kept, skip_special_tokens=True), sampling.stop)
-            results[index] = Completion(
+            results[index] = completion = Completion(
                 text=text,
                 finish_reason="stop" if ended is not None or stopped else "length",
                 prompt_tokens=len(encoded[index]),
                 completion_tokens=len(kept) + (ended is not None),
             )
+            finished.append((index, completion))
+        if on_batch is not None:
+            on_batch(finished)
     return [completion for completion in results if completion is not None]
 
 

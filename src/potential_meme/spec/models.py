@@ -103,11 +103,11 @@ class TextSource(Model):
         description=(
             "'builtin:python-stdlib' (pydoc pages of Python's standard library, built offline), "
             "'builtin:python-reference' (the Python Language Reference's prose, offline), "
-            "a local .txt/.jsonl/.parquet file or folder, an s3:// prefix, or a Hugging Face "
+            "a local .txt/.md/.jsonl/.json/.csv/.parquet file or folder, an s3:// prefix, or a Hugging Face "
             "dataset name."
         ),
     )
-    text_field: str = Field(default="text", description="Column holding the text (jsonl, parquet, hub).")
+    text_field: str = Field(default="text", description="Column holding the text (jsonl, csv, parquet, hub).")
 
 
 class ValidationSet(TextSource):

@@ -1,0 +1,163 @@
+"""Teacher responses: a teacher, local or behind an OpenAI-compatible API, answers prompts.
+
+Every answer is appended to a JSON Lines file as soon as it exists (a local teacher's batch, an API
+answer), flushed to disk, one record per prompt: id, prompt, response, finish reason, token counts and
+the teacher's name. A rerun reads the file first and asks only the prompts it lacks, so a killed
+generation loses nothing it wrote and nothing is answered twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from ..spec.models import TextSource
+from .chat_api import ChatClient, ChatRequest
+from .data import read_documents
+from .generation import Completion, Sampling, chat_prompt, generate
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Prompt:
+    id: str  # from the text alone: the same prompt has the same id in any file, order or rerun
+    text: str
+
+
+def prompt_id(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def read_prompts(source: TextSource) -> list[Prompt]:
+    """The distinct prompts of a source, in order; a text file holds one a line."""
+    prompts: dict[str, Prompt] = {}
+    for document in read_documents(source, line_per_text=True):
+        text = document.text.strip()
+        if text:
+            prompts.setdefault(prompt_id(text), Prompt(prompt_id(text), text))
+    return list(prompts.values())
+
+
+Answered = Callable[[list[tuple[Prompt, Completion]]], None]  # takes each group of answers as it is complete
+
+
+class LocalTeacher:
+    """A loaded model: batched generation with KV cache; chat models answer through their chat template."""
+
+    def __init__(self, model: Any, tokenizer: Any, name: str, batch_size: int = 8):
+        self.model, self.tokenizer, self.name, self.batch_size = model, tokenizer, name, batch_size
+
+    def answer(self, prompts: list[Prompt], sampling: Sampling, answered: Answered) -> None:
+        chat = bool(getattr(self.tokenizer, "chat_template", None))
+        rendered = [
+            chat_prompt(self.tokenizer, [{"role": "user", "content": prompt.text}]) if chat else prompt.text
+            for prompt in prompts
+        ]
+        generate(
+            self.model,
+            self.tokenizer,
+            rendered,
+            sampling,
+            batch_size=self.batch_size,
+            add_special_tokens=not chat,  # a chat template writes its own begin-of-sequence marker
+            on_batch=lambda batch: answered([(prompts[index], completion) for index, completion in batch]),
+        )
+
+
+class ApiTeacher:
+    """A model behind an OpenAI-compatible endpoint, asked `concurrency` prompts at a time."""
+
+    def __init__(self, client: ChatClient):
+        self.client, self.name = client, client.endpoint.model
+
+    def answer(self, prompts: list[Prompt], sampling: Sampling, answered: Answered) -> None:
+        requests = [
+            ChatRequest(user=prompt.text, temperature=sampling.temperature, max_tokens=sampling.max_tokens)
+            for prompt in prompts
+        ]
+        for index, completion in self.client.complete_each(requests):
+            answered([(prompts[index], completion)])
+
+
+def read_responses(path: Path) -> dict[str, dict[str, Any]]:
+    """The records of a responses file by prompt id; a last line cut short by a crash is left out."""
+    records: dict[str, dict[str, Any]] = {}
+    if not path.exists():
+        return records
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and "id" in record and "response" in record:
+            records[record["id"]] = record
+    return records
+
+
+def _drop_cut_line(path: Path) -> None:
+    """A crash mid-write leaves a line without its newline: cut it, or the next record would be glued to it."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        path.write_bytes(data[: data.rfind(b"\n") + 1])
+
+
+def _record(prompt: Prompt, completion: Completion, teacher: str) -> dict[str, Any]:
+    return {
+        "id": prompt.id,
+        "prompt": prompt.text,
+        "response": completion.text,
+        "finish_reason": completion.finish_reason,
+        "prompt_tokens": completion.prompt_tokens,
+        "completion_tokens": completion.completion_tokens,
+        "teacher": teacher,
+    }
+
+
+def generate_responses(
+    teacher: LocalTeacher | ApiTeacher,
+    prompts: Iterable[Prompt],
+    sampling: Sampling,
+    path: Path,
+    on_written: Callable[[], None] | None = None,
+) -> list[dict[str, Any]]:
+    """The teacher's record for every prompt, in the prompts' order; only prompts missing from `path` are
+    asked, and each group of answers is on disk as soon as it is complete. `on_written`: called after each
+    write (an upload to the artifact store keeps a pod's progress)."""
+    prompts = list(prompts)
+    done = read_responses(path)
+    todo = [prompt for prompt in prompts if prompt.id not in done]
+    if len(todo) < len(prompts):
+        log.info(
+            "%d of %d prompts answered before; asking the other %d", len(prompts) - len(todo), len(prompts), len(todo)
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _drop_cut_line(path)
+    with (
+        path.open("a", encoding="utf-8") as out,
+        tqdm(total=len(todo), desc=f"{teacher.name} answers", unit="prompt") as bar,
+    ):
+
+        def write(group: list[tuple[Prompt, Completion]]) -> None:
+            for prompt, completion in group:
+                done[prompt.id] = _record(prompt, completion, teacher.name)
+                out.write(json.dumps(done[prompt.id], ensure_ascii=False) + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+            bar.update(len(group))
+            if on_written is not None:
+                on_written()
+
+        if todo:
+            teacher.answer(todo, sampling, write)
+    return [done[prompt.id] for prompt in prompts]
