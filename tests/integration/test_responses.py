@@ -14,11 +14,13 @@ import pytest
 
 from potential_meme.engine.chat_api import ChatClient, ChatEndpoint
 from potential_meme.engine.generation import Sampling
+from potential_meme.engine.losses import IGNORE_INDEX
 from potential_meme.engine.models import load_model, load_tokenizer
 from potential_meme.engine.responses import (
     ApiTeacher,
     LocalTeacher,
     generate_responses,
+    pack_exchanges,
     prompt_id,
     read_prompts,
     read_responses,
@@ -79,6 +81,7 @@ KILLED_RUN = """
 import sys
 from pathlib import Path
 from potential_meme.engine.generation import Sampling
+from potential_meme.engine.losses import IGNORE_INDEX
 from potential_meme.engine.models import load_model, load_tokenizer
 from potential_meme.engine.responses import LocalTeacher, Prompt, generate_responses, prompt_id
 model_dir, path = sys.argv[1], Path(sys.argv[2])
@@ -189,3 +192,23 @@ def test_an_api_teacher_killed_mid_run_is_asked_only_what_is_missing_when_it_is_
     assert asked == sorted(p.text for p in prompts if p.id not in kept)
     assert [r["prompt"] for r in records] == QUESTIONS
     assert len(path.read_text().splitlines()) == len(QUESTIONS)  # nothing answered twice
+
+
+def test_exchanges_are_packed_with_only_the_teachers_tokens_learned(chat_teacher, tiny_teacher_dir):
+    _, chat = chat_teacher
+    plain = load_tokenizer(str(tiny_teacher_dir))  # no chat template
+    records = [
+        {"prompt": f"Say {word}.", "response": f"{word} it is", "finish_reason": reason}
+        for word, reason in (("alpha", "stop"), ("beta", "length"), ("gamma", "stop"))
+    ] * 4
+    for tokenizer, end in ((chat, "<|im_end|>\n"), (plain, "<|endoftext|>")):
+        rows, labels = pack_exchanges(records, tokenizer, 16)
+        stream, targets = rows.reshape(-1).tolist(), labels.reshape(-1).tolist()
+        assert all(t == IGNORE_INDEX or t == stream[i + 1] for i, t in enumerate(targets[:-1]))
+        learned = tokenizer.decode([t for t in targets if t != IGNORE_INDEX], skip_special_tokens=False)
+        whole = tokenizer.decode(stream, skip_special_tokens=False)
+        # What is learned is each response in turn (an unfinished one without its end), never a prompt.
+        assert "Say" not in learned and learned.startswith(f"alpha it is{end}beta it is")
+        assert f"beta it is{end}" not in learned and "Say beta." in whole
+    with pytest.raises(ValueError, match="make no sequence of 4096"):
+        pack_exchanges(records[:1], chat, 4096)

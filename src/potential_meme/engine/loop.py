@@ -24,8 +24,18 @@ class Batches:
     N times the batch (or N times the micro-batches) would.
     """
 
-    def __init__(self, rows: torch.Tensor, batch_size: int, accumulation: int, world_size: int, seed: int):
+    def __init__(
+        self,
+        rows: torch.Tensor,
+        batch_size: int,
+        accumulation: int,
+        world_size: int,
+        seed: int,
+        labels: torch.Tensor | None = None,
+    ):
+        """`labels`: the next token of each position, where not every one is learned (a response, not its prompt)."""
         self.rows, self.batch_size, self.accumulation, self.seed = rows, batch_size, accumulation, seed
+        self.labels = shifted_labels(rows) if labels is None else labels
         self.world_size = world_size
         self.rows_per_step = batch_size * accumulation * world_size
         self.steps_per_epoch = rows.shape[0] // self.rows_per_step
@@ -42,14 +52,16 @@ class Batches:
                 ]
             )
 
-    def step_batches(self, step: int, runtime: Runtime) -> list[torch.Tensor]:
+    def step_batches(self, step: int, runtime: Runtime) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(input ids, labels) of each micro-batch this process runs at `step`."""
         epoch, position = divmod(step, self.steps_per_epoch)
         order = epoch_order(self.rows.shape[0], epoch, self.seed)
         first = position * self.rows_per_step
         batches = []
         for micro in range(self.accumulation):
             offset = first + (micro * self.world_size + runtime.rank) * self.batch_size
-            batches.append(self.rows[order[offset : offset + self.batch_size]].to(runtime.device))
+            chosen = order[offset : offset + self.batch_size]
+            batches.append((self.rows[chosen].to(runtime.device), self.labels[chosen].to(runtime.device)))
         return batches
 
 
@@ -69,13 +81,13 @@ class Teacher:
 def accumulate_gradients(model, teacher: Teacher, teacher_weight, batches, runtime: Runtime) -> dict[str, float]:
     """Forward and backward every micro-batch of one step; returns its mean losses over processes."""
     totals = [0.0, 0.0, 0.0, 0.0]
-    for micro, batch in enumerate(batches):
+    for micro, (batch, labels) in enumerate(batches):
         last = micro == len(batches) - 1
         # DDP all-reduces gradients only after the last micro-batch of a step.
         skip_sync = model.no_sync() if runtime.world_size > 1 and not last else contextlib.nullcontext()
         with skip_sync, runtime.autocast():
             teacher_hidden, teacher_states = teacher.forward(batch) if teacher_weight is not None else (None, None)
-            loss, *components = model(batch, shifted_labels(batch), teacher_hidden, teacher_weight, teacher_states)
+            loss, *components = model(batch, labels, teacher_hidden, teacher_weight, teacher_states)
             (loss / len(batches)).backward()
         for index, value in enumerate((loss.detach(), *components)):
             totals[index] += float(value) / len(batches)

@@ -17,12 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
 from ..spec.models import TextSource
 from .chat_api import ChatClient, ChatRequest
 from .data import read_documents
 from .generation import Completion, Sampling, chat_prompt, generate
+from .losses import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
@@ -161,3 +163,46 @@ def generate_responses(
         if todo:
             teacher.answer(todo, sampling, write)
     return [done[prompt.id] for prompt in prompts]
+
+
+def exchange_tokens(tokenizer: Any, prompt: str, response: str, finished: bool) -> tuple[list[int], list[int]]:
+    """(prompt tokens, response tokens) of one exchange as the model reads it: through its chat template (the
+    response then ends with the template's end-of-turn), else the prompt on a line and the response after it.
+    `finished`: False for a response cut at max tokens, which gets no end-of-turn: it did not end."""
+    chat = bool(getattr(tokenizer, "chat_template", None))
+    user = [{"role": "user", "content": prompt}]
+    asked = (
+        tokenizer(chat_prompt(tokenizer, user), add_special_tokens=False)["input_ids"]
+        if chat
+        else tokenizer(prompt + "\n")["input_ids"]
+    )
+    if chat and finished:
+        exchange = tokenizer.apply_chat_template([*user, {"role": "assistant", "content": response}], tokenize=False)
+        whole = tokenizer(exchange, add_special_tokens=False)["input_ids"]
+        if whole[: len(asked)] == asked:  # templates that rewrite earlier turns fall through to the plain form
+            return asked, whole[len(asked) :]
+    answer = tokenizer(response, add_special_tokens=False)["input_ids"]
+    return asked, answer + ([tokenizer.eos_token_id] if finished and not chat else [])
+
+
+def pack_exchanges(
+    records: list[dict[str, Any]], tokenizer: Any, sequence_length: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input ids, labels) [N, sequence_length]: the exchanges joined and cut into rows, as corpus text is
+    packed; a position's label is the next token where that token is the teacher's, elsewhere IGNORE_INDEX
+    (the student learns to answer, not to ask)."""
+    stream: list[int] = []
+    learned: list[bool] = []
+    for record in records:
+        asked, answer = exchange_tokens(
+            tokenizer, record["prompt"], record["response"], record["finish_reason"] != "length"
+        )
+        stream += asked + answer
+        learned += [False] * len(asked) + [True] * len(answer)
+    rows = len(stream) // sequence_length
+    if rows == 0:
+        raise ValueError(f"{len(stream)} tokens of prompts and responses make no sequence of {sequence_length}")
+    size = rows * sequence_length
+    labels = [stream[i + 1] if i + 1 < len(stream) and learned[i + 1] else IGNORE_INDEX for i in range(size)]
+    shape = (rows, sequence_length)
+    return torch.tensor(stream[:size]).view(shape), torch.tensor(labels).view(shape)

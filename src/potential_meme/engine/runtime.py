@@ -81,11 +81,20 @@ def start_runtime(precision: str, timeout: timedelta | None = None) -> Runtime:
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, sequences: torch.Tensor, runtime: Runtime, batch_size: int, chunk_size: int) -> float:
-    """Held-out perplexity; the processes of a DDP run each take a share of the sequences."""
+def perplexity(
+    model: nn.Module,
+    sequences: torch.Tensor,
+    runtime: Runtime,
+    batch_size: int,
+    chunk_size: int,
+    labels: torch.Tensor | None = None,
+) -> float:
+    """Held-out perplexity; the processes of a DDP run each take a share of the sequences.
+    `labels`: the next token of each position, where not every one counts (a response, not its prompt)."""
     was_training = model.training
     model.eval()
-    shard = sequences[runtime.rank :: runtime.world_size]
+    labels = shifted_labels(sequences) if labels is None else labels
+    shard, label_shard = (rows[runtime.rank :: runtime.world_size] for rows in (sequences, labels))
     total, count = 0.0, 0
     weight = model.get_output_embeddings().weight
     for start in range(0, shard.shape[0], batch_size):
@@ -93,7 +102,10 @@ def perplexity(model: nn.Module, sequences: torch.Tensor, runtime: Runtime, batc
         with runtime.autocast():
             hidden = hidden_states(model, batch)
         nll, tokens = chunked_nll(
-            hidden.reshape(-1, hidden.shape[-1]).to(weight.dtype), weight, shifted_labels(batch).reshape(-1), chunk_size
+            hidden.reshape(-1, hidden.shape[-1]).to(weight.dtype),
+            weight,
+            label_shard[start : start + batch_size].to(runtime.device).reshape(-1),
+            chunk_size,
         )
         total += float(nll)
         count += tokens
