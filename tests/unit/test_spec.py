@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from potential_meme.spec import SpecError, job_file_text, load_job, parse_job, plan_stages, read_job_document
-from potential_meme.spec.plan import resolve_evaluation
+from potential_meme.spec.plan import resolve_evaluation, responses_uri
 
 GOOD = {
     "apiVersion": "distill.potential-meme.io/v1alpha1",
@@ -214,6 +214,24 @@ def test_plan_of_a_knowledge_job_is_one_deterministic_stage():
     assert [(s.index, s.name, s.kind) for s in stages] == [(0, "distill", "distill")]
     assert stages[0].output_uri == "s3://bucket/runs/demo/distill/"
     assert plan_stages(parse_job(GOOD)) == stages
+
+
+def test_a_response_job_plans_generate_then_train_unless_its_responses_are_given():
+    job = parse_job(_mutated(lambda d: d["spec"].update(method={"response": {"generation": {"temperature": 0}}})))
+    stages = plan_stages(job)
+    assert [(s.index, s.name, s.kind, s.inputs) for s in stages] == [
+        (0, "generate", "generate", ()),
+        (1, "train", "distill", ("generate",)),
+    ]
+    assert job.spec.method.response.alpha == 1.0  # the teacher's text alone, unless KD is asked for
+    assert responses_uri(job) == "s3://bucket/runs/demo/generate/responses.jsonl"
+    given = parse_job(_mutated(lambda d: d["spec"].update(method={"response": {"responses": "s3://b/r.jsonl"}})))
+    assert [(s.index, s.name, s.inputs) for s in plan_stages(given)] == [(0, "train", ())]
+    assert responses_uri(given) == "s3://b/r.jsonl"
+    with pytest.raises(
+        SpecError, match="spec.method.response.generation.topP: Input should be less than or equal to 1"
+    ):
+        parse_job(_mutated(lambda d: d["spec"].update(method={"response": {"generation": {"topP": 2}}})))
 
 
 def test_evaluation_job_needs_something_to_evaluate():

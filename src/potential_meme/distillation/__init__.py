@@ -276,4 +276,73 @@ class ProgressiveDistiller(_Distiller):
         return [result["metrics"] for result in self.results]
 
 
-__all__ = ["KnowledgeDistiller", "LayerwiseDistiller", "ProgressiveDistiller"]
+class ResponseMatcher(_Distiller):
+    """Response matching: the teacher answers prompts, then the student learns those answers (the loss on
+    the response tokens, read through the student's chat template; the prompts are context, not targets).
+
+    `student_model` is a model reference, or an int: keep that many of the teacher's layers. `alpha` below 1
+    adds token-level KD on the teacher's responses (a teacher that shares the student's tokenizer).
+    """
+
+    def __init__(
+        self,
+        teacher_model: str,
+        student_model: str | int | dict,
+        *,
+        alpha: float = 1.0,
+        output_uri: str = "file://./runs",
+        job_name: str | None = None,
+        verbose: bool = True,
+    ):
+        super().__init__(output_uri, job_name, verbose)
+        self.teacher_model = teacher_model
+        self.student = _student_spec(student_model)
+        self.alpha = alpha
+        self.prompts: str | None = None
+
+    def _spec(self, dataset: str, response: dict[str, Any], training: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "teacher": {"model": self.teacher_model},
+            "student": self.student,
+            "dataset": {"source": dataset},
+            "method": {"response": {"alpha": self.alpha, **response}},
+            "training": _camel(training),
+        }
+
+    def generate_teacher_responses(
+        self, prompts_dataset: str, temperature: float = 0.7, max_tokens: int = 256, *, batch_size: int = 8
+    ) -> str:
+        """The teacher answers every prompt of `prompts_dataset` (a file or folder of .txt (one prompt a line),
+        .jsonl, .csv or .parquet files, an s3:// prefix or a dataset name); returns where the answers are, a
+        JSON Lines file of one record a prompt, for `train_student`. A rerun asks only unanswered prompts."""
+        from ..engine.progress import shown_to_the_caller
+        from ..engine.trainer import run_stage
+        from ..spec.plan import RESPONSES, plan_stages
+
+        generation = {"temperature": temperature, "maxNewTokens": max_tokens, "batchSize": batch_size}
+        job = self._job(self._spec(prompts_dataset, {"generation": generation}, {}), "responses")
+        generate = plan_stages(job)[0]
+        with shown_to_the_caller(self.verbose):
+            run_stage(job, generate)
+        self.prompts = prompts_dataset
+        return generate.output_uri + RESPONSES
+
+    def train_student(
+        self,
+        teacher_responses: str,
+        batch_size: int = 8,
+        epochs: int = 1,
+        learning_rate: float = 5e-5,
+        *,
+        metrics_port: int | None = None,
+        **training: Any,
+    ) -> dict[str, Any]:
+        """Fine-tune the student on `teacher_responses` (what `generate_teacher_responses` returned, or any JSON
+        Lines file of {"prompt", "response"} records); returns the final metrics. Extra keyword arguments
+        are training fields in snake_case (max_steps, max_seq_length, ...)."""
+        fields = {"batch_size": batch_size, "epochs": epochs, "learning_rate": learning_rate, **training}
+        spec = self._spec(self.prompts or teacher_responses, {"responses": teacher_responses}, fields)
+        return self._run(self._job(spec, "response"), metrics_port)
+
+
+__all__ = ["KnowledgeDistiller", "LayerwiseDistiller", "ProgressiveDistiller", "ResponseMatcher"]

@@ -209,7 +209,11 @@ def check_distillation(job: DistillationJob, stage: Stage) -> CheckedModels:
             for index, size in enumerate(sizes)
             if size >= teacher.parameters
         ]
-    problems += _context_problems("spec.training.maxSeqLength", spec.training.max_seq_length, shapes)
+    if stage.kind is StageKind.GENERATE:  # the answer and its prompt must fit; training rows come later
+        length = spec.method.response.generation.max_new_tokens
+        problems += _context_problems("spec.method.response.generation.maxNewTokens", length, shapes)
+    else:
+        problems += _context_problems("spec.training.maxSeqLength", spec.training.max_seq_length, shapes)
     if problems:
         raise SpecError(problems, job.metadata.name)
     return CheckedModels(teacher_ref, student_ref, vocabulary)

@@ -60,13 +60,19 @@ class Progress:
 def stage_summary(job_name: str, manifests: list[dict[str, Any]], student_uri: str) -> str:
     """The table `potential-meme run` prints at the end: each stage's size and held-out perplexity, then its
     perplexity on each further validation set."""
-    first = manifests[0]["metrics"]
+    trained = [manifest for manifest in manifests if "studentPerplexityAfter" in manifest["metrics"]]
+    first = trained[0]["metrics"]
     lines = [
         f"{job_name}: {len(manifests)} stage(s) done; held-out perplexity, teacher {first['teacherPerplexity']:,.2f}",
         f"  {'stage':<18}{'student params':>16}{'before':>16}{'after':>12}{'steps':>7}",
     ]
     for manifest in manifests:
         row = manifest["metrics"]
+        if manifest not in trained:  # a generate stage: the teacher answered prompts
+            lines.append(
+                f"  {manifest['stage']:<18}{row['prompts']:>16,} prompts answered, {row['completionTokens']:,} tokens"
+            )
+            continue
         stopped = " (early stop)" if row.get("stoppedEarly") else ""
         lines.append(
             f"  {manifest['stage']:<18}{row['studentParameters']:>16,}{row['studentPerplexityBefore']:>16,.2f}"

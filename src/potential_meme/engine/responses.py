@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..spec.models import TextSource
+from ..storage import open_store
 from .chat_api import ChatClient, ChatRequest
 from .data import read_documents
 from .generation import Completion, Sampling, chat_prompt, generate
@@ -92,15 +93,40 @@ class ApiTeacher:
 
 def read_responses(path: Path) -> dict[str, dict[str, Any]]:
     """The records of a responses file by prompt id; a last line cut short by a crash is left out."""
+    return _records(path.read_text(encoding="utf-8")) if path.exists() else {}
+
+
+def load_responses(uri: str) -> list[dict[str, Any]]:
+    """The records of a responses file at a local path or an s3:// or file:// URI."""
+    if uri.startswith(("s3://", "file://")):
+        folder, name = uri.rsplit("/", 1)
+        store = open_store(folder + "/")
+        if not store.exists(name):
+            raise FileNotFoundError(f"{uri} does not exist")
+        text = store.read_bytes(name).decode("utf-8")
+    else:
+        path = Path(uri).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"{uri} does not exist")
+        text = path.read_text(encoding="utf-8")
+    return list(_records(text).values())
+
+
+def _records(text: str) -> dict[str, dict[str, Any]]:
+    """Records by prompt id; one written elsewhere needs a prompt and a response, the rest is filled in."""
     records: dict[str, dict[str, Any]] = {}
-    if not path.exists():
-        return records
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in text.splitlines():
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and "id" in record and "response" in record:
+            continue  # a line cut short by a crash
+        if (
+            isinstance(record, dict)
+            and isinstance(record.get("prompt"), str)
+            and isinstance(record.get("response"), str)
+        ):
+            record.setdefault("id", prompt_id(record["prompt"].strip()))
+            record.setdefault("finish_reason", "stop")
             records[record["id"]] = record
     return records
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -11,14 +11,15 @@ from torch import nn
 
 from ..spec.errors import SpecError, StageError
 from ..spec.models import DistillationJob
-from ..spec.plan import STUDENT_DIR, Stage, StageKind, plan_stages
-from .data import load_documents, load_validation_sets, pack
+from ..spec.plan import STUDENT_DIR, Stage, StageKind, plan_stages, responses_uri
+from .data import Document, load_documents, load_validation_sets, pack, split_documents
 from .finish import finished_manifest
 from .loop import Batches, Teacher
 from .models import keep_layers, load_model, load_tokenizer, resolve
 from .objective import DistillationObjective, HiddenStateTap
 from .preflight import CheckedModels
 from .pruning import choose_layers, prune_to
+from .responses import load_responses, pack_exchanges
 from .runtime import Runtime, perplexity
 from .schedule import lr_lambda
 
@@ -26,16 +27,69 @@ log = logging.getLogger(__name__)
 
 
 def previous_stage(job: DistillationJob, stage: Stage) -> Stage | None:
-    """The stage whose student a progressive stage distills from; StageError while it is unfinished."""
-    if stage.kind is not StageKind.PROGRESSIVE or stage.index == 0:
+    """The stage whose output this one reads (a progressive stage's model, the teacher's answers); StageError
+    while it is unfinished."""
+    if not stage.inputs:
         return None
-    previous = plan_stages(job)[stage.index - 1]
+    previous = next(planned for planned in plan_stages(job) if planned.name == stage.inputs[0])
     if finished_manifest(job, previous) is None:
         raise StageError(
-            f"stage {stage.name} distills the student of stage {previous.name}, which has not finished: "
+            f"stage {stage.name} reads the output of stage {previous.name}, which has not finished: "
             f"run `potential-meme train --stage {previous.name}` first"
         )
     return previous
+
+
+@dataclass
+class TrainingRows:
+    """Packed rows to train on and to hold out, with their labels where not every next token is learned."""
+
+    train: torch.Tensor
+    validation: torch.Tensor
+    train_labels: torch.Tensor | None = None
+    validation_labels: torch.Tensor | None = None
+    facts: dict[str, Any] = field(default_factory=dict)
+
+
+def _corpus_rows(job: DistillationJob, tokenizer: Any) -> TrainingRows:
+    spec = job.spec
+    train_docs, validation_docs = load_documents(spec.dataset)
+    length = spec.training.max_seq_length
+    return TrainingRows(
+        pack(train_docs, tokenizer, length),
+        pack(validation_docs, tokenizer, length, max_rows=spec.dataset.max_validation_sequences),
+    )
+
+
+def _response_rows(job: DistillationJob, tokenizer: Any) -> TrainingRows:
+    """The teacher's answers, split by prompt: the held-out prompts' answers measure the student."""
+    spec = job.spec
+    uri = responses_uri(job)
+    field_path = "spec.method.response.responses"
+    try:
+        records = load_responses(uri)
+    except FileNotFoundError as exc:
+        raise SpecError([(field_path, f"{exc}; give a responses.jsonl the generate stage wrote")], "method") from None
+    train, held_out = split_documents(
+        [Document(group=r["id"], text="") for r in records], spec.dataset.validation_fraction
+    )
+    by_id = {r["id"]: r for r in records}
+    length = spec.training.max_seq_length
+    try:
+        train_rows, train_labels = pack_exchanges([by_id[d.group] for d in train], tokenizer, length)
+        validation_rows, validation_labels = pack_exchanges([by_id[d.group] for d in held_out], tokenizer, length)
+    except ValueError as exc:
+        raise SpecError(
+            [("spec.training.maxSeqLength", f"{uri}: {exc}; add prompts or lower maxSeqLength")], "training"
+        ) from None
+    kept = spec.dataset.max_validation_sequences
+    return TrainingRows(
+        train_rows,
+        validation_rows[:kept],
+        train_labels,
+        validation_labels[:kept],
+        facts={"trainExchanges": len(train), "heldOutExchanges": len(held_out)},
+    )
 
 
 def _load_models(
@@ -94,6 +148,7 @@ class StageSetup:
 
     tokenizer: Any
     validation_rows: torch.Tensor  # the held-out split of the training corpus
+    validation_labels: torch.Tensor | None  # where not every next token counts (response training)
     validation_sets: dict[str, torch.Tensor]  # further validation text, by name
     teacher_model: nn.Module
     teacher: Teacher
@@ -112,7 +167,9 @@ class StageSetup:
 
     def perplexity(self, model: nn.Module) -> float:
         """Held-out perplexity of `model` on the stage's validation rows."""
-        return perplexity(model, self.validation_rows, self.runtime, self.batch_size, self.chunk_size)
+        return perplexity(
+            model, self.validation_rows, self.runtime, self.batch_size, self.chunk_size, self.validation_labels
+        )
 
     def perplexities_elsewhere(self, model: nn.Module) -> dict[str, float]:
         """Perplexity of `model` on each further validation set, by name."""
@@ -136,12 +193,9 @@ def set_up(
     method, training = spec.method.selected, spec.training
     torch.manual_seed(training.seed)
     previous = previous_stage(job, stage)  # before any work: its input must be ready
-    train_docs, validation_docs = load_documents(spec.dataset)  # before the models: data errors come fast
     tokenizer = load_tokenizer(models.teacher)
-    train_rows = pack(train_docs, tokenizer, training.max_seq_length)
-    validation_rows = pack(
-        validation_docs, tokenizer, training.max_seq_length, max_rows=spec.dataset.max_validation_sequences
-    )
+    # Before the models: data errors come fast.
+    rows = _response_rows(job, tokenizer) if spec.method.response is not None else _corpus_rows(job, tokenizer)
     documents_elsewhere = load_validation_sets(spec.dataset)
     validation_sets = {
         entry.name: pack(
@@ -153,7 +207,7 @@ def set_up(
         )
         for index, entry in enumerate(spec.dataset.validation)
     }
-    teacher_model, student, facts = _load_models(job, stage, previous, models, train_rows, runtime, facts_before)
+    teacher_model, student, facts = _load_models(job, stage, previous, models, rows.train, runtime, facts_before)
     vocabulary = models.vocabulary
     if vocabulary is not None and vocabulary.teacher_rows != vocabulary.student_rows:
         log.info(
@@ -167,7 +221,9 @@ def set_up(
         student.gradient_checkpointing_enable()
     layerwise = spec.method.layerwise
     teacher = Teacher(teacher_model, HiddenStateTap(teacher_model, layerwise.teacher_layers) if layerwise else None)
-    batches = Batches(train_rows, training.batch_size, accumulation, runtime.world_size, training.seed)
+    batches = Batches(
+        rows.train, training.batch_size, accumulation, runtime.world_size, training.seed, rows.train_labels
+    )
     total_steps = training.max_steps or training.epochs * batches.steps_per_epoch
     warmup_steps = int(training.warmup_ratio * total_steps)
 
@@ -188,7 +244,8 @@ def set_up(
     )
     return StageSetup(
         tokenizer=tokenizer,
-        validation_rows=validation_rows,
+        validation_rows=rows.validation,
+        validation_labels=rows.validation_labels,
         validation_sets=validation_sets,
         teacher_model=teacher_model,
         teacher=teacher,
@@ -200,7 +257,7 @@ def set_up(
         scheduler=scheduler,
         batches=batches,
         total_steps=total_steps,
-        facts=facts,
+        facts={**rows.facts, **facts},
         runtime=runtime,
         batch_size=training.batch_size,
         chunk_size=method.chunk_size,

@@ -286,6 +286,40 @@ class ProgressiveMethod(KnowledgeMethod):
         return [*self.intermediate_sizes, self.final_size]
 
 
+class GenerationSpec(Model):
+    """How the teacher writes its answers."""
+
+    temperature: float = Field(default=0.7, ge=0, le=2, description="Sampling temperature; 0: greedy.")
+    top_p: float = Field(
+        default=1.0, gt=0, le=1, description="Nucleus sampling: the smallest set of tokens this likely."
+    )
+    max_new_tokens: int = Field(default=256, ge=1, le=8192, description="Tokens of an answer at most.")
+    batch_size: int = Field(default=8, ge=1, description="Prompts a local teacher answers together.")
+
+
+class ResponseMethod(KnowledgeMethod):
+    """Response matching: the teacher answers the dataset's prompts (stage generate), then the student learns
+    those answers (stage train): the loss is on the response tokens, read through the student's chat
+    template; the prompts are context, not targets. The prompts' held-out split measures the student on
+    answers to prompts it never saw. alpha 1 learns the teacher's text alone; below 1 adds token-level KD on
+    the same responses (a local teacher sharing the student's tokenizer)."""
+
+    alpha: float = Field(
+        default=1.0,
+        ge=0,
+        le=1,
+        description="Weight of the cross-entropy on the teacher's text; (1 - alpha) weighs token-level KD.",
+    )
+    generation: GenerationSpec = Field(default_factory=GenerationSpec)
+    responses: str | None = Field(
+        default=None,
+        description=(
+            "Responses written before (a responses.jsonl as the generate stage writes it: a local path or an "
+            "s3:// or file:// URI): the plan is then the train stage alone."
+        ),
+    )
+
+
 class MethodSpec(Model):
     """Exactly one distillation method; each is a sibling field."""
 
@@ -294,6 +328,7 @@ class MethodSpec(Model):
     knowledge: KnowledgeMethod | None = None
     layerwise: LayerwiseMethod | None = None
     progressive: ProgressiveMethod | None = None
+    response: ResponseMethod | None = added_later()
 
     @model_validator(mode="before")
     @classmethod

@@ -14,6 +14,7 @@ from .models import DistillationJob, EvaluationJob, format_parameter_count
 MANIFEST = "manifest.json"  # written last by a stage: its presence means the stage is done
 STUDENT_DIR = "student/"  # the stage's student, a Hugging Face folder
 RESULTS = "results.json"  # an evaluation's results, next to its manifest
+RESPONSES = "responses.jsonl"  # a generate stage's teacher answers, one record a prompt
 PLOT, REPORT = "comparison.png", "report.pdf"  # and the two views of them
 
 
@@ -23,6 +24,7 @@ class StageKind(StrEnum):
     DISTILL = "distill"  # knowledge or layerwise: one student from the teacher (or a given student)
     PROGRESSIVE = "progressive"  # prune the previous stage's model to a size, then distill from it
     EVALUATE = "evaluate"  # held-out perplexity of a student and its teacher
+    GENERATE = "generate"  # the teacher answers the dataset's prompts; a later stage learns the answers
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,15 @@ def plan_stages(job: DistillationJob | EvaluationJob) -> list[Stage]:
     method = job.spec.method.name
     if method in ("knowledge", "layerwise"):
         return [Stage(index=0, name="distill", kind=StageKind.DISTILL, output_uri=f"{root}distill/")]
+    if method == "response":
+        train = Stage(index=0, name="train", kind=StageKind.DISTILL, output_uri=f"{root}train/")
+        if job.spec.method.response.responses is not None:
+            return [train]
+        generate = Stage(index=0, name="generate", kind=StageKind.GENERATE, output_uri=f"{root}generate/")
+        return [
+            generate,
+            Stage(index=1, name="train", kind=StageKind.DISTILL, output_uri=train.output_uri, inputs=("generate",)),
+        ]
     if method == "progressive":
         stages: list[Stage] = []
         sizes = job.spec.method.progressive.sizes
@@ -95,6 +106,12 @@ def plan_stages(job: DistillationJob | EvaluationJob) -> list[Stage]:
             )
         return stages
     raise NotImplementedError(f"no plan for method {method!r}")  # unreachable: the spec refuses it
+
+
+def responses_uri(job: DistillationJob) -> str:
+    """Where a response job's train stage reads the teacher's answers: given in the spec, or generated."""
+    given = job.spec.method.response.responses
+    return given if given is not None else plan_stages(job)[0].output_uri + RESPONSES
 
 
 def final_artifacts(job: DistillationJob | EvaluationJob) -> dict[str, str]:
