@@ -11,7 +11,7 @@ from potential_meme.distillation import ResponseMatcher
 from potential_meme.engine.responses import load_responses
 from potential_meme.spec import SpecError
 
-from helpers import cli
+from helpers import FlakyProxy, cli, serve
 
 TOPICS = [
     "lists",
@@ -37,14 +37,14 @@ def prompts_file(tmp_path):
     return path
 
 
-def _response_job(tmp_path, teacher, prompts, **method):
+def _response_job(tmp_path, teacher, prompts, student=None, **method):
     document = {
         "apiVersion": "distill.potential-meme.io/v1alpha1",
         "kind": "DistillationJob",
         "metadata": {"name": "answers"},
         "spec": {
-            "teacher": {"model": str(teacher)},
-            "student": {"fromTeacher": {"numLayers": 1}},
+            "teacher": teacher if isinstance(teacher, dict) else {"model": str(teacher)},
+            "student": student or {"fromTeacher": {"numLayers": 1}},
             "dataset": {"source": str(prompts), "validationFraction": 0.25},
             "method": {"response": {"generation": {"maxNewTokens": 24, "batchSize": 8}, **method}},
             "training": {"batchSize": 4, "maxSteps": 8, "maxSeqLength": 64, "learningRate": 3e-3, "logEverySteps": 1},
@@ -105,3 +105,34 @@ def test_response_matcher_generates_trains_on_its_answers_and_on_answers_written
 
     with pytest.raises(SpecError, match="spec.method.response.responses: .*nothing.jsonl does not exist"):
         other.train_student(str(tmp_path / "nothing.jsonl"), max_steps=1, max_seq_length=64)
+
+
+def test_a_response_job_with_an_api_teacher_keeps_its_key_out_of_every_output(
+    chat_model_dir, prompts_file, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("TEACHER_KEY", "sk-never-written-anywhere")
+    server, url = serve(chat_model_dir, "--name", "tiny-chat", "--max-tokens", "32")
+    proxy = FlakyProxy(url, too_many=1, failing=1)
+    endpoint = {"baseUrl": proxy.url, "apiKeyEnv": "TEACHER_KEY", "concurrency": 4}
+    job = _response_job(
+        tmp_path, {"model": "tiny-chat", "endpoint": endpoint}, prompts_file, student={"model": str(chat_model_dir)}
+    )
+    try:
+        result = cli("run", str(job), "--metrics-port", "0")
+    finally:
+        server.kill()
+        proxy.close()
+    assert result.returncode == 0, result.stderr
+    assert proxy.seen[:2] == ["429", "500"] and len(proxy.forwarded) == len(PROMPTS)  # each prompt asked once
+    records = load_responses(str(tmp_path / "runs/answers/generate/responses.jsonl"))
+    assert {r["teacher"] for r in records} == {"tiny-chat"} and all(r["completion_tokens"] > 0 for r in records)
+    train = json.loads((tmp_path / "runs/answers/train/manifest.json").read_text())["metrics"]
+    assert train["teacherPerplexity"] is None and train["teacherParameters"] is None  # an API shows neither
+    assert train["studentPerplexityAfter"] < train["studentPerplexityBefore"]
+    assert "teacher behind an API" in result.stdout
+    written = (
+        result.stdout
+        + result.stderr
+        + "".join(path.read_text(errors="replace") for path in (tmp_path / "runs").rglob("*") if path.is_file())
+    )
+    assert "sk-never-written-anywhere" not in written

@@ -148,3 +148,48 @@ def test_secret_environment_is_referenced_never_copied():
         "env"
     ]
     assert all("value" not in item for item in container["env"] if item["name"] == "HF_TOKEN")
+
+
+def test_an_api_teachers_key_reaches_both_stages_pods_from_its_secret_and_nothing_else():
+    document = _knowledge("answers-from-gpt-4")
+    document["spec"]["teacher"] = {
+        "model": "gpt-4",
+        "endpoint": {"apiKeyEnv": "TEACHER_KEY", "apiKeySecret": {"secret": "openai", "key": "api-key"}},
+    }
+    document["spec"]["student"] = {"model": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+    document["spec"]["method"] = {"response": {"generation": {"maxNewTokens": 512}}}
+    document["spec"]["resources"] = {"secretEnv": [{"name": "HF_TOKEN", "secret": "hub-token", "key": "token"}]}
+    configmap, *pytorchjobs = render_job(parse_job(document))
+    assert [job["metadata"]["name"] for job in pytorchjobs] == [
+        "answers-from-gpt-4-generate",
+        "answers-from-gpt-4-train",
+    ]
+    for pytorchjob in pytorchjobs:
+        container = pytorchjob["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
+        secrets = {item["name"]: item["valueFrom"]["secretKeyRef"] for item in container["env"] if "valueFrom" in item}
+        assert secrets == {
+            "HF_TOKEN": {"name": "hub-token", "key": "token"},
+            "TEACHER_KEY": {"name": "openai", "key": "api-key"},
+        }
+        assert restricted_problems(pytorchjob["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]) == []
+    assert "api-key" in str(configmap)  # the Secret's name and key, which say where the key is; never a value
+
+
+@pytest.mark.parametrize(
+    ("change", "fragment"),
+    [
+        ({"method": {"knowledge": {}}}, "teacher.endpoint: a teacher behind an API only writes text"),
+        ({"method": {"response": {"alpha": 0.5}}}, "method.response.alpha: must be 1 with teacher.endpoint"),
+        ({"student": {"fromTeacher": {"numLayers": 4}}}, "student.fromTeacher: a teacher behind an API has no layers"),
+    ],
+)
+def test_an_api_teacher_is_refused_where_its_logits_or_layers_would_be_needed(change, fragment):
+    from potential_meme.spec import SpecError
+
+    document = _knowledge("api")
+    document["spec"]["teacher"] = {"model": "gpt-4", "endpoint": {"baseUrl": "http://vllm:8000/v1"}}
+    document["spec"]["student"] = {"model": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+    document["spec"]["method"] = {"response": {}}
+    document["spec"].update(change)
+    with pytest.raises(SpecError, match=fragment):
+        parse_job(document)

@@ -18,15 +18,37 @@ from ..spec.errors import SpecError
 from ..spec.models import DistillationJob
 from ..spec.plan import MANIFEST, RESPONSES, Stage, stage_manifest
 from ..storage import file_sha256, open_store, write_json
+from .chat_api import ChatClient, ChatEndpoint
 from .generation import Sampling
 from .models import load_model, load_tokenizer
 from .preflight import CheckedModels
-from .responses import LocalTeacher, generate_responses, read_prompts
+from .responses import ApiTeacher, LocalTeacher, generate_responses, read_prompts
 from .runtime import Runtime
 
 log = logging.getLogger(__name__)
 
 PARTIAL = "partial/"  # the answers so far, while the stage runs
+
+
+def _teacher(job: DistillationJob, models: CheckedModels, runtime: Runtime) -> LocalTeacher | ApiTeacher:
+    spec = job.spec
+    endpoint = spec.teacher.endpoint
+    if endpoint is not None:
+        api = ChatEndpoint(
+            model=spec.teacher.model,
+            base_url=endpoint.base_url,
+            api_key_env=endpoint.api_key_env,
+            concurrency=endpoint.concurrency,
+            max_retries=endpoint.max_retries,
+        )
+        try:
+            return ApiTeacher(ChatClient(api))
+        except ValueError as exc:  # OpenAI's own API without a key
+            raise SpecError([("spec.teacher.endpoint.apiKeyEnv", str(exc))], job.metadata.name) from None
+    model = load_model(models.teacher).to(runtime.device).eval()
+    return LocalTeacher(
+        model, load_tokenizer(models.teacher), spec.teacher.model, spec.method.response.generation.batch_size
+    )
 
 
 def run_generate_stage(job: DistillationJob, stage: Stage, runtime: Runtime, models: CheckedModels) -> dict[str, Any]:
@@ -43,12 +65,7 @@ def run_generate_stage(job: DistillationJob, stage: Stage, runtime: Runtime, mod
             local = Path(scratch) / RESPONSES
             if store.exists(PARTIAL + RESPONSES):
                 store.download_file(PARTIAL + RESPONSES, local)
-            teacher = LocalTeacher(
-                load_model(models.teacher).to(runtime.device).eval(),
-                load_tokenizer(models.teacher),
-                spec.teacher.model,
-                generation.batch_size,
-            )
+            teacher = _teacher(job, models, runtime)
             sampling = Sampling(
                 max_tokens=generation.max_new_tokens,
                 temperature=generation.temperature,

@@ -32,7 +32,7 @@ def model_references(job: DistillationJob | EvaluationJob) -> list[tuple[str, st
     spec = job.spec
     if isinstance(job, EvaluationJob):
         return [(f"spec.{role}", ref) for role, ref in (("student", spec.student), ("teacher", spec.teacher)) if ref]
-    references = [("spec.teacher.model", spec.teacher.model)]
+    references = [] if spec.teacher.endpoint else [("spec.teacher.model", spec.teacher.model)]
     if spec.student is not None and spec.student.model is not None:
         references.append(("spec.student.model", spec.student.model))
     return references
@@ -158,7 +158,7 @@ def shared_vocabulary(
 class CheckedModels:
     """The job's models as the checks resolved them: the stage loads these (an s3:// model is copied once)."""
 
-    teacher: ResolvedModel
+    teacher: ResolvedModel | None  # None: a teacher behind an API
     student: ResolvedModel | None  # a student model of its own; None when derived from the teacher
     vocabulary: Vocabulary | None  # how the two line up, for a student of its own
 
@@ -166,6 +166,8 @@ class CheckedModels:
 def check_distillation(job: DistillationJob, stage: Stage) -> CheckedModels:
     """Every field that the models' configs can refute."""
     spec = job.spec
+    if spec.teacher.endpoint is not None:
+        return _check_with_api_teacher(job, stage)
     teacher_ref = resolve(spec.teacher.model)
     teacher = shape_of(teacher_ref)
     shapes, problems = {"teacher": teacher}, []
@@ -217,6 +219,18 @@ def check_distillation(job: DistillationJob, stage: Stage) -> CheckedModels:
     if problems:
         raise SpecError(problems, job.metadata.name)
     return CheckedModels(teacher_ref, student_ref, vocabulary)
+
+
+def _check_with_api_teacher(job: DistillationJob, stage: Stage) -> CheckedModels:
+    """A teacher behind an API has no config to check: the student alone, where a stage trains it."""
+    if stage.kind is StageKind.GENERATE:
+        return CheckedModels(None, None, None)
+    student_ref = resolve(job.spec.student.model)
+    length = job.spec.training.max_seq_length
+    problems = _context_problems("spec.training.maxSeqLength", length, {"student": shape_of(student_ref)})
+    if problems:
+        raise SpecError(problems, job.metadata.name)
+    return CheckedModels(None, student_ref, None)
 
 
 def check_evaluation(job: EvaluationJob) -> dict[str, ResolvedModel]:

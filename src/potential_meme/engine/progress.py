@@ -57,13 +57,18 @@ class Progress:
             self.bar.close()
 
 
+def shown_perplexity(value: float | None, form: str = ",.2f") -> str:
+    """A perplexity as the logs and the summary show it; None is a teacher behind an API, which has none."""
+    return "behind an API" if value is None else format(value, form)
+
+
 def stage_summary(job_name: str, manifests: list[dict[str, Any]], student_uri: str) -> str:
     """The table `potential-meme run` prints at the end: each stage's size and held-out perplexity, then its
     perplexity on each further validation set."""
     trained = [manifest for manifest in manifests if "studentPerplexityAfter" in manifest["metrics"]]
-    first = trained[0]["metrics"]
     lines = [
-        f"{job_name}: {len(manifests)} stage(s) done; held-out perplexity, teacher {first['teacherPerplexity']:,.2f}",
+        f"{job_name}: {len(manifests)} stage(s) done; held-out perplexity, teacher "
+        + shown_perplexity(trained[0]["metrics"]["teacherPerplexity"]),
         f"  {'stage':<18}{'student params':>16}{'before':>16}{'after':>12}{'steps':>7}",
     ]
     for manifest in manifests:
@@ -86,8 +91,9 @@ def stage_summary(job_name: str, manifests: list[dict[str, Any]], student_uri: s
     if elsewhere:
         lines.append(f"  {'further validation':<18}{'set':<16}{'teacher':>12}{'before':>12}{'after':>12}")
         for stage, name, values in elsewhere:
+            teacher = values["teacherPerplexity"]
             lines.append(
-                f"  {stage:<18}{name:<16}{values['teacherPerplexity']:>12,.2f}"
+                f"  {stage:<18}{name:<16}{'-' if teacher is None else f'{teacher:,.2f}':>12}"
                 f"{values['studentPerplexityBefore']:>12,.2f}{values['studentPerplexityAfter']:>12,.2f}"
             )
     lines.append(f"  student: {student_uri}")

@@ -136,9 +136,10 @@ def _load_models(
         # Embeddings, final norm and lm-head are copied too: the student speaks the teacher's tokenizer from step one.
         student = keep_layers(teacher, facts["keptLayers"])
     else:
-        teacher = load_model(models.teacher, dtype=dtype)
+        teacher = load_model(models.teacher, dtype=dtype) if models.teacher is not None else None
         student = load_model(models.student)
-    teacher.to(runtime.device).eval().requires_grad_(False)
+    if teacher is not None:
+        teacher.to(runtime.device).eval().requires_grad_(False)
     return teacher, student.float().to(runtime.device), facts
 
 
@@ -150,7 +151,7 @@ class StageSetup:
     validation_rows: torch.Tensor  # the held-out split of the training corpus
     validation_labels: torch.Tensor | None  # where not every next token counts (response training)
     validation_sets: dict[str, torch.Tensor]  # further validation text, by name
-    teacher_model: nn.Module
+    teacher_model: nn.Module | None  # None: a teacher behind an API wrote the text, and that is all of it
     teacher: Teacher
     teacher_weight: torch.Tensor | None  # the teacher's lm-head, when the loss needs its logits
     student: nn.Module
@@ -165,16 +166,18 @@ class StageSetup:
     batch_size: int
     chunk_size: int
 
-    def perplexity(self, model: nn.Module) -> float:
-        """Held-out perplexity of `model` on the stage's validation rows."""
+    def perplexity(self, model: nn.Module | None) -> float | None:
+        """Held-out perplexity of `model` on the stage's validation rows (None for a teacher behind an API)."""
+        if model is None:
+            return None
         return perplexity(
             model, self.validation_rows, self.runtime, self.batch_size, self.chunk_size, self.validation_labels
         )
 
-    def perplexities_elsewhere(self, model: nn.Module) -> dict[str, float]:
+    def perplexities_elsewhere(self, model: nn.Module | None) -> dict[str, float | None]:
         """Perplexity of `model` on each further validation set, by name."""
         return {
-            name: perplexity(model, rows, self.runtime, self.batch_size, self.chunk_size)
+            name: None if model is None else perplexity(model, rows, self.runtime, self.batch_size, self.chunk_size)
             for name, rows in self.validation_sets.items()
         }
 
@@ -193,7 +196,7 @@ def set_up(
     method, training = spec.method.selected, spec.training
     torch.manual_seed(training.seed)
     previous = previous_stage(job, stage)  # before any work: its input must be ready
-    tokenizer = load_tokenizer(models.teacher)
+    tokenizer = load_tokenizer(models.teacher or models.student)
     # Before the models: data errors come fast.
     rows = _response_rows(job, tokenizer) if spec.method.response is not None else _corpus_rows(job, tokenizer)
     documents_elsewhere = load_validation_sets(spec.dataset)
@@ -227,7 +230,8 @@ def set_up(
     total_steps = training.max_steps or training.epochs * batches.steps_per_epoch
     warmup_steps = int(training.warmup_ratio * total_steps)
 
-    objective = DistillationObjective(student, method, teacher_model.config.hidden_size).to(runtime.device)
+    teacher_width = (teacher_model or student).config.hidden_size
+    objective = DistillationObjective(student, method, teacher_width).to(runtime.device)
     model: nn.Module = objective
     if runtime.world_size > 1:
         model = nn.parallel.DistributedDataParallel(

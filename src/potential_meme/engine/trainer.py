@@ -33,7 +33,7 @@ from .finish import finished_manifest, publish
 from .generation_stage import run_generate_stage
 from .loop import EarlyStopping, accumulate_gradients
 from .models import parameter_count
-from .progress import Progress
+from .progress import Progress, shown_perplexity
 from .runtime import Runtime, start_runtime
 from .stage_setup import set_up
 
@@ -71,15 +71,15 @@ def run_distill_stage(
             early.observe(0, before["studentPerplexityBefore"], setup.student)  # training must beat the start
         if runtime.is_main:
             log.info(
-                "validation perplexity: teacher %.2f, student before %.2f",
-                before["teacherPerplexity"],
+                "validation perplexity: teacher %s, student before %.2f",
+                shown_perplexity(before["teacherPerplexity"], ".2f"),
                 before["studentPerplexityBefore"],
             )
             for name, measured in before.get("validationSets", {}).items():
                 log.info(
-                    "validation perplexity on %s: teacher %.2f, student before %.2f",
+                    "validation perplexity on %s: teacher %s, student before %.2f",
                     name,
-                    measured["teacherPerplexity"],
+                    shown_perplexity(measured["teacherPerplexity"], ".2f"),
                     measured["studentPerplexityBefore"],
                 )
 
@@ -150,9 +150,10 @@ def run_distill_stage(
             ("student", "before", "studentPerplexityBefore"),
             ("student", "after", "studentPerplexityAfter"),
         ):
-            metrics.VALIDATION_PERPLEXITY.labels(**labels, model=model_name, when=when, dataset=dataset).set(
-                values[key]
-            )
+            if values[key] is not None:
+                metrics.VALIDATION_PERPLEXITY.labels(**labels, model=model_name, when=when, dataset=dataset).set(
+                    values[key]
+                )
         if runtime.is_main and dataset != metrics.HELD_OUT_SPLIT:
             log.info("validation perplexity on %s: student after %.2f", dataset, values["studentPerplexityAfter"])
     steps_run = step - (resumed_from or 0)
@@ -172,7 +173,7 @@ def run_distill_stage(
             "tokens": step * tokens_per_step,
             "trainSeconds": round(train_seconds, 2),
             "tokensPerSecond": round(steps_run * tokens_per_step / train_seconds, 1) if train_seconds else None,
-            "teacherParameters": parameter_count(setup.teacher_model),
+            "teacherParameters": parameter_count(setup.teacher_model) if setup.teacher_model is not None else None,
             "studentParameters": parameter_count(setup.student),
             "validationTokens": int(setup.validation_rows.numel()),
             **setup.facts,

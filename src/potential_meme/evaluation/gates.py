@@ -75,9 +75,7 @@ def stage_results(metrics: dict[str, Any]) -> EvaluationResults:
             },
         )
 
-    return EvaluationResults(
-        models={
-            "teacher": measured("teacher", metrics["teacherPerplexity"]),
-            "student": measured("student", metrics["studentPerplexityAfter"]),
-        }
-    )
+    models = {"student": measured("student", metrics["studentPerplexityAfter"])}
+    if metrics["teacherPerplexity"] is not None:  # None: a teacher behind an API
+        models["teacher"] = measured("teacher", metrics["teacherPerplexity"])
+    return EvaluationResults(models=models)

@@ -144,9 +144,13 @@ def _container(job: Job, stage: Stage, defaults: Defaults) -> dict[str, Any]:
     endpoint = job.spec.output.endpoint or defaults.s3_endpoint
     if endpoint:
         env.append({"name": "AWS_ENDPOINT_URL_S3", "value": endpoint})
+    from_secrets = [(item.name, item) for item in resources.secret_env]
+    endpoint = job.spec.teacher.endpoint if isinstance(job, DistillationJob) else None
+    if endpoint is not None and endpoint.api_key_secret is not None:
+        from_secrets.append((endpoint.api_key_env, endpoint.api_key_secret))  # the API teacher's key
     env += [
-        {"name": item.name, "valueFrom": {"secretKeyRef": {"name": item.secret, "key": item.key}}}
-        for item in resources.secret_env
+        {"name": name, "valueFrom": {"secretKeyRef": {"name": item.secret, "key": item.key}}}
+        for name, item in from_secrets
     ]
     container: dict[str, Any] = {
         "name": CONTAINER,

@@ -54,8 +54,42 @@ ModelReference = Annotated[
 ]
 
 
+ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
+
+
+class SecretKey(Model):
+    """One key of a Secret in the job's namespace."""
+
+    secret: str = Field(min_length=1, description="Secret in the job's namespace.")
+    key: str = Field(min_length=1, description="Key of the Secret holding the value.")
+
+
+class TeacherEndpoint(Model):
+    """A teacher behind an OpenAI-compatible chat completions API (OpenAI's own, vLLM, `potential-meme serve`)."""
+
+    base_url: str | None = Field(default=None, description="The API's base URL (.../v1); unset: OpenAI's API.")
+    api_key_env: str = Field(
+        default="OPENAI_API_KEY",
+        pattern=ENV_NAME,
+        description="Environment variable holding the key where the stage runs; never logged or stored.",
+    )
+    api_key_secret: SecretKey | None = Field(
+        default=None, description="In a cluster: the Secret key the operator puts in apiKeyEnv of the pods."
+    )
+    concurrency: int = Field(default=8, ge=1, le=256, description="Requests in flight at once.")
+    max_retries: int = Field(default=8, ge=0, le=50, description="Retries of a request on 429, 5xx and timeouts.")
+
+
 class TeacherSpec(Model):
-    model: ModelReference
+    model: ModelReference = Field(
+        description=(
+            "Where the teacher comes from (a Hugging Face id, a local directory, a .gguf file, package:<python "
+            "package>, an s3:// or file:// directory); with an endpoint, its name there (e.g. gpt-4)."
+        )
+    )
+    endpoint: TeacherEndpoint | None = added_later(
+        description="Ask the teacher over an OpenAI-compatible API instead of loading it (response matching only)."
+    )
 
 
 class DerivedStudent(Model):
@@ -413,13 +447,11 @@ class OutputSpec(Model):
 Quantity = Annotated[str, Field(pattern=r"^[0-9]+(\.[0-9]+)?(m|k|Ki|Mi|Gi|Ti|M|G|T)?$")]
 
 
-class SecretEnv(Model):
+class SecretEnv(SecretKey):
     """One environment variable of the trainer, read from a Secret by the kubelet: its value never passes
     through the job, the operator, its ConfigMap, status or Events."""
 
-    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="Variable name, e.g. HF_TOKEN.")
-    secret: str = Field(min_length=1, description="Secret in the job's namespace.")
-    key: str = Field(min_length=1, description="Key of the Secret holding the value.")
+    name: str = Field(pattern=ENV_NAME, description="Variable name, e.g. HF_TOKEN.")
 
 
 class ModelCacheSpec(Model):
@@ -617,6 +649,21 @@ class DistillationJobSpec(Model):
             )
         if not progressive and self.student is None:
             raise ValueError("student: required; set student.model or student.fromTeacher")
+        return self
+
+    @model_validator(mode="after")
+    def _api_teacher_only_writes(self) -> DistillationJobSpec:
+        if self.teacher.endpoint is None:
+            return self
+        if self.method.response is None:
+            raise ValueError(
+                f"teacher.endpoint: a teacher behind an API only writes text; use method.response, not "
+                f"method.{self.method.name} (which needs the teacher's logits)"
+            )
+        if self.method.response.alpha != 1:
+            raise ValueError("method.response.alpha: must be 1 with teacher.endpoint (an API gives no logits for KD)")
+        if self.student is not None and self.student.from_teacher is not None:
+            raise ValueError("student.fromTeacher: a teacher behind an API has no layers to keep; set student.model")
         return self
 
 
