@@ -3,6 +3,7 @@ library's ResponseMatcher drives the same stages."""
 
 import hashlib
 import json
+import time
 
 import pytest
 import yaml
@@ -11,7 +12,7 @@ from potential_meme.distillation import ResponseMatcher
 from potential_meme.engine.responses import load_responses
 from potential_meme.spec import SpecError
 
-from helpers import FlakyProxy, cli, serve
+from helpers import FlakyProxy, cli, serve, start_cli
 
 TOPICS = [
     "lists",
@@ -37,7 +38,7 @@ def prompts_file(tmp_path):
     return path
 
 
-def _response_job(tmp_path, teacher, prompts, student=None, **method):
+def _response_job(tmp_path, teacher, prompts, student=None, generation=None, **method):
     document = {
         "apiVersion": "distill.potential-meme.io/v1alpha1",
         "kind": "DistillationJob",
@@ -46,7 +47,7 @@ def _response_job(tmp_path, teacher, prompts, student=None, **method):
             "teacher": teacher if isinstance(teacher, dict) else {"model": str(teacher)},
             "student": student or {"fromTeacher": {"numLayers": 1}},
             "dataset": {"source": str(prompts), "validationFraction": 0.25},
-            "method": {"response": {"generation": {"maxNewTokens": 24, "batchSize": 8}, **method}},
+            "method": {"response": {"generation": generation or {"maxNewTokens": 24, "batchSize": 8}, **method}},
             "training": {"batchSize": 4, "maxSteps": 8, "maxSeqLength": 64, "learningRate": 3e-3, "logEverySteps": 1},
             "output": {"uri": str(tmp_path / "runs")},
         },
@@ -136,3 +137,29 @@ def test_a_response_job_with_an_api_teacher_keeps_its_key_out_of_every_output(
         + "".join(path.read_text(errors="replace") for path in (tmp_path / "runs").rglob("*") if path.is_file())
     )
     assert "sk-never-written-anywhere" not in written
+
+
+def test_a_generate_stage_killed_mid_run_keeps_its_answers_in_the_store_and_the_next_asks_only_the_rest(
+    chat_model_dir, tmp_path
+):
+    prompts = PROMPTS[:16]
+    prompts_file = tmp_path / "sixteen.txt"
+    prompts_file.write_text("\n".join(prompts))
+    job = _response_job(tmp_path, chat_model_dir, prompts_file, generation={"maxNewTokens": 64, "batchSize": 2})
+    partial = tmp_path / "runs/answers/generate/partial/responses.jsonl"
+    process = start_cli("train", "--job", str(job), "--stage", "generate")
+    deadline = time.monotonic() + 300
+    while len(load_responses(str(partial)) if partial.exists() else []) < 4 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.kill()
+    process.wait(30)
+    kept = load_responses(str(partial))
+    assert 4 <= len(kept) < len(prompts)
+
+    rerun = cli("train", "--job", str(job), "--stage", "generate")
+    assert rerun.returncode == 0, rerun.stderr
+    left = len(prompts) - len(kept)
+    assert f"{len(kept)} of {len(prompts)} prompts answered before; asking the other {left}" in rerun.stderr
+    records = {r["id"]: r for r in load_responses(str(tmp_path / "runs/answers/generate/responses.jsonl"))}
+    assert len(records) == len(prompts) and all(records[r["id"]] == r for r in kept)
+    assert not partial.exists()
