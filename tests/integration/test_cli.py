@@ -101,7 +101,7 @@ def test_a_changed_spec_does_not_silently_reuse_a_finished_stage(job_file, tmp_p
             {"method": {"knowledge": {"alpha": 1.5}}},
             "spec.method.knowledge.alpha: Input should be less than or equal to 1",
         ),
-        ({"method": {"distil": {}}}, "spec.method: unknown method 'distil'; accepted methods: knowledge"),
+        ({"method": {"distil": {}}}, "spec.method: unknown method 'distil'; accepted methods: augmented, knowledge"),
         ({"training": {"batchSize": "eight"}}, "spec.training.batchSize"),
         ({"training": {"batchsize": 8}}, "spec.training.batchsize: unknown field; accepted fields: batchSize"),
         ({"teacher": {"model": "./no/such/dir"}}, "spec.teacher.model: ./no/such/dir: no such model directory"),

@@ -57,7 +57,7 @@ def test_camel_case_yaml_maps_to_snake_case_python_and_back():
         (
             lambda d: d["spec"].update(method={"distill": {}}),
             "spec.method",
-            "unknown method 'distill'; accepted methods: knowledge",
+            "unknown method 'distill'; accepted methods: augmented, knowledge",
         ),
         (lambda d: d["spec"].update(method={}), "spec.method", "set exactly one method"),
         (
@@ -232,6 +232,19 @@ def test_a_response_job_plans_generate_then_train_unless_its_responses_are_given
         SpecError, match="spec.method.response.generation.topP: Input should be less than or equal to 1"
     ):
         parse_job(_mutated(lambda d: d["spec"].update(method={"response": {"generation": {"topP": 2}}})))
+
+
+def test_an_augmented_job_plans_augment_then_distill_and_checks_its_shares():
+    job = parse_job(_mutated(lambda d: d["spec"].update(method={"augmented": {"factor": 2}})))
+    assert [(s.index, s.name, s.kind, s.inputs) for s in plan_stages(job)] == [
+        (0, "augment", "augment", ()),
+        (1, "distill", "distill", ("augment",)),
+    ]
+    assert job.spec.method.augmented.methods == ["paraphrase", "back_translation"]
+    with pytest.raises(SpecError, match="shortestShare 3.0 is above longestShare 2.0: swap them"):
+        parse_job(_mutated(lambda d: d["spec"].update(method={"augmented": {"shortestShare": 3}})))
+    with pytest.raises(SpecError, match="spec.method.augmented.methods.0: Input should be 'paraphrase' or"):
+        parse_job(_mutated(lambda d: d["spec"].update(method={"augmented": {"methods": ["summary"]}})))
 
 
 def test_evaluation_job_needs_something_to_evaluate():

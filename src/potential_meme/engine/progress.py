@@ -73,10 +73,13 @@ def stage_summary(job_name: str, manifests: list[dict[str, Any]], student_uri: s
     ]
     for manifest in manifests:
         row = manifest["metrics"]
-        if manifest not in trained:  # a generate stage: the teacher answered prompts
-            lines.append(
-                f"  {manifest['stage']:<18}{row['prompts']:>16,} prompts answered, {row['completionTokens']:,} tokens"
+        if manifest not in trained:  # the teacher wrote: answers to prompts, or variants of passages
+            done = (
+                f"{row['prompts']:,} prompts answered"
+                if "prompts" in row
+                else f"{row['variantsKept']:,} variants kept of {row['passages']:,} passages"
             )
+            lines.append(f"  {manifest['stage']:<18}{done:>16}, {row['completionTokens']:,} tokens written")
             continue
         stopped = " (early stop)" if row.get("stoppedEarly") else ""
         lines.append(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,7 +12,8 @@ from torch import nn
 
 from ..spec.errors import SpecError, StageError
 from ..spec.models import DistillationJob
-from ..spec.plan import STUDENT_DIR, Stage, StageKind, plan_stages, responses_uri
+from ..spec.plan import AUGMENTED, STUDENT_DIR, Stage, StageKind, plan_stages, responses_uri
+from ..storage import open_store
 from .data import Document, load_documents, load_validation_sets, pack, split_documents
 from .finish import finished_manifest
 from .loop import Batches, Teacher
@@ -51,13 +53,21 @@ class TrainingRows:
     facts: dict[str, Any] = field(default_factory=dict)
 
 
-def _corpus_rows(job: DistillationJob, tokenizer: Any) -> TrainingRows:
+def _corpus_rows(job: DistillationJob, tokenizer: Any, previous: Stage | None) -> TrainingRows:
+    """The corpus, split; an augmented job trains on its augment stage's kept variants too."""
     spec = job.spec
     train_docs, validation_docs = load_documents(spec.dataset)
+    facts = {}
+    if spec.method.augmented is not None:
+        lines = open_store(previous.output_uri).read_bytes(AUGMENTED).decode("utf-8").splitlines()
+        variants = [Document(**json.loads(line)) for line in lines if line.strip()]
+        facts = {"trainDocuments": len(train_docs), "augmentedDocuments": len(variants)}
+        train_docs = train_docs + variants
     length = spec.training.max_seq_length
     return TrainingRows(
         pack(train_docs, tokenizer, length),
         pack(validation_docs, tokenizer, length, max_rows=spec.dataset.max_validation_sequences),
+        facts=facts,
     )
 
 
@@ -198,7 +208,9 @@ def set_up(
     previous = previous_stage(job, stage)  # before any work: its input must be ready
     tokenizer = load_tokenizer(models.teacher or models.student)
     # Before the models: data errors come fast.
-    rows = _response_rows(job, tokenizer) if spec.method.response is not None else _corpus_rows(job, tokenizer)
+    rows = (
+        _response_rows(job, tokenizer) if spec.method.response is not None else _corpus_rows(job, tokenizer, previous)
+    )
     documents_elsewhere = load_validation_sets(spec.dataset)
     validation_sets = {
         entry.name: pack(

@@ -30,7 +30,7 @@ from ..storage import open_store
 from . import checkpoint, preflight, resume
 from .evaluation import run_evaluation_stage
 from .finish import finished_manifest, publish
-from .generation_stage import run_generate_stage
+from .generation_stage import run_augment_stage, run_generate_stage
 from .loop import EarlyStopping, accumulate_gradients
 from .models import parameter_count
 from .progress import Progress, shown_perplexity
@@ -256,6 +256,8 @@ def _run_stage(
             return run_evaluation_stage(job, stage, runtime, models)
         if stage.kind is StageKind.GENERATE:
             return run_generate_stage(job, stage, runtime, models)
+        if stage.kind is StageKind.AUGMENT:
+            return run_augment_stage(job, stage, runtime, models)
         return run_distill_stage(job, stage, runtime, models)  # distill and progressive stages share the loop
     finally:
         metrics.stage_finished(job.metadata.name, stage.name)

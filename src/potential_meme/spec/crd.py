@@ -75,6 +75,8 @@ def _structural(node: Any) -> Any:
         if len(concrete) < len(variants):
             node["nullable"] = True
     node.pop("title", None)
+    if "prefixItems" in node:
+        raise ValueError(f"a tuple ({node.get('description', node)}) has no structural schema: use a list or fields")
     if "const" in node:
         node["enum"] = [node.pop("const")]
     for bound, flag in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):

@@ -354,6 +354,47 @@ class ResponseMethod(KnowledgeMethod):
     )
 
 
+class AugmentedMethod(KnowledgeMethod):
+    """Logit KD on the corpus plus text the teacher writes from it (stage augment, then stage distill): for
+    each training passage, `factor` paraphrases and `factor` back-translations through `pivotLanguage`,
+    filtered (empty, too short or long against the source, copies, exact and near duplicates). Held-out
+    text is never augmented."""
+
+    methods: list[Literal["paraphrase", "back_translation"]] = Field(
+        default=["paraphrase", "back_translation"], min_length=1, description="How the teacher rewrites passages."
+    )
+    factor: int = Field(default=3, ge=1, le=16, description="Variants a passage gets from each method.")
+    pivot_language: str = Field(
+        default="French",
+        min_length=1,
+        description="The language back-translation goes through (one the teacher knows).",
+    )
+    passage_characters: int = Field(
+        default=600, ge=50, description="Documents are cut at blank lines into passages of about this many characters."
+    )
+    max_passages: int | None = Field(
+        default=None, ge=1, description="Training passages augmented at most (the first of a fixed order); unset: all."
+    )
+    shortest_share: float = Field(
+        default=0.5, gt=0, description="The shortest a kept variant may be, as a share of its source's length."
+    )
+    longest_share: float = Field(
+        default=2.0, gt=0, description="The longest a kept variant may be, as a share of its source's length."
+    )
+    near_duplicate_similarity: float = Field(
+        default=0.8, gt=0, le=1, description="Share of shared word trigrams from which a variant is a near duplicate."
+    )
+    generation: GenerationSpec = Field(default_factory=lambda: GenerationSpec(temperature=0.8, max_new_tokens=384))
+
+    @model_validator(mode="after")
+    def _shares_in_order(self) -> AugmentedMethod:
+        if self.shortest_share > self.longest_share:
+            raise ValueError(
+                f"shortestShare {self.shortest_share} is above longestShare {self.longest_share}: swap them"
+            )
+        return self
+
+
 class MethodSpec(Model):
     """Exactly one distillation method; each is a sibling field."""
 
@@ -363,6 +404,7 @@ class MethodSpec(Model):
     layerwise: LayerwiseMethod | None = None
     progressive: ProgressiveMethod | None = None
     response: ResponseMethod | None = added_later()
+    augmented: AugmentedMethod | None = added_later()
 
     @model_validator(mode="before")
     @classmethod

@@ -15,6 +15,7 @@ MANIFEST = "manifest.json"  # written last by a stage: its presence means the st
 STUDENT_DIR = "student/"  # the stage's student, a Hugging Face folder
 RESULTS = "results.json"  # an evaluation's results, next to its manifest
 RESPONSES = "responses.jsonl"  # a generate stage's teacher answers, one record a prompt
+AUGMENTED = "augmented.jsonl"  # an augment stage's kept variants, one record each
 PLOT, REPORT = "comparison.png", "report.pdf"  # and the two views of them
 
 
@@ -25,6 +26,7 @@ class StageKind(StrEnum):
     PROGRESSIVE = "progressive"  # prune the previous stage's model to a size, then distill from it
     EVALUATE = "evaluate"  # held-out perplexity of a student and its teacher
     GENERATE = "generate"  # the teacher answers the dataset's prompts; a later stage learns the answers
+    AUGMENT = "augment"  # the teacher rewrites training passages; a later stage distills on them too
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,11 @@ def plan_stages(job: DistillationJob | EvaluationJob) -> list[Stage]:
     method = job.spec.method.name
     if method in ("knowledge", "layerwise"):
         return [Stage(index=0, name="distill", kind=StageKind.DISTILL, output_uri=f"{root}distill/")]
+    if method == "augmented":
+        return [
+            Stage(index=0, name="augment", kind=StageKind.AUGMENT, output_uri=f"{root}augment/"),
+            Stage(index=1, name="distill", kind=StageKind.DISTILL, output_uri=f"{root}distill/", inputs=("augment",)),
+        ]
     if method == "response":
         train = Stage(index=0, name="train", kind=StageKind.DISTILL, output_uri=f"{root}train/")
         if job.spec.method.response.responses is not None:
