@@ -181,6 +181,7 @@ def test_an_api_teachers_key_reaches_both_stages_pods_from_its_secret_and_nothin
         ({"method": {"knowledge": {}}}, "teacher.endpoint: a teacher behind an API only writes text"),
         ({"method": {"response": {"alpha": 0.5}}}, "method.response.alpha: must be 1 with teacher.endpoint"),
         ({"student": {"fromTeacher": {"numLayers": 4}}}, "student.fromTeacher: a teacher behind an API has no layers"),
+        ({"method": {"response": {"onPolicy": {"fraction": 0.5}}}}, "method.response.onPolicy: the teacher must score"),
     ],
 )
 def test_an_api_teacher_is_refused_where_its_logits_or_layers_would_be_needed(change, fragment):

@@ -11,8 +11,10 @@ import torch
 from torch import nn
 
 from ..spec.errors import SpecError
+from ..spec.models import OnPolicySpec
 from .data import epoch_order, shifted_labels
 from .objective import HiddenStateTap, hidden_states
+from .on_policy import pieces
 from .runtime import Runtime
 
 
@@ -78,19 +80,35 @@ class Teacher:
         return hidden.clone(), {index: state.clone() for index, state in states.items()}
 
 
-def accumulate_gradients(model, teacher: Teacher, teacher_weight, batches, runtime: Runtime) -> dict[str, float]:
-    """Forward and backward every micro-batch of one step; returns its mean losses over processes."""
+def accumulate_gradients(
+    model,
+    teacher: Teacher,
+    teacher_weight,
+    batches,
+    runtime: Runtime,
+    on_policy: OnPolicySpec | None = None,
+    student: nn.Module | None = None,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Forward and backward every micro-batch of one step; returns its mean losses over processes.
+    `on_policy`: a share of each micro-batch is rewritten by `student` first (seeded by `seed` and the micro-batch)."""
     totals = [0.0, 0.0, 0.0, 0.0]
     for micro, (batch, labels) in enumerate(batches):
-        last = micro == len(batches) - 1
-        # DDP all-reduces gradients only after the last micro-batch of a step.
-        skip_sync = model.no_sync() if runtime.world_size > 1 and not last else contextlib.nullcontext()
-        with skip_sync, runtime.autocast():
-            teacher_hidden, teacher_states = teacher.forward(batch) if teacher_weight is not None else (None, None)
-            loss, *components = model(batch, labels, teacher_hidden, teacher_weight, teacher_states)
-            (loss / len(batches)).backward()
-        for index, value in enumerate((loss.detach(), *components)):
-            totals[index] += float(value) / len(batches)
+        parts = pieces(batch, labels, on_policy, student, seed * 1_000 + micro)
+        for number, piece in enumerate(parts):
+            last = micro == len(batches) - 1 and number == len(parts) - 1
+            # DDP all-reduces gradients only after the last backward of a step.
+            skip_sync = model.no_sync() if runtime.world_size > 1 and not last else contextlib.nullcontext()
+            with skip_sync, runtime.autocast():
+                teacher_hidden, teacher_states = (
+                    teacher.forward(piece.input_ids) if teacher_weight is not None else (None, None)
+                )
+                loss, *components = model(
+                    piece.input_ids, piece.labels, teacher_hidden, teacher_weight, teacher_states, piece.alpha
+                )
+                (loss * piece.share / len(batches)).backward()
+            for index, value in enumerate((loss.detach(), *components)):
+                totals[index] += float(value) * piece.share / len(batches)
     means = [value / runtime.world_size for value in runtime.all_sum(totals)]
     return dict(zip(("total", "ce", "kd", "layers"), means, strict=True))
 

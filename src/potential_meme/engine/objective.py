@@ -71,7 +71,8 @@ class DistillationObjective(nn.Module):
                     nn.Identity() if width == teacher_hidden_size else nn.Linear(width, teacher_hidden_size, bias=False)
                 )
 
-    def forward(self, input_ids, labels, teacher_hidden, teacher_weight, teacher_states=None):
+    def forward(self, input_ids, labels, teacher_hidden, teacher_weight, teacher_states=None, alpha=None):
+        """`alpha`: the method's unless given (0 for text the student wrote: the teacher alone scores it)."""
         hidden = hidden_states(self.student, input_ids)
         loss, ce, kd = chunked_kd_loss(
             hidden.reshape(-1, hidden.shape[-1]),
@@ -79,7 +80,7 @@ class DistillationObjective(nn.Module):
             None if teacher_hidden is None else teacher_hidden.reshape(-1, teacher_hidden.shape[-1]),
             teacher_weight,
             labels.reshape(-1),
-            alpha=self.method.alpha,
+            alpha=self.method.alpha if alpha is None else alpha,
             temperature=self.method.temperature,
             divergence=self.method.divergence,
             beta=self.method.beta,

@@ -265,7 +265,9 @@ def set_up(
         validation_sets=validation_sets,
         teacher_model=teacher_model,
         teacher=teacher,
-        teacher_weight=teacher_model.get_output_embeddings().weight if method.alpha < 1 or layerwise else None,
+        teacher_weight=(
+            teacher_model.get_output_embeddings().weight if method.alpha < 1 or layerwise or method.on_policy else None
+        ),
         student=student,
         objective=objective,
         model=model,

@@ -94,7 +94,14 @@ def run_distill_stage(
         while step < total_steps:
             step_started = time.monotonic()
             step_losses = accumulate_gradients(
-                setup.model, setup.teacher, setup.teacher_weight, setup.batches.step_batches(step, runtime), runtime
+                setup.model,
+                setup.teacher,
+                setup.teacher_weight,
+                setup.batches.step_batches(step, runtime),
+                runtime,
+                spec.method.selected.on_policy,
+                setup.student,
+                seed=training.seed * 100_003 + step,
             )
             if training.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(setup.objective.parameters(), training.max_grad_norm)

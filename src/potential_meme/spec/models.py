@@ -185,6 +185,16 @@ class DatasetSpec(TextSource):
 Divergence = Literal["forwardKL", "reverseKL", "jsd"]
 
 
+class OnPolicySpec(Model):
+    """Part of each batch written by the student and scored by the teacher (GKD)."""
+
+    fraction: float = Field(gt=0, le=1, description="Share λ of each batch's rows whose tail the student writes.")
+    max_new_tokens: int = Field(
+        default=64, ge=1, description="Tokens the student writes after a prefix (below training.maxSeqLength)."
+    )
+    temperature: float = Field(default=1.0, gt=0, le=2, description="The student's sampling temperature.")
+
+
 class KnowledgeMethod(Model):
     """Logit distillation: loss = alpha * CE(student, labels) + (1 - alpha) * T^2 * D(teacher_T, student_T).
 
@@ -205,6 +215,10 @@ class KnowledgeMethod(Model):
     )
     beta: float = Field(default=0.5, gt=0, lt=1, description="Mixture weight of the teacher in the generalized JSD.")
     chunk_size: int = Field(default=256, ge=1, description="Tokens per chunk of the lm-head projection and loss.")
+    on_policy: OnPolicySpec | None = added_later(
+        description="On-policy distillation: a share of each batch is the student's own text, scored by the "
+        "teacher with `divergence` (reverseKL is the usual choice)."
+    )
 
 
 LayerIndex = Annotated[int, Field(ge=0)]
@@ -694,6 +708,16 @@ class DistillationJobSpec(Model):
         return self
 
     @model_validator(mode="after")
+    def _student_writes_within_a_row(self) -> DistillationJobSpec:
+        on_policy = self.method.selected.on_policy
+        if on_policy is not None and on_policy.max_new_tokens >= self.training.max_seq_length:
+            raise ValueError(
+                f"method.{self.method.name}.onPolicy.maxNewTokens: {on_policy.max_new_tokens} leaves no prefix in "
+                f"a row of {self.training.max_seq_length} tokens; write fewer than training.maxSeqLength"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _api_teacher_only_writes(self) -> DistillationJobSpec:
         if self.teacher.endpoint is None:
             return self
@@ -702,6 +726,8 @@ class DistillationJobSpec(Model):
                 f"teacher.endpoint: a teacher behind an API only writes text; use method.response, not "
                 f"method.{self.method.name} (which needs the teacher's logits)"
             )
+        if self.method.response.on_policy is not None:
+            raise ValueError("method.response.onPolicy: the teacher must score the student's text, which an API cannot")
         if self.method.response.alpha != 1:
             raise ValueError("method.response.alpha: must be 1 with teacher.endpoint (an API gives no logits for KD)")
         if self.student is not None and self.student.from_teacher is not None:
