@@ -10,7 +10,11 @@ validation text of another kind (`--other-text`, default the Python Language Ref
   teacher layer it was copied from;
 - progressive: pruned to a size halfway, distilled, pruned to the final size, distilled, half the
   steps each;
-- direct pruning: pruned straight to the final size, all the steps on one stage.
+- direct pruning: pruned straight to the final size, all the steps on one stage;
+- on-policy KD: half of each batch's rows continued by the student and scored by the teacher
+  (reverse KL), the other half logit KD as above;
+- augmented KD: logit KD on the corpus plus the teacher's paraphrases and back-translations of
+  `--augment-passages` training passages (the time column includes the teacher's writing).
 
     python benchmarks/quality_table.py [--steps 60] [--layers 15] [--other-text SOURCE ...]
 """
@@ -31,6 +35,7 @@ from common import (
 def main() -> None:
     parser = arguments(__doc__.splitlines()[0], steps=60)
     student_arguments(parser)
+    parser.add_argument("--augment-passages", type=int, default=24, help="training passages the teacher rewrites")
     args = parser.parse_args()
     student = {"fromTeacher": {"numLayers": args.layers}}
     rows: dict[str, list[dict]] = {}
@@ -44,6 +49,12 @@ def main() -> None:
     progressive = {"progressive": {"intermediateSizes": [halfway], "finalSize": final}}
     rows["progressive (via halfway)"] = run("table-progressive", progressive, args, maxSteps=per_stage)
     rows["direct pruning"] = run("table-direct", {"progressive": {"finalSize": final}}, args, maxSteps=2 * per_stage)
+    on_policy = {"fraction": 0.5, "maxNewTokens": args.seq_length // 4}
+    rows["on-policy KD (half)"] = run(
+        "table-on-policy", {"knowledge": {"divergence": "reverseKL", "onPolicy": on_policy}}, args, student
+    )
+    augmented = {"augmented": {"factor": 3, "maxPassages": args.augment_passages}}
+    rows["augmented KD (factor 3)"] = run("table-augmented", augmented, args, student)
 
     first = kd[0]  # distilled from the original teacher: its numbers are the teacher's
     names = other_text_names(args)
@@ -52,12 +63,13 @@ def main() -> None:
         f"\n{args.steps} steps x {args.batch_size} x {args.seq_length} tokens per method; perplexity on the "
         f"corpus' held-out split and on {sources}"
     )
-    print(f"{'':28}{'params':>13}{perplexity_header(names)}{'train s':>9}")
+    print(f"{'':28}{'params':>13}{perplexity_header(names)}{'seconds':>9}")
     print(f"{'teacher':28}{first['teacherParameters']:13,}{perplexity_cells(first, first, names, 'teacherPerplexity')}")
     before = perplexity_cells(first, first, names, "studentPerplexityBefore")
     print(f"{'student before training':28}{first['studentParameters']:13,}{before}")
     for label, stages in rows.items():
-        last, seconds = stages[-1], sum(stage["trainSeconds"] for stage in stages)
+        last = stages[-1]
+        seconds = sum(stage.get("trainSeconds", 0) + stage.get("generateSeconds", 0) for stage in stages)
         after = perplexity_cells(last, first, names, "studentPerplexityAfter")
         print(f"{label:28}{last['studentParameters']:13,}{after}{seconds:9,.0f}")
     after = {label: stages[-1]["studentPerplexityAfter"] for label, stages in rows.items()}
@@ -65,6 +77,8 @@ def main() -> None:
         ("logit KD (defaults)", "CE only (alpha 1)"),
         ("layerwise", "logit KD (defaults)"),
         ("progressive (via halfway)", "direct pruning"),
+        ("on-policy KD (half)", "logit KD (defaults)"),
+        ("augmented KD (factor 3)", "logit KD (defaults)"),
     ):
         print(f"{top} / {bottom}: {after[top] / after[bottom]:.3f}")
 
