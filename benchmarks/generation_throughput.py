@@ -13,20 +13,13 @@ default); the engine sorts the prompts by length, left-pads a batch and decodes 
 from __future__ import annotations
 
 import argparse
-import pkgutil
 import time
 
 import torch
 
+from potential_meme.engine.data import question_documents
 from potential_meme.engine.generation import Sampling, chat_prompt, generate
 from potential_meme.engine.models import load_model, load_tokenizer
-
-
-def prompts(count: int) -> list[str]:
-    """Questions about the standard library's modules: offline, and of varied lengths."""
-    modules = sorted(module.name for module in pkgutil.iter_modules() if not module.name.startswith("_"))
-    forms = ["What is the Python module {} for?", "Show a short example that uses {}.", "When would I pick {}?"]
-    return [forms[index % len(forms)].format(modules[index * 7 % len(modules)]) for index in range(count)]
 
 
 def main() -> None:
@@ -38,7 +31,8 @@ def main() -> None:
     args = parser.parse_args()
 
     model, tokenizer = load_model(args.teacher).eval(), load_tokenizer(args.teacher)
-    rendered = [chat_prompt(tokenizer, [{"role": "user", "content": text}]) for text in prompts(args.prompts)]
+    questions = question_documents()[:: max(len(question_documents()) // args.prompts, 1)][: args.prompts]
+    rendered = [chat_prompt(tokenizer, [{"role": "user", "content": q.text}]) for q in questions]
     sampling = Sampling(max_tokens=args.tokens, min_tokens=args.tokens)
     generate(model, tokenizer, rendered[:2], sampling, add_special_tokens=False)  # warm-up
 

@@ -154,3 +154,16 @@ def test_small_sources_still_get_one_validation_group():
     assert len(validation) == 1 and len(train) == 2
     assert split_documents(documents, 0.01) == (train, validation)
     assert split_documents(documents[:1], 0.5)[1] == []  # one group cannot be split: load_documents says so
+
+
+def test_builtin_questions_are_prompts_about_modules_split_by_module():
+    from potential_meme.engine.responses import read_prompts
+    from potential_meme.spec.models import TextSource
+
+    prompts = read_prompts(TextSource(source="builtin:python-questions"))
+    assert len(prompts) == len({p.id for p in prompts}) >= 300 and "What is the Python module json for?" in [
+        p.text for p in prompts
+    ]
+    train, held_out = load_documents(DatasetSpec(source="builtin:python-questions", validation_fraction=0.1))
+    assert held_out and {d.group for d in train}.isdisjoint({d.group for d in held_out})  # unseen modules
+    assert all(sum(d.group == group for d in held_out) == 3 for group in {d.group for d in held_out})

@@ -22,6 +22,12 @@ log = logging.getLogger(__name__)
 
 BUILTIN_STDLIB = "builtin:python-stdlib"
 BUILTIN_REFERENCE = "builtin:python-reference"
+BUILTIN_QUESTIONS = "builtin:python-questions"
+QUESTION_FORMS = (
+    "What is the Python module {} for?",
+    "Show a short example that uses the Python module {}.",
+    "When would I choose the Python module {}, and what are its pitfalls?",
+)
 TEXT_SUFFIXES = {
     ".txt": "text",
     ".md": "text",
@@ -89,6 +95,13 @@ def reference_documents() -> list[Document]:
     from pydoc_data.topics import topics
 
     return [Document(group=name, text=text) for name, text in sorted(topics.items())]
+
+
+def question_documents() -> list[Document]:
+    """Prompts for response matching, offline: questions about each public module of the standard library,
+    grouped by module (a held-out split asks about modules the student never heard of)."""
+    modules = sorted(name for name in sys.stdlib_module_names if not name.startswith("_") and "test" not in name)
+    return [Document(group=module, text=form.format(module)) for module in modules for form in QUESTION_FORMS]
 
 
 def _read_cached(path: Path) -> list[str] | None:
@@ -198,6 +211,8 @@ def read_documents(spec: TextSource, line_per_text: bool = False) -> list[Docume
         return stdlib_documents()
     if source == BUILTIN_REFERENCE:
         return reference_documents()
+    if source == BUILTIN_QUESTIONS:
+        return question_documents()
     if source.startswith(("s3://", "file://")):
         from ..storage import download_to_scratch
 
@@ -206,7 +221,8 @@ def read_documents(spec: TextSource, line_per_text: bool = False) -> list[Docume
     if Path(source).expanduser().exists():
         return _file_documents(Path(source).expanduser(), spec, line_per_text)
     if source.startswith("builtin:"):
-        raise _problem("source", f"unknown builtin {source!r}; accepted: {BUILTIN_STDLIB}, {BUILTIN_REFERENCE}")
+        accepted = ", ".join((BUILTIN_STDLIB, BUILTIN_REFERENCE, BUILTIN_QUESTIONS))
+        raise _problem("source", f"unknown builtin {source!r}; accepted: {accepted}")
     if source.startswith((".", "/", "~")):
         raise _problem("source", f"{source} does not exist")
     import datasets

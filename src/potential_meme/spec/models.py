@@ -137,6 +137,7 @@ class TextSource(Model):
         description=(
             "'builtin:python-stdlib' (pydoc pages of Python's standard library, built offline), "
             "'builtin:python-reference' (the Python Language Reference's prose, offline), "
+            "'builtin:python-questions' (645 questions about the standard library's modules: prompts, offline), "
             "a local .txt/.md/.jsonl/.json/.csv/.parquet file or folder, an s3:// prefix, or a Hugging Face "
             "dataset name."
         ),
