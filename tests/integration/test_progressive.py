@@ -11,7 +11,7 @@ import yaml
 from potential_meme.distillation import ProgressiveDistiller
 from potential_meme.engine.data import load_documents, pack
 from potential_meme.engine.loop import EarlyStopping
-from potential_meme.engine.models import load_model, load_tokenizer, parameter_count
+from potential_meme.engine.models import keep_layers, load_model, load_tokenizer, parameter_count
 from potential_meme.engine.pruning import choose_layers, layer_influence, prune_to
 from potential_meme.spec import SpecError, parse_job, plan_stages
 from potential_meme.spec.models import DatasetSpec, format_parameter_count, parse_parameter_count
@@ -130,6 +130,10 @@ def test_a_derived_student_keeps_the_layers_that_matter_or_evenly_spaced_ones(ti
     assert [layer for layer, _ in chosen.dropped] + chosen.kept != [0, 1, 2, 3]  # measured, not positional
     assert all(torch.equal(value, before[name]) for name, value in teacher.state_dict().items())  # teacher intact
     assert choose_layers(teacher, 2, "even", calibration).kept == [0, 3]
+    # Each drop is measured on the teacher seen without the layers gone before, not on a copy: the same numbers.
+    copy = keep_layers(teacher, [layer for layer in range(4) if layer != chosen.dropped[0][0]])
+    assert chosen.dropped[1][1] == pytest.approx(min(layer_influence(copy, calibration)), rel=1e-5)
+    assert len(teacher.model.layers) == teacher.config.num_hidden_layers == 4  # and left whole
     with pytest.raises(ValueError, match="choose 1 to 4"):
         choose_layers(teacher, 5, "importance", calibration)
 

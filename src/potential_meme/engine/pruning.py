@@ -12,8 +12,10 @@ layer (Hugging Face configs have one intermediate size), just enough to fit the 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -97,21 +99,44 @@ def layer_influence(model: PreTrainedModel, calibration: torch.Tensor, batch_siz
     return [total / count for total in totals]
 
 
+@contextlib.contextmanager
+def _only_layers(model: PreTrainedModel, kept: list[int]) -> Iterator[None]:
+    """`model` runs with only the decoder layers `kept` while inside: the same modules, no copy."""
+    base, config = model.base_model, model.config
+    layers, count, types = base.layers, config.num_hidden_layers, getattr(config, "layer_types", None)
+    base.layers = torch.nn.ModuleList([layers[index] for index in kept])
+    config.num_hidden_layers = len(kept)
+    if types is not None:
+        config.layer_types = [types[index] for index in kept]  # some models pick each layer's attention by it
+    try:
+        yield
+    finally:
+        base.layers, config.num_hidden_layers = layers, count
+        if types is not None:
+            config.layer_types = types
+
+
+def least_influential_drops(model: PreTrainedModel, keep: int, calibration: torch.Tensor) -> LayerSelection:
+    """Which `keep` decoder layers remain when the least influential layer is dropped, measured again after
+    each drop (on the model's own modules, seen without the dropped ones: nothing is copied)."""
+    check_layers_to_keep(len(decoder_layers(model)), keep)
+    selection = LayerSelection(kept=list(range(len(decoder_layers(model)))))
+    while len(selection.kept) > keep:
+        with _only_layers(model, selection.kept):
+            influence = layer_influence(model, calibration)
+        drop = min(range(len(influence)), key=influence.__getitem__)
+        log.info("dropping layer %d (influence %.4f)", selection.kept[drop], influence[drop])
+        selection.dropped.append((selection.kept[drop], influence[drop]))
+        selection.kept = [layer for position, layer in enumerate(selection.kept) if position != drop]
+    return selection
+
+
 def drop_least_influential_layers(
     model: PreTrainedModel, keep: int, calibration: torch.Tensor
 ) -> tuple[PreTrainedModel, LayerSelection]:
     """`model` with only its `keep` most influential decoder layers (a new model; `model` is left as it was)."""
-    check_layers_to_keep(len(decoder_layers(model)), keep)
-    selection = LayerSelection(kept=list(range(len(decoder_layers(model)))))
-    while len(selection.kept) > keep:
-        influence = layer_influence(model, calibration)
-        drop = min(range(len(influence)), key=influence.__getitem__)
-        log.info("dropping layer %d (influence %.4f)", selection.kept[drop], influence[drop])
-        selection.dropped.append((selection.kept[drop], influence[drop]))
-        remaining = [i for i in range(len(influence)) if i != drop]
-        model = keep_layers(model, remaining)
-        selection.kept = [selection.kept[i] for i in remaining]
-    return model, selection
+    selection = least_influential_drops(model, keep, calibration)
+    return keep_layers(model, selection.kept), selection
 
 
 def choose_layers(
@@ -123,7 +148,7 @@ def choose_layers(
     if selection == "even":
         chosen = LayerSelection(evenly_spaced_layers(total, num_layers))
     else:
-        chosen = drop_least_influential_layers(teacher, num_layers, calibration)[1]
+        chosen = least_influential_drops(teacher, num_layers, calibration)
     log.info("student keeps teacher layers %s (%d of %d, by %s)", chosen.kept, num_layers, total, selection)
     return chosen
 
