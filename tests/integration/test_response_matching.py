@@ -149,12 +149,12 @@ def test_a_generate_stage_killed_mid_run_keeps_its_answers_in_the_store_and_the_
     partial = tmp_path / "runs/answers/generate/partial/responses.jsonl"
     process = start_cli("train", "--job", str(job), "--stage", "generate")
     deadline = time.monotonic() + 300
-    while len(load_responses(str(partial)) if partial.exists() else []) < 4 and time.monotonic() < deadline:
+    while not partial.exists() and time.monotonic() < deadline:  # copied after the first batch, then every 10 s
         time.sleep(0.05)
     process.kill()
     process.wait(30)
     kept = load_responses(str(partial))
-    assert 4 <= len(kept) < len(prompts)
+    assert 2 <= len(kept) < len(prompts)
 
     rerun = cli("train", "--job", str(job), "--stage", "generate")
     assert rerun.returncode == 0, rerun.stderr

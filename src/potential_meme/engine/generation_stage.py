@@ -1,8 +1,8 @@
 """The stages where the teacher writes: generate (a response job: the teacher answers every prompt of the
 dataset) and augment (an augmented job: the teacher rewrites every training passage).
 
-The answers grow in a local JSON Lines file that is copied to the stage's store after every batch
-(`partial/`), so a pod that dies loses at most the batch it was writing; its successor starts from
+The answers grow in a local JSON Lines file that is copied to the stage's store as it grows
+(`partial/`, every 10 s at most), so a pod that dies loses at most those seconds; its successor starts from
 that copy and asks only the prompts it lacks. When every prompt is answered the file is published
 with its sha256 in the manifest, and the partial copy goes.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -32,6 +33,7 @@ from .runtime import Runtime
 log = logging.getLogger(__name__)
 
 PARTIAL = "partial/"  # the answers so far, while the stage runs
+COPY_EVERY_SECONDS = 10.0  # a killed stage loses at most this much of the teacher's work
 
 
 def _teacher(job: DistillationJob, models: CheckedModels, runtime: Runtime) -> LocalTeacher | ApiTeacher:
@@ -56,21 +58,22 @@ def _teacher(job: DistillationJob, models: CheckedModels, runtime: Runtime) -> L
 
 
 class StoredAnswers:
-    """A responses file that grows in `scratch` and is copied to the store's partial/ after every write."""
+    """A responses file that grows in `scratch` and is copied to the store's partial/ as it grows: after the
+    first write, then at most every `COPY_EVERY_SECONDS` (an API teacher answers many prompts a second)."""
 
     def __init__(self, store: ArtifactStore, scratch: Path):
         self.store, self.local = store, scratch / RESPONSES
+        self.copied_at = -math.inf
         if store.exists(PARTIAL + RESPONSES):
             store.download_file(PARTIAL + RESPONSES, self.local)
 
+    def _copy(self) -> None:
+        if time.monotonic() - self.copied_at >= COPY_EVERY_SECONDS:
+            self.store.upload_file(self.local, PARTIAL + RESPONSES)
+            self.copied_at = time.monotonic()
+
     def ask(self, teacher: LocalTeacher | ApiTeacher, prompts: list[Prompt], sampling: Sampling) -> list[dict]:
-        return generate_responses(
-            teacher,
-            prompts,
-            sampling,
-            self.local,
-            on_written=lambda: self.store.upload_file(self.local, PARTIAL + RESPONSES),
-        )
+        return generate_responses(teacher, prompts, sampling, self.local, on_written=self._copy)
 
     def publish(self, name: str, path: Path) -> dict[str, Any]:
         """Upload `path` as `name`; returns its manifest entry."""
