@@ -70,9 +70,9 @@ def test_further_validation_sets_are_measured_and_reported_apart_from_the_held_o
     rows = pack(read_documents(TextSource(source=str(prose))), load_tokenizer(str(tiny_teacher_dir)), 64, max_rows=3)
     with torch.no_grad():
         expected = math.exp(teacher(input_ids=rows, labels=rows).loss.item())
-    # CPUs differ in their float kernels: CI's machine once put the two computations 9e-4 apart.
+    # CPUs differ in their float kernels: CI's machine once put the two computations 9e-4 apart. (A random tiny
+    # teacher finds every text about equally hard: its number here may lie close to its held-out split's.)
     assert elsewhere["teacherPerplexity"] == pytest.approx(expected, rel=2e-3)
-    assert elsewhere["teacherPerplexity"] != pytest.approx(metrics["teacherPerplexity"], rel=5e-3)
     assert f"validation perplexity on prose: teacher {elsewhere['teacherPerplexity']:.2f}" in result.stderr
     row = next(line for line in result.stdout.splitlines() if "prose" in line).split()
     assert row[:2] == ["distill", "prose"]
