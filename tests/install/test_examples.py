@@ -14,7 +14,7 @@ from k8s_rules import crd_validator
 EXAMPLES = REPO / "examples"
 LOCAL = sorted(EXAMPLES.glob("*.yaml"))
 # What a cluster twin may change: where it runs and writes, and where its benchmark data and judge are.
-PLACEMENT = {"resources", "runPolicy", "output", "batchSize", "mtBench"}
+PLACEMENT = {"resources", "runPolicy", "output", "batchSize", "mtBench", "mmlu"}
 
 
 def job_validator(kind: str):
