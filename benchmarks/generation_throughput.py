@@ -31,7 +31,8 @@ def main() -> None:
     args = parser.parse_args()
 
     model, tokenizer = load_model(args.teacher).eval(), load_tokenizer(args.teacher)
-    questions = question_documents()[:: max(len(question_documents()) // args.prompts, 1)][: args.prompts]
+    every = question_documents()
+    questions = every[:: max(len(every) // args.prompts, 1)][: args.prompts]
     rendered = [chat_prompt(tokenizer, [{"role": "user", "content": q.text}]) for q in questions]
     sampling = Sampling(max_tokens=args.tokens, min_tokens=args.tokens)
     generate(model, tokenizer, rendered[:2], sampling, add_special_tokens=False)  # warm-up

@@ -17,13 +17,13 @@ def test_the_student_writes_the_tail_of_a_row_and_only_its_tokens_are_scored(tin
     student = load_model(str(tiny_teacher_dir)).train()
     rows = torch.randint(1, 500, (3, 16))
     spec = OnPolicySpec(fraction=0.5, max_new_tokens=6)
-    written = student_written(student, rows, spec, seed=7)
-    assert written.input_ids.shape == rows.shape and torch.equal(written.input_ids[:, :10], rows[:, :10])
-    assert not torch.equal(written.input_ids[:, 10:], rows[:, 10:])
-    scored = written.labels != IGNORE_INDEX
+    written_ids, written_labels = student_written(student, rows, spec, seed=7)
+    assert written_ids.shape == rows.shape and torch.equal(written_ids[:, :10], rows[:, :10])
+    assert not torch.equal(written_ids[:, 10:], rows[:, 10:])
+    scored = written_labels != IGNORE_INDEX
     assert scored[:, 9:15].all() and scored.sum() == 3 * 6  # the positions that predict the student's tokens
-    assert torch.equal(written.labels[:, 9:15], written.input_ids[:, 10:16])
-    assert torch.equal(student_written(student, rows, spec, seed=7).input_ids, written.input_ids)  # seeded
+    assert torch.equal(written_labels[:, 9:15], written_ids[:, 10:16])
+    assert torch.equal(student_written(student, rows, spec, seed=7)[0], written_ids)  # seeded
     assert student.training  # left as it was found
 
     parts = pieces(rows, torch.zeros_like(rows), spec, student, seed=7)

@@ -29,8 +29,10 @@ class Piece:
 
 
 @torch.no_grad()
-def student_written(student: nn.Module, rows: torch.Tensor, spec: OnPolicySpec, seed: int) -> Piece:
-    """`rows` with their tails rewritten by the student; labels only where the student wrote."""
+def student_written(
+    student: nn.Module, rows: torch.Tensor, spec: OnPolicySpec, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(`rows` with their tails rewritten by the student, labels only where the student wrote)."""
     length = rows.shape[1]
     keep = length - spec.max_new_tokens
     was_training = student.training
@@ -54,7 +56,7 @@ def student_written(student: nn.Module, rows: torch.Tensor, spec: OnPolicySpec, 
         student.train(was_training)
     labels = torch.full_like(written, IGNORE_INDEX)
     labels[:, keep - 1 : length - 1] = written[:, keep:]
-    return Piece(written, labels, alpha=0.0, share=0.0)
+    return written, labels
 
 
 def pieces(
@@ -64,9 +66,8 @@ def pieces(
     count = 0 if spec is None else round(spec.fraction * batch.shape[0])
     if count == 0:
         return [Piece(batch, labels, alpha=None, share=1.0)]
-    written = student_written(student, batch[:count], spec, seed)
     share = count / batch.shape[0]
-    on_policy = Piece(written.input_ids, written.labels, alpha=0.0, share=share)
+    on_policy = Piece(*student_written(student, batch[:count], spec, seed), alpha=0.0, share=share)
     if count == batch.shape[0]:
         return [on_policy]
     return [Piece(batch[count:], labels[count:], alpha=None, share=1 - share), on_policy]
