@@ -25,6 +25,32 @@ def _progressive(name: str, nodes: int = 1, sizes=("100M", "70M"), final="40M", 
     return document
 
 
+def _writing(name: str, method: dict) -> dict:
+    """A job whose teacher writes before the student trains, with every optional field of its method set."""
+    document = _progressive(name, nodes=names.MAX_NODES)
+    document["spec"]["student"] = {
+        "fromTeacher": {"numLayers": 10, "layerSelection": "even", "calibrationSequences": 4}
+    }
+    document["spec"]["method"] = method
+    return document
+
+
+RESPONSE = {
+    "response": {
+        "temperature": 1.5, "alpha": 0.5, "divergence": "reverseKL", "beta": 0.3, "chunkSize": 128,
+        "onPolicy": {"fraction": 0.25, "maxNewTokens": 32, "temperature": 0.9},
+        "generation": {"temperature": 0.2, "topP": 0.9, "maxNewTokens": 512, "batchSize": 32},
+    }
+}  # fmt: skip
+AUGMENTED = {
+    "augmented": {
+        "methods": ["back_translation"], "factor": 5, "pivotLanguage": "German", "passageCharacters": 900,
+        "maxPassages": 10_000, "shortestShare": 0.3, "longestShare": 3, "nearDuplicateSimilarity": 0.7,
+        "generation": {"temperature": 0.9, "maxNewTokens": 1024},
+    }
+}  # fmt: skip
+
+
 def _knowledge(name: str) -> dict:
     document = yaml.safe_load((REPO / "examples" / "kd-smollm2.yaml").read_text())
     document["metadata"] = {"name": name, "namespace": "ml", "uid": f"uid-{name}"}
@@ -62,8 +88,18 @@ def _child_names(objects: list[dict]) -> list[str]:
         _progressive("two-nodes", nodes=2),
         _progressive(LONGEST, nodes=names.MAX_NODES),  # the longest name and the longest replica index
         _progressive("0" * 63),
+        _writing(LONGEST, RESPONSE),  # generate -> train, every field set
+        _writing("9" * 63, AUGMENTED),  # augment -> distill
     ],
-    ids=["63-characters-3-stages", "digit-first", "two-nodes", "63-characters-max-nodes", "63-digits"],
+    ids=[
+        "63-characters-3-stages",
+        "digit-first",
+        "two-nodes",
+        "63-characters-max-nodes",
+        "63-digits",
+        "63-characters-response-max-nodes",
+        "63-digits-augmented-max-nodes",
+    ],
 )
 def test_every_rendered_object_passes_a_real_clusters_checks(document, pytorchjob_validator):
     job = parse_job(document)
