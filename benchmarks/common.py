@@ -8,6 +8,7 @@ from typing import Any
 
 from potential_meme.engine.trainer import run_job
 from potential_meme.spec import parse_job
+from potential_meme.spec.models import DistillationJob
 
 
 def arguments(description: str, steps: int) -> argparse.ArgumentParser:
@@ -62,21 +63,30 @@ def perplexity_cells(metrics: dict[str, Any], teacher: dict[str, Any], names: li
     return cells
 
 
-def run(
-    name: str, method: dict[str, Any], args: argparse.Namespace, student: dict | None = None, **training: Any
-) -> list[dict[str, Any]]:
-    """Run a job on the standard-library corpus; returns each stage's metrics."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+def corpus_dataset(args: argparse.Namespace) -> dict[str, Any]:
+    """The standard-library corpus with the further validation sets every comparison reports."""
+    return {
+        "source": "builtin:python-stdlib",
+        "maxValidationSequences": args.validation_sequences,
+        "validation": [
+            {"name": name, "source": source}
+            for name, source in zip(other_text_names(args), args.other_text, strict=True)
+        ],
+    }
+
+
+def job(
+    name: str,
+    method: dict[str, Any],
+    args: argparse.Namespace,
+    student: dict | None = None,
+    dataset: dict[str, Any] | None = None,
+    **training: Any,
+) -> DistillationJob:
+    """A job on the real teacher (on the standard-library corpus unless `dataset` says otherwise)."""
     spec = {
         "teacher": {"model": args.teacher},
-        "dataset": {
-            "source": "builtin:python-stdlib",
-            "maxValidationSequences": args.validation_sequences,
-            "validation": [
-                {"name": name, "source": source}
-                for name, source in zip(other_text_names(args), args.other_text, strict=True)
-            ],
-        },
+        "dataset": dataset or corpus_dataset(args),
         "method": method,
         "training": {
             "batchSize": args.batch_size,
@@ -98,4 +108,37 @@ def run(
         "metadata": {"name": name},
         "spec": spec,
     }
-    return [manifest["metrics"] for manifest in run_job(parse_job(document))]
+    return parse_job(document)
+
+
+def run(
+    name: str, method: dict[str, Any], args: argparse.Namespace, student: dict | None = None, **training: Any
+) -> list[dict[str, Any]]:
+    """Run a job on the standard-library corpus; returns each stage's metrics."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    return [manifest["metrics"] for manifest in run_job(job(name, method, args, student, **training))]
+
+
+def corpus_perplexities(student: str, args: argparse.Namespace) -> dict[str, Any]:
+    """A student trained on other text (a response job's), measured as the corpus runs measure theirs: on the
+    corpus' held-out split and the further validation sets, in the keys a corpus run's metrics use."""
+    from potential_meme.engine.data import load_documents, load_validation_sets, pack
+    from potential_meme.engine.models import load_model, load_tokenizer, resolve
+    from potential_meme.engine.runtime import Runtime, default_device, perplexity
+    from potential_meme.spec.models import DatasetSpec
+
+    dataset = DatasetSpec.model_validate(corpus_dataset(args))
+    resolved = resolve(student)
+    tokenizer, model = load_tokenizer(resolved), load_model(resolved)
+    runtime = Runtime(rank=0, world_size=1, device=default_device(), autocast_dtype=None)
+    model.to(runtime.device)
+
+    def measured(documents: list) -> float:
+        rows = pack(documents, tokenizer, args.seq_length, "--seq-length", max_rows=args.validation_sequences)
+        return perplexity(model, rows, runtime, args.batch_size, chunk_size=256)
+
+    elsewhere = load_validation_sets(dataset)
+    return {
+        "studentPerplexityAfter": measured(load_documents(dataset)[1]),
+        "validationSets": {name: {"studentPerplexityAfter": measured(docs)} for name, docs in elsewhere.items()},
+    }

@@ -14,16 +14,25 @@ validation text of another kind (`--other-text`, default the Python Language Ref
 - on-policy KD: half of each batch's rows continued by the student and scored by the teacher
   (reverse KL), the other half logit KD as above;
 - augmented KD: logit KD on the corpus plus the teacher's paraphrases and back-translations of
-  `--augment-passages` training passages (the time column includes the teacher's writing).
+  `--augment-passages` training passages (the time column includes the teacher's writing);
+- response matching: the student learns the teacher's answers to the built-in questions about the
+  standard library (loss on the answers alone), then is measured on the same held-out text as the
+  rest: it never trains on the corpus (the time column includes the teacher's writing, unless
+  `--responses` gives answers written before).
 
-    python benchmarks/quality_table.py [--steps 60] [--layers 15] [--other-text SOURCE ...]
+    python benchmarks/quality_table.py [--steps 60] [--layers 15] [--other-text SOURCE ...] [--rows kd on-policy ...]
 """
 
 from __future__ import annotations
 
+from potential_meme.engine.trainer import run_job
+from potential_meme.spec.plan import final_artifacts
+
 from common import (
     arguments,
     copied_layer_pairs,
+    corpus_perplexities,
+    job,
     other_text_names,
     perplexity_cells,
     perplexity_header,
@@ -31,30 +40,58 @@ from common import (
     student_arguments,
 )
 
+ROWS = ("ce", "kd", "layerwise", "progressive", "direct", "on-policy", "augmented", "response")
+
+
+def response_matching(args, student: dict) -> list[dict]:
+    """The teacher's answers to the built-in questions (or `--responses`), learned by the student; measured, like
+    every other row, on the corpus' held-out split and the other text."""
+    generation = {"temperature": 0.7, "maxNewTokens": 128, "batchSize": 16}
+    response = {"generation": generation} | ({"responses": args.responses} if args.responses else {})
+    dataset = {"source": "builtin:python-questions", "maxValidationSequences": args.validation_sequences}
+    answers = job("table-response", {"response": response}, args, student, dataset=dataset)
+    stages = [manifest["metrics"] for manifest in run_job(answers)]
+    return stages[:-1] + [stages[-1] | corpus_perplexities(final_artifacts(answers)["student"], args)]
+
 
 def main() -> None:
     parser = arguments(__doc__.splitlines()[0], steps=60)
     student_arguments(parser)
     parser.add_argument("--augment-passages", type=int, default=24, help="training passages the teacher rewrites")
+    parser.add_argument("--responses", help="the response row learns these answers (a responses.jsonl) instead")
+    parser.add_argument(
+        "--rows", nargs="+", choices=ROWS, default=list(ROWS), help="the methods to run (logit KD always runs)"
+    )
     args = parser.parse_args()
     student = {"fromTeacher": {"numLayers": args.layers}}
+    wanted = set(args.rows)
     rows: dict[str, list[dict]] = {}
-    rows["CE only (alpha 1)"] = run("table-ce", {"knowledge": {"alpha": 1.0}}, args, student)
-    rows["logit KD (defaults)"] = kd = run("table-kd", {"knowledge": {}}, args, student)
-    layerwise = copied_layer_pairs(args, kd[-1]["keptLayers"])
-    rows["layerwise"] = run("table-layerwise", {"layerwise": layerwise}, args, student)
+    kd = run("table-kd", {"knowledge": {}}, args, student)
+    if "ce" in wanted:
+        rows["CE only (alpha 1)"] = run("table-ce", {"knowledge": {"alpha": 1.0}}, args, student)
+    rows["logit KD (defaults)"] = kd
+    if "layerwise" in wanted:
+        layerwise = copied_layer_pairs(args, kd[-1]["keptLayers"])
+        rows["layerwise"] = run("table-layerwise", {"layerwise": layerwise}, args, student)
     final = kd[-1]["studentParameters"]
     halfway = (kd[-1]["teacherParameters"] + final) // 2
     per_stage = args.steps // 2
-    progressive = {"progressive": {"intermediateSizes": [halfway], "finalSize": final}}
-    rows["progressive (via halfway)"] = run("table-progressive", progressive, args, maxSteps=per_stage)
-    rows["direct pruning"] = run("table-direct", {"progressive": {"finalSize": final}}, args, maxSteps=2 * per_stage)
-    on_policy = {"fraction": 0.5, "maxNewTokens": args.seq_length // 4}
-    rows["on-policy KD (half)"] = run(
-        "table-on-policy", {"knowledge": {"divergence": "reverseKL", "onPolicy": on_policy}}, args, student
-    )
-    augmented = {"augmented": {"factor": 3, "maxPassages": args.augment_passages}}
-    rows["augmented KD (factor 3)"] = run("table-augmented", augmented, args, student)
+    if "progressive" in wanted:
+        progressive = {"progressive": {"intermediateSizes": [halfway], "finalSize": final}}
+        rows["progressive (via halfway)"] = run("table-progressive", progressive, args, maxSteps=per_stage)
+    if "direct" in wanted:
+        direct = {"progressive": {"finalSize": final}}
+        rows["direct pruning"] = run("table-direct", direct, args, maxSteps=2 * per_stage)
+    if "on-policy" in wanted:
+        on_policy = {"fraction": 0.5, "maxNewTokens": args.seq_length // 4}
+        rows["on-policy KD (half)"] = run(
+            "table-on-policy", {"knowledge": {"divergence": "reverseKL", "onPolicy": on_policy}}, args, student
+        )
+    if "augmented" in wanted:
+        augmented = {"augmented": {"factor": 3, "maxPassages": args.augment_passages}}
+        rows["augmented KD (factor 3)"] = run("table-augmented", augmented, args, student)
+    if "response" in wanted:
+        rows["response matching"] = response_matching(args, student)
 
     first = kd[0]  # distilled from the original teacher: its numbers are the teacher's
     names = other_text_names(args)
@@ -79,8 +116,10 @@ def main() -> None:
         ("progressive (via halfway)", "direct pruning"),
         ("on-policy KD (half)", "logit KD (defaults)"),
         ("augmented KD (factor 3)", "logit KD (defaults)"),
+        ("response matching", "logit KD (defaults)"),
     ):
-        print(f"{top} / {bottom}: {after[top] / after[bottom]:.3f}")
+        if top in after and bottom in after:
+            print(f"{top} / {bottom}: {after[top] / after[bottom]:.3f}")
 
 
 if __name__ == "__main__":
