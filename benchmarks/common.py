@@ -119,26 +119,43 @@ def run(
     return [manifest["metrics"] for manifest in run_job(job(name, method, args, student, **training))]
 
 
-def corpus_perplexities(student: str, args: argparse.Namespace) -> dict[str, Any]:
-    """A student trained on other text (a response job's), measured as the corpus runs measure theirs: on the
-    corpus' held-out split and the further validation sets, in the keys a corpus run's metrics use."""
+HELD_OUT = "held-out"
+
+
+def corpus_rows(tokenizer: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """The rows a corpus run validates on, by name: the corpus' held-out split, then each further validation set."""
     from potential_meme.engine.data import load_documents, load_validation_sets, pack
-    from potential_meme.engine.models import load_model, load_tokenizer, resolve
-    from potential_meme.engine.runtime import Runtime, default_device, perplexity
     from potential_meme.spec.models import DatasetSpec
 
     dataset = DatasetSpec.model_validate(corpus_dataset(args))
-    resolved = resolve(student)
-    tokenizer, model = load_tokenizer(resolved), load_model(resolved)
-    runtime = Runtime(rank=0, world_size=1, device=default_device(), autocast_dtype=None)
-    model.to(runtime.device)
-
-    def measured(documents: list) -> float:
-        rows = pack(documents, tokenizer, args.seq_length, "--seq-length", max_rows=args.validation_sequences)
-        return perplexity(model, rows, runtime, args.batch_size, chunk_size=256)
-
-    elsewhere = load_validation_sets(dataset)
+    documents = {HELD_OUT: load_documents(dataset)[1]} | load_validation_sets(dataset)
     return {
-        "studentPerplexityAfter": measured(load_documents(dataset)[1]),
-        "validationSets": {name: {"studentPerplexityAfter": measured(docs)} for name, docs in elsewhere.items()},
+        name: pack(texts, tokenizer, args.seq_length, "--seq-length", max_rows=args.validation_sequences)
+        for name, texts in documents.items()
+    }
+
+
+def loaded(reference: str) -> tuple[Any, Any]:
+    """(tokenizer, model in eval mode on the default device) of any model reference the engine reads."""
+    from potential_meme.engine.models import load_model, load_tokenizer, resolve
+    from potential_meme.engine.runtime import default_device
+
+    resolved = resolve(reference)
+    return load_tokenizer(resolved), load_model(resolved).to(default_device()).eval()
+
+
+def corpus_perplexities(student: str, args: argparse.Namespace) -> dict[str, Any]:
+    """A student trained on other text (a response job's), measured as the corpus runs measure theirs: on the
+    corpus' held-out split and the further validation sets, in the keys a corpus run's metrics use."""
+    from potential_meme.engine.runtime import Runtime, default_device, perplexity
+
+    tokenizer, model = loaded(student)
+    runtime = Runtime(rank=0, world_size=1, device=default_device(), autocast_dtype=None)
+    measured = {
+        name: perplexity(model, rows, runtime, args.batch_size, chunk_size=256)
+        for name, rows in corpus_rows(tokenizer, args).items()
+    }
+    return {
+        "studentPerplexityAfter": measured.pop(HELD_OUT),
+        "validationSets": {name: {"studentPerplexityAfter": value} for name, value in measured.items()},
     }

@@ -11,8 +11,8 @@ validation text of another kind (`--other-text`, default the Python Language Ref
 - progressive: pruned to a size halfway, distilled, pruned to the final size, distilled, half the
   steps each;
 - direct pruning: pruned straight to the final size, all the steps on one stage;
-- on-policy KD: half of each batch's rows continued by the student and scored by the teacher
-  (reverse KL), the other half logit KD as above;
+- on-policy KD: half of each batch's rows continued by the student and scored by the teacher,
+  the other half logit KD as above (same divergence: the two rows differ in that alone);
 - augmented KD: logit KD on the corpus plus the teacher's paraphrases and back-translations of
   `--augment-passages` training passages (the time column includes the teacher's writing);
 - response matching: the student learns the teacher's answers to the built-in questions about the
@@ -84,9 +84,7 @@ def main() -> None:
         rows["direct pruning"] = run("table-direct", direct, args, maxSteps=2 * per_stage)
     if "on-policy" in wanted:
         on_policy = {"fraction": 0.5, "maxNewTokens": args.seq_length // 4}
-        rows["on-policy KD (half)"] = run(
-            "table-on-policy", {"knowledge": {"divergence": "reverseKL", "onPolicy": on_policy}}, args, student
-        )
+        rows["on-policy KD (half)"] = run("table-on-policy", {"knowledge": {"onPolicy": on_policy}}, args, student)
     if "augmented" in wanted:
         augmented = {"augmented": {"factor": 3, "maxPassages": args.augment_passages}}
         rows["augmented KD (factor 3)"] = run("table-augmented", augmented, args, student)
