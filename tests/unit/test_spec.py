@@ -177,6 +177,13 @@ EVALUATION = {
             "spec.humaneval",
             "samples > 1 needs temperature > 0",
         ),
+        (
+            {"benchmarks": ["humaneval"], "gates": [{"metric": "humaneval_chat.pass@1", "atLeast": 0.1}]},
+            "spec",
+            "no 'humaneval_chat'; it measures humaneval",
+        ),
+        ({"benchmarks": ["humaneval"], "humaneval": {"formats": ["instruct"]}}, "spec.humaneval.formats.0", "chat"),
+        ({"benchmarks": ["humaneval"], "humaneval": {"formats": []}}, "spec.humaneval.formats", "at least 1"),
         ({"benchmarks": ["bbh"]}, "spec.benchmarks.0", "perplexity"),
         ({"benchmarks": ["mmlu"], "mmlu": {"formulations": ["choice"]}}, "spec.mmlu.formulations.0", "letter"),
         (

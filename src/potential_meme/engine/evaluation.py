@@ -16,7 +16,7 @@ from typing import Any
 
 from ..metrics import trainer as metrics
 from ..spec.models import EvaluationJob
-from ..spec.plan import MANIFEST, PLOT, REPORT, RESULTS, Stage, spec_hash, stage_manifest
+from ..spec.plan import MANIFEST, PLOT, REPORT, RESULTS, Stage, measurement_key, stage_manifest
 from ..storage import file_sha256, open_store, read_json_if_exists, write_json
 from .data import Document, load_documents, pack
 from .models import ResolvedModel
@@ -46,21 +46,24 @@ MEASURED = "measured/"  # each model's results so far: a restarted evaluation ke
 
 
 def _measured_before(job: EvaluationJob, store: Any) -> dict[str, Any]:
-    """What an interrupted run of this spec measured, by role (a run of another spec's is ignored)."""
-    from ..evaluation.results import ModelResults
+    """What earlier runs measured with the same settings, by role: a finished evaluation that chose other pieces
+    (its results), then an interrupted run (what it kept); another setting's measurements are ignored."""
+    from ..evaluation.results import EvaluationResults, ModelResults
 
     done = {}
+    finished = read_json_if_exists(store, MANIFEST)
+    if finished is not None and finished.get("measurementKey") == measurement_key(job):
+        done = dict(EvaluationResults.model_validate(read_json_if_exists(store, RESULTS)).models)
     for role in ("teacher", "student"):
         kept = read_json_if_exists(store, f"{MEASURED}{role}.json")
-        if kept is not None and kept.get("specHash") == spec_hash(job):
+        if kept is not None and kept.get("measurementKey") == measurement_key(job):
             done[role] = ModelResults.model_validate(kept["results"])
     return done
 
 
 def _keep_measured(job: EvaluationJob, store: Any, role: str, results: Any) -> None:
-    write_json(
-        store, f"{MEASURED}{role}.json", {"specHash": spec_hash(job), "results": results.model_dump(mode="json")}
-    )
+    content = {"measurementKey": measurement_key(job), "results": results.model_dump(mode="json")}
+    write_json(store, f"{MEASURED}{role}.json", content)
 
 
 def _settings(job: EvaluationJob) -> Any:
@@ -78,6 +81,7 @@ def _settings(job: EvaluationJob) -> Any:
         humaneval_limit=spec.humaneval.limit,
         humaneval_samples=spec.humaneval.samples,
         humaneval_temperature=spec.humaneval.temperature,
+        humaneval_formats=tuple(spec.humaneval.formats),
         max_new_tokens=spec.humaneval.max_new_tokens,
         batch_size=spec.batch_size,
         mt_bench_source=spec.mt_bench.source if spec.mt_bench else None,
@@ -154,6 +158,7 @@ def run_evaluation_stage(
         job, stage, runtime.world_size, metrics=_summary(job, results, gates), results=stage.output_uri + RESULTS
     )
     manifest["gates"] = gates
+    manifest["measurementKey"] = measurement_key(job)
     if runtime.is_main:
         with tempfile.TemporaryDirectory(prefix="evaluation-") as scratch:
             files = {

@@ -10,16 +10,19 @@ from torch import nn
 
 from ..spec.errors import StageError
 from ..spec.models import DistillationJob, EvaluationJob
-from ..spec.plan import MANIFEST, STUDENT_DIR, Stage, spec_hash
+from ..spec.plan import MANIFEST, STUDENT_DIR, Stage, measurement_key, spec_hash
 from ..storage import ArtifactStore, file_sha256, open_store, read_json_if_exists, sync_up, write_json
 
 
 def finished_manifest(job: DistillationJob | EvaluationJob, stage: Stage) -> dict[str, Any] | None:
-    """The stage's manifest when it already finished for this spec; StageError when another spec's."""
+    """The stage's manifest when it already finished for this spec; StageError when another spec's, except an
+    evaluation that measured the same way and chose other pieces: that one runs again, keeping its measurements."""
     manifest = read_json_if_exists(open_store(stage.output_uri), MANIFEST)
     if manifest is None:
         return None
     if manifest.get("specHash") != spec_hash(job):
+        if isinstance(job, EvaluationJob) and manifest.get("measurementKey") == measurement_key(job):
+            return None
         raise StageError(
             f"{stage.output_uri} holds a finished stage of a different spec; change metadata.name or "
             "output.uri, or delete that folder to run again"

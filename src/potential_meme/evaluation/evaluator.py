@@ -26,6 +26,7 @@ from ..engine.chat_api import ChatClient, ChatEndpoint
 from ..engine.models import ResolvedModel, load_model, load_tokenizer, parameter_count, resolve
 from ..engine.runtime import Runtime, default_device
 from ..spec.errors import SpecError
+from ..spec.models import HUMANEVAL_FORMATS, humaneval_result
 from ..storage import cache_folder
 from .results import EvaluationResults, ModelResults, Score
 
@@ -48,6 +49,7 @@ class EvaluationSettings:
     humaneval_limit: int | None = None  # problems; unset: `limit`
     humaneval_samples: int = 1
     humaneval_temperature: float = 0.0
+    humaneval_formats: tuple[str, ...] = ("completion",)  # completion (original protocol) and/or chat
     max_new_tokens: int = 384
     batch_size: int = 8
     latency_runs: int = 5
@@ -139,6 +141,7 @@ class DistillationEvaluator:
         interrupted run measured (role -> results), kept; `checkpoint(role, results)` after each benchmark."""
         _check_choices(benchmarks, BENCHMARKS, "evaluation_datasets")
         _check_choices(metrics, METRICS, "metrics")
+        _check_choices(list(self.settings.humaneval_formats), HUMANEVAL_FORMATS, "humaneval_formats")
         if "mt-bench" in benchmarks and "accuracy" in metrics:
             if self.settings.judge is None:
                 raise SpecError([("judge", "mt-bench needs a judge: judge=ChatEndpoint(model=..., base_url=...)")])
@@ -174,7 +177,7 @@ class DistillationEvaluator:
         if main and accuracy and "mmlu" in benchmarks:
             units += [(f"mmlu_{f}", partial(self._mmlu_unit, f)) for f in self.settings.mmlu_formulations]
         if main and accuracy and "humaneval" in benchmarks:
-            units.append(("humaneval", self._humaneval_unit))
+            units += [(humaneval_result(f), partial(self._humaneval_unit, f)) for f in self.settings.humaneval_formats]
         if main and accuracy and "mt-bench" in benchmarks:
             units.append(("mt-bench", self._mt_bench_unit))
         if main and "latency" in metrics:
@@ -192,6 +195,14 @@ class DistillationEvaluator:
         done: ModelResults | None,
         checkpoint: Checkpoint | None,
     ) -> ModelResults:
+        if done is not None:  # what was measured before and is still asked for
+            chosen = {key for key, _ in units}
+            done = done.model_copy(
+                update={
+                    part: {key: value for key, value in getattr(done, part).items() if key in chosen}
+                    for part in ("benchmarks", "details", "samples")
+                }
+            )
         todo = [(key, run) for key, run in units if done is None or key not in done.benchmarks]
         if done is not None and len(todo) < len(units):
             log.info("the %s's %s: measured before, kept", role, ", ".join(sorted(done.benchmarks)))
@@ -237,7 +248,7 @@ class DistillationEvaluator:
         results.benchmarks[f"mmlu_{formulation}"] = {"accuracy": macro}
         results.details[f"mmlu_{formulation}"] = subjects
 
-    def _humaneval_unit(self, model: Any, tokenizer: Any, results: ModelResults) -> None:
+    def _humaneval_unit(self, prompt_format: str, model: Any, tokenizer: Any, results: ModelResults) -> None:
         from .humaneval import run_humaneval
 
         settings = self.settings
@@ -249,9 +260,10 @@ class DistillationEvaluator:
             temperature=settings.humaneval_temperature,
             max_tokens=settings.max_new_tokens,
             batch_size=settings.batch_size,
+            prompt_format=prompt_format,
         )
-        results.benchmarks["humaneval"] = scores
-        results.samples["humaneval"] = shown
+        results.benchmarks[humaneval_result(prompt_format)] = scores
+        results.samples[humaneval_result(prompt_format)] = shown
 
     def _mt_bench_unit(self, model: Any, tokenizer: Any, results: ModelResults) -> None:
         from .mt_bench import run_mt_bench

@@ -13,12 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..engine.generation import Sampling, generate
+from ..engine.generation import Sampling, chat_prompt, generate
 from .results import Score, proportion, sample_mean
 from .sandbox import Outcome, run_untrusted
 
 # Where a completion of the function body ends: the next top-level statement (Codex paper's stops).
 STOP_SEQUENCES = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert ")
+CODE_BLOCK = "```python\n"
+CHAT_REQUEST = "Complete this Python function. Reply with the whole function in one code block.\n\n" + CODE_BLOCK
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,23 @@ def load_problems(limit: int | None = None) -> list[Problem]:
     with gzip.open(path, "rt", encoding="utf-8") as lines:
         problems = [Problem(**json.loads(line)) for line in lines]
     return problems[:limit] if limit is not None else problems
+
+
+def prompts_for(problems: list[Problem], tokenizer: Any, prompt_format: str) -> tuple[list[str], tuple[str, ...]]:
+    """(what the model continues, where its function body ends) in a prompt format. chat: the problem in a user
+    message, and the assistant's reply begun with a code block holding the prompt, so the model writes the body
+    (as lm-eval's humaneval_instruct); the block's end stops it."""
+    if prompt_format == "completion":
+        return [problem.prompt for problem in problems], STOP_SEQUENCES
+    if prompt_format == "chat":
+        prompts = [
+            chat_prompt(tokenizer, [{"role": "user", "content": f"{CHAT_REQUEST}{problem.prompt}```"}])
+            + CODE_BLOCK
+            + problem.prompt
+            for problem in problems
+        ]
+        return prompts, (*STOP_SEQUENCES, "```")
+    raise ValueError(f"HumanEval prompt format {prompt_format!r}: accepted completion, chat")
 
 
 def truncate(completion: str) -> str:
@@ -71,21 +90,23 @@ def run_humaneval(
     max_tokens: int = 384,
     batch_size: int = 8,
     timeout: float = 10.0,
+    prompt_format: str = "completion",
 ) -> tuple[dict[str, Score], list[dict[str, Any]]]:
     """pass@1 (greedy by default) and, with `samples` > 1 sampled at `temperature`, pass@k for k up to
     `samples` in powers of ten; and each problem's first completion with its outcome."""
     if samples > 1 and temperature <= 0:
         raise ValueError("HumanEval with several samples a problem needs temperature > 0 (greedy ones are equal)")
     problems = load_problems(limit)
-    prompts = [problem.prompt for problem in problems]
+    prompts, stop = prompts_for(problems, tokenizer, prompt_format)
     drawn = [
         generate(
             model,
             tokenizer,
             prompts,
-            Sampling(max_tokens=max_tokens, temperature=temperature, stop=STOP_SEQUENCES, seed=sample),
+            Sampling(max_tokens=max_tokens, temperature=temperature, stop=stop, seed=sample),
             batch_size=batch_size,
-            progress=f"HumanEval sample {sample + 1}/{samples}",
+            progress=f"HumanEval ({prompt_format}) sample {sample + 1}/{samples}",
+            add_special_tokens=prompt_format == "completion",  # a chat template writes its own markers
         )
         for sample in range(samples)
     ]

@@ -20,7 +20,8 @@ from .results import EvaluationResults, Score, compared_rows
 BENCHMARK_TITLES = {
     "mmlu_letter": "MMLU, letter choice (original protocol)",
     "mmlu_cloze": "MMLU, cloze (log-likelihood of each answer's text)",
-    "humaneval": "HumanEval",
+    "humaneval": "HumanEval, completion (original protocol)",
+    "humaneval_chat": "HumanEval, chat (the problem in a user message)",
     "mt-bench": "MT-Bench (LLM judge, 1-10)",
     "perplexity": "held-out perplexity",
     "latency": "latency",
@@ -195,7 +196,7 @@ def pdf_report(results: EvaluationResults, output_file: Path) -> Path:
         lines = _subject_lines(results)
         for start in range(0, len(lines), 70):
             pages.append(_text_page("MMLU by subject", lines[start : start + 70], size=7))
-    for benchmark in ("mt-bench", "humaneval"):
+    for benchmark in ("mt-bench", "humaneval", "humaneval_chat"):
         if results.models["student"].samples.get(benchmark):
             pages.append(
                 _text_page(f"{title_of(benchmark)}: answers side by side", _sample_lines(results, benchmark), 6.5)

@@ -584,9 +584,24 @@ class MMLUSpec(Model):
     num_fewshot: int = Field(default=5, ge=0, le=5, description="Solved examples (the subject's dev split) first.")
 
 
+HUMANEVAL_FORMATS = ("completion", "chat")
+
+
+def humaneval_result(prompt_format: str) -> str:
+    """The results key of HumanEval in a prompt format: the original protocol keeps the plain name."""
+    return "humaneval" if prompt_format == "completion" else f"humaneval_{prompt_format}"
+
+
 class HumanEvalSpec(Model):
     limit: int | None = Field(
         default=None, ge=1, le=164, description="Problems to run; unset: spec.limit, else all 164."
+    )
+    formats: list[Literal["completion", "chat"]] = added_later(
+        default_factory=lambda: ["completion"],
+        min_length=1,
+        description="completion: the model continues the raw prompt (the original protocol, for base models; "
+        "results key humaneval); chat: the problem in a user message and the model's code block continued "
+        "(instruction-tuned models answer a raw prompt in prose; results key humaneval_chat).",
     )
     samples: int = Field(default=1, ge=1, le=200, description="Completions a problem; pass@k for k up to it.")
     temperature: float = Field(default=0.0, ge=0, le=2, description="0: greedy (pass@1 with one sample).")
@@ -640,7 +655,8 @@ class QualityGate(Model):
     metric: str = Field(
         pattern=r"^[a-z0-9_-]+\.[A-Za-z0-9_@.-]+$",
         description="benchmark.metric as in the results: mmlu_cloze.accuracy, mmlu_letter.accuracy, humaneval.pass@1, "
-        "mt-bench.score, perplexity.perplexity, latency.per_token_p50_ms, memory.parameter_bytes.",
+        "humaneval_chat.pass@1, mt-bench.score, perplexity.perplexity, latency.per_token_p50_ms, "
+        "memory.parameter_bytes.",
     )
     at_least: float | None = None
     at_most: float | None = None
@@ -832,7 +848,9 @@ class EvaluationJobSpec(Model):
     def result_benchmarks(self) -> list[str]:
         """The benchmark keys of the results this spec produces (what gates may name)."""
         names = [f"mmlu_{f}" for f in self.mmlu.formulations] if "mmlu" in self.benchmarks else []
-        names += [b for b in self.benchmarks if b != "mmlu"]
+        if "humaneval" in self.benchmarks:
+            names += [humaneval_result(f) for f in self.humaneval.formats]
+        names += [b for b in self.benchmarks if b not in ("mmlu", "humaneval")]
         if "latency" in self.metrics:
             names.append("latency")
         if "memoryUsage" in self.metrics:

@@ -56,6 +56,20 @@ def spec_hash(job: DistillationJob | EvaluationJob) -> str:
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 
 
+def measurement_key(job: EvaluationJob) -> str:
+    """An evaluation's spec hash without the fields that only choose which pieces run, or judge them (benchmarks,
+    metrics, MMLU formulations, HumanEval formats, gates): a rerun that adds a piece measures that piece alone."""
+    spec = job.spec
+    chosen_elsewhere = {
+        "benchmarks": [],
+        "metrics": [],
+        "gates": [],
+        "mmlu": spec.mmlu.model_copy(update={"formulations": []}),
+        "humaneval": spec.humaneval.model_copy(update={"formats": []}),
+    }
+    return spec_hash(job.model_copy(update={"spec": spec.model_copy(update=chosen_elsewhere)}))
+
+
 def stage_manifest(job: DistillationJob | EvaluationJob, stage: Stage, world_size: int, **content: Any) -> dict:
     """What a finished stage records in its MANIFEST: which job, stage and spec, when; then its own content."""
     return {
