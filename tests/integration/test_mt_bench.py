@@ -14,6 +14,7 @@ from potential_meme.engine.generation import chat_prompt
 from potential_meme.engine.models import load_model, load_tokenizer
 from potential_meme.evaluation import DistillationEvaluator
 from potential_meme.evaluation.mt_bench import rating
+from potential_meme.evaluation.results import Score
 from potential_meme.serving import ChatServer
 
 from helpers import SHARED, FlakyProxy, serve
@@ -86,6 +87,26 @@ def test_mt_bench_is_judged_through_a_flaky_endpoint_and_a_rerun_asks_nothing(
     # The server is gone: everything the rerun needs comes from the judgment cache.
     again = evaluator.evaluate(None, str(chat_model_dir), ["mt-bench"], ["accuracy"])
     assert again.models["student"].benchmarks["mt-bench"] == scores
+
+
+def test_a_judge_that_rates_nothing_leaves_the_count_and_the_answers(chat_model_dir, tmp_path):
+    """Measured here: SmolLM2-135M as judge rated none of a student's 160 answers; the evaluation must not end
+    there, with the student's answers lost."""
+    server, url = serve(chat_model_dir, "--name", "babbler")  # a random tiny model: never a rating
+    try:
+        endpoint = ChatEndpoint(model="babbler", base_url=url, api_key_env="NO_KEY_NEEDED")
+        settings = {"limit": 1, "mt_bench_source": str(MT_BENCH), "judge": endpoint, "mt_bench_max_tokens": 8}
+        settings |= {"judge_max_tokens": 16, "judge_cache": tmp_path / "judgments.jsonl"}
+        results = DistillationEvaluator(**settings).evaluate(None, str(chat_model_dir), ["mt-bench"], ["accuracy"])
+    finally:
+        server.kill()
+    student = results.models["student"]
+    assert student.benchmarks["mt-bench"] == {
+        "unreadable_judgments": Score(value=16, n=16, unit="count", higher_is_better=False)
+    }
+    assert student.details["mt-bench"] == {} and len(student.samples["mt-bench"]) == 8
+    assert all(sample["score"] is None for sample in student.samples["mt-bench"])
+    assert any(sample["answer"].strip() for sample in student.samples["mt-bench"])  # what the student wrote
 
 
 def test_serve_answers_the_openai_client_and_refuses_bad_requests(chat_model_dir, monkeypatch):

@@ -9,6 +9,7 @@ reference_answer_gpt-4.jsonl.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +18,8 @@ from ..engine.chat_api import ChatClient, ChatRequest
 from ..engine.generation import Sampling, chat_prompt, generate
 from ..storage import open_store
 from .results import Score, sample_mean
+
+log = logging.getLogger(__name__)
 
 NEEDS_REFERENCE = {"math", "reasoning", "coding"}
 TEMPERATURES = {"writing": 0.7, "roleplay": 0.7, "stem": 0.1, "humanities": 0.1}  # others: 0 (greedy)
@@ -141,7 +144,8 @@ def run_mt_bench(
     judge_max_tokens: int = 1024,
     batch_size: int = 8,
 ) -> tuple[dict[str, Score], dict[str, Score], list[dict[str, Any]]]:
-    """(scores: overall and per turn, with unreadable judgments counted; per category; samples)."""
+    """(scores: overall and per turn, with unreadable judgments counted; per category; samples). A judge that rates
+    nothing leaves the count alone: an hour of answers is kept, and the count says the judge is not up to it."""
     bench = load_mt_bench(source, limit)
     answers = answer(model, tokenizer, bench.questions, max_tokens, batch_size)
     asked = [(q, turn) for q in bench.questions for turn in (0, 1)]
@@ -151,11 +155,11 @@ def run_mt_bench(
     )
     ratings = [rating(text) for text in judgments]
     rated = [(q, turn, value) for (q, turn), value in zip(asked, ratings, strict=True) if value is not None]
-    if not rated:
-        raise MTBenchDataError(
-            f"the judge {judge.endpoint.model} gave no readable [[rating]] in {len(asked)} judgments"
-        )
-    scores = {"score": sample_mean([value for _, _, value in rated], unit="1-10")}
+    scores = {}
+    if rated:
+        scores["score"] = sample_mean([value for _, _, value in rated], unit="1-10")
+    else:
+        log.warning("the judge %s gave no readable [[rating]] in %d judgments", judge.endpoint.model, len(asked))
     for turn in (0, 1):
         values = [value for _, t, value in rated if t == turn]
         if values:
