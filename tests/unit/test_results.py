@@ -48,3 +48,38 @@ def test_results_read_back_from_json(tmp_path):
     assert EvaluationResults.load(results.save(tmp_path / "results.json")) == results
     assert results.score("student", "mmlu_cloze", "accuracy").n == 1140
     assert results.score("teacher", "mmlu_cloze", "accuracy") is None
+
+
+def test_a_number_only_the_teacher_has_is_shown_against_nothing(tmp_path):
+    """Measured: a weak judge rated 3 of the teacher's 160 MT-Bench answers and none of the student's."""
+    from PIL import Image
+
+    from potential_meme.evaluation.gates import headline
+    from potential_meme.evaluation.report import comparison_figure, results_table
+    from potential_meme.evaluation.results import compared_rows
+
+    unreadable = {"teacher": 157, "student": 160}
+    models = {
+        role: ModelResults(
+            reference=role,
+            parameters=10,
+            benchmarks={"mt-bench": {"unreadable_judgments": Score(value=count, n=160, higher_is_better=False)}},
+        )
+        for role, count in unreadable.items()
+    }
+    models["teacher"].benchmarks["mt-bench"]["score"] = sample_mean([3.0, 4.0, 5.0], unit="1-10")
+    results = EvaluationResults(models=models)
+    rows = compared_rows(results)
+    assert [(metric, student is None) for _, metric, _, student in rows] == [
+        ("unreadable_judgments", False),
+        ("score", True),
+    ]
+    assert rows[1][2].value == 4.0
+    score_line = next(line for line in results_table(results) if line.strip().startswith("score"))
+    assert "4.000 [" in score_line and score_line.split()[-2:] == ["-", "-"]
+    assert headline(results) == {
+        "mt-bench.unreadable_judgments": 160,
+        "mt-bench.unreadable_judgments.shareOfTeacher": pytest.approx(160 / 157, abs=1e-6),
+    }  # the status holds the student's numbers: none for a score it lacks
+    with Image.open(comparison_figure(results, tmp_path / "comparison.png")) as image:
+        assert image.format == "PNG"

@@ -44,6 +44,8 @@ def headline(results: EvaluationResults) -> dict[str, Any]:
     """The numbers a status shows: each student metric, and its share of the teacher's where there is one."""
     numbers: dict[str, Any] = {}
     for benchmark, metric, teacher, student in compared_rows(results):
+        if student is None:
+            continue
         numbers[f"{benchmark}.{metric}"] = round(student.value, 6)
         if teacher is not None and teacher.value:
             numbers[f"{benchmark}.{metric}.shareOfTeacher"] = round(student.value / teacher.value, 6)

@@ -66,6 +66,11 @@ def _draw_comparison(figure: Figure, results: EvaluationResults) -> None:
     labels, shares, colours, notes = [], [], [], []
     for benchmark, metric, teacher, student in rows:
         labels.append(f"{title_of(benchmark)}\n{metric}")
+        if student is None:
+            shares.append(0.0)
+            colours.append("#bbbbbb")
+            notes.append(f"student: none measured (teacher {formatted(teacher)})")
+            continue
         if teacher is None or teacher.value == 0:
             shares.append(0.0)
             colours.append("#bbbbbb")
@@ -121,7 +126,8 @@ def _setup_lines(results: EvaluationResults) -> list[str]:
     lines += [f"{name:9} {number}" for name, number in (setup.get("versions") or {}).items()]
     lines += ["", "command", *textwrap.wrap(str(setup.get("command", "?")), 90, initial_indent="  ")]
     lines += ["", "settings"]
-    lines += [f"  {key}: {value}" for key, value in (setup.get("settings") or {}).items()]
+    for key, value in (setup.get("settings") or {}).items():
+        lines += textwrap.wrap(f"{key}: {value}", 100, initial_indent="  ", subsequent_indent="      ")
     return lines
 
 
@@ -130,11 +136,11 @@ def results_table(results: EvaluationResults) -> list[str]:
     current = None
     for benchmark, metric, teacher, student in compared_rows(results):
         if benchmark != current:
-            lines += ["", title_of(benchmark) + f"  (n = {student.n})"]
+            lines += ["", title_of(benchmark) + f"  (n = {(student or teacher).n})"]
             current = benchmark
-        share = f"{student.value / teacher.value:.0%}" if teacher and teacher.value else "-"
-        shown = with_interval(teacher) if teacher else "-"
-        lines.append(f"  {metric:32} {shown:>24} {with_interval(student):>24} {share:>6}")
+        share = f"{student.value / teacher.value:.0%}" if student and teacher and teacher.value else "-"
+        theirs, ours = (with_interval(score) if score else "-" for score in (teacher, student))
+        lines.append(f"  {metric:32} {theirs:>24} {ours:>24} {share:>6}")
     lines += ["", "[low, high]: 95 % confidence interval (Wilson for shares, normal for means)."]
     lines += ["MMLU letter choice: small models score near chance (0.25); cloze separates them."]
     return lines

@@ -103,13 +103,17 @@ class EvaluationResults(BaseModel):
         return self.models.get(role, ModelResults(reference="", parameters=0)).benchmarks.get(benchmark, {}).get(metric)
 
 
-def compared_rows(results: EvaluationResults) -> list[tuple[str, str, Score | None, Score]]:
-    """(benchmark, metric, teacher's score or None, student's score) for everything the student has."""
+def compared_rows(results: EvaluationResults) -> list[tuple[str, str, Score | None, Score | None]]:
+    """(benchmark, metric, teacher's score, student's score) for everything either has (None: that one has not;
+    a weak judge may rate one model's answers and none of the other's), the student's first."""
     student = results.models["student"]
     teacher = results.models.get("teacher")
-    rows = []
-    for benchmark, metrics in student.benchmarks.items():
-        for metric, score in metrics.items():
-            theirs = teacher.benchmarks.get(benchmark, {}).get(metric) if teacher else None
-            rows.append((benchmark, metric, theirs, score))
-    return rows
+    measured = [student, teacher] if teacher else [student]
+    keys = dict.fromkeys((b, m) for model in measured for b, metrics in model.benchmarks.items() for m in metrics)
+    order = list(dict.fromkeys(b for model in measured for b in model.benchmarks))
+    return [
+        (benchmark, metric, results.score("teacher", benchmark, metric), results.score("student", benchmark, metric))
+        for benchmark in order
+        for b, metric in keys
+        if b == benchmark
+    ]
