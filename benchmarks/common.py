@@ -122,17 +122,13 @@ def run(
 HELD_OUT = "held-out"
 
 
-def corpus_rows(tokenizer: Any, args: argparse.Namespace) -> dict[str, Any]:
-    """The rows a corpus run validates on, by name: the corpus' held-out split, then each further validation set."""
-    from potential_meme.engine.data import load_documents, load_validation_sets, pack
+def corpus_documents(args: argparse.Namespace) -> dict[str, list]:
+    """The texts a corpus run validates on, by name: the corpus' held-out split, then each further set."""
+    from potential_meme.engine.data import load_documents, load_validation_sets
     from potential_meme.spec.models import DatasetSpec
 
     dataset = DatasetSpec.model_validate(corpus_dataset(args))
-    documents = {HELD_OUT: load_documents(dataset)[1]} | load_validation_sets(dataset)
-    return {
-        name: pack(texts, tokenizer, args.seq_length, "--seq-length", max_rows=args.validation_sequences)
-        for name, texts in documents.items()
-    }
+    return {HELD_OUT: load_documents(dataset)[1]} | load_validation_sets(dataset)
 
 
 def loaded(reference: str) -> tuple[Any, Any]:
@@ -147,13 +143,16 @@ def loaded(reference: str) -> tuple[Any, Any]:
 def corpus_perplexities(student: str, args: argparse.Namespace) -> dict[str, Any]:
     """A student trained on other text (a response job's), measured as the corpus runs measure theirs: on the
     corpus' held-out split and the further validation sets, in the keys a corpus run's metrics use."""
-    from potential_meme.engine.runtime import Runtime, default_device, perplexity
+    from potential_meme.engine.evaluation import held_out_perplexity
+    from potential_meme.engine.runtime import Runtime, default_device
 
     tokenizer, model = loaded(student)
-    runtime = Runtime(rank=0, world_size=1, device=default_device(), autocast_dtype=None)
+    runtime = Runtime.single(default_device())
     measured = {
-        name: perplexity(model, rows, runtime, args.batch_size, chunk_size=256)
-        for name, rows in corpus_rows(tokenizer, args).items()
+        name: held_out_perplexity(
+            model, tokenizer, documents, runtime, args.seq_length, args.validation_sequences, args.batch_size
+        ).value
+        for name, documents in corpus_documents(args).items()
     }
     return {
         "studentPerplexityAfter": measured.pop(HELD_OUT),

@@ -18,6 +18,7 @@ import math
 
 import torch
 
+from potential_meme.engine.data import pack
 from potential_meme.engine.losses import IGNORE_INDEX, align_vocabulary, token_divergence
 from potential_meme.engine.on_policy import student_written
 from potential_meme.spec.models import OnPolicySpec
@@ -26,7 +27,7 @@ from potential_meme.spec.plan import final_artifacts
 from common import (
     HELD_OUT,
     arguments,
-    corpus_rows,
+    corpus_documents,
     job,
     loaded,
     other_text_names,
@@ -37,11 +38,10 @@ from common import (
 
 
 @torch.no_grad()
-def own_writing(student: str, teacher: torch.nn.Module, args) -> dict[str, float]:
-    """The teacher's perplexity of the student's continuations of held-out prefixes, and the mean per-token
+def own_writing(student: str, teacher: torch.nn.Module, rows: torch.Tensor, args) -> dict[str, float]:
+    """The teacher's perplexity of the student's continuations of the prefixes of `rows`, and the mean per-token
     reverse KL(student || teacher) on them."""
-    tokenizer, model = loaded(student)
-    rows = corpus_rows(tokenizer, args)[HELD_OUT]
+    _, model = loaded(student)
     writing = OnPolicySpec(fraction=1.0, max_new_tokens=args.new_tokens)
     nll, divergence, tokens = 0.0, 0.0, 0
     for start in range(0, rows.shape[0], args.batch_size):
@@ -73,9 +73,11 @@ def main() -> None:
     runs["lambda 0, same time"] = (f"{name}-lambda0-{same_time}", {"knowledge": {}}, same_time)
     metrics["lambda 0, same time"] = run(*runs["lambda 0, same time"][:2], args, student, maxSteps=same_time)[-1]
 
-    _, teacher = loaded(args.teacher)
+    tokenizer, teacher = loaded(args.teacher)  # a derived student reads text as its teacher does
+    held_out = corpus_documents(args)[HELD_OUT]
+    rows = pack(held_out, tokenizer, args.seq_length, "--seq-length", max_rows=args.validation_sequences)
     scores = {
-        label: own_writing(final_artifacts(job(job_name, method, args, student))["student"], teacher, args)
+        label: own_writing(final_artifacts(job(job_name, method, args, student))["student"], teacher, rows, args)
         for label, (job_name, method, _) in runs.items()
     }
     names = other_text_names(args)

@@ -50,13 +50,14 @@ def _measured_before(job: EvaluationJob, store: Any) -> dict[str, Any]:
     (its results), then an interrupted run (what it kept); another setting's measurements are ignored."""
     from ..evaluation.results import EvaluationResults, ModelResults
 
+    key = measurement_key(job)
     done = {}
     finished = read_json_if_exists(store, MANIFEST)
-    if finished is not None and finished.get("measurementKey") == measurement_key(job):
+    if finished is not None and finished.get("measurementKey") == key:
         done = dict(EvaluationResults.model_validate(read_json_if_exists(store, RESULTS)).models)
     for role in ("teacher", "student"):
         kept = read_json_if_exists(store, f"{MEASURED}{role}.json")
-        if kept is not None and kept.get("measurementKey") == measurement_key(job):
+        if kept is not None and kept.get("measurementKey") == key:
             done[role] = ModelResults.model_validate(kept["results"])
     return done
 

@@ -25,6 +25,11 @@ class Runtime:
     device: torch.device
     autocast_dtype: torch.dtype | None
 
+    @classmethod
+    def single(cls, device: torch.device) -> Runtime:
+        """One process, full precision: measuring outside a training run."""
+        return cls(rank=0, world_size=1, device=device, autocast_dtype=None)
+
     @property
     def is_main(self) -> bool:
         return self.rank == 0

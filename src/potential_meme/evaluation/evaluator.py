@@ -313,8 +313,9 @@ class DistillationEvaluator:
         from ..spec.models import DatasetSpec
 
         _, documents = load_documents(DatasetSpec(source=self.settings.perplexity_dataset))
-        runtime = Runtime(rank=0, world_size=1, device=self.device, autocast_dtype=None)
-        return held_out_perplexity(model, tokenizer, documents, runtime, 256, None, self.settings.batch_size)
+        return held_out_perplexity(
+            model, tokenizer, documents, Runtime.single(self.device), 256, None, self.settings.batch_size
+        )
 
     def visualize_comparison(self, results: EvaluationResults, output_file: str = "comparison.png") -> Path:
         from .report import comparison_figure

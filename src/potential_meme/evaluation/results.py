@@ -108,12 +108,12 @@ def compared_rows(results: EvaluationResults) -> list[tuple[str, str, Score | No
     a weak judge may rate one model's answers and none of the other's), the student's first."""
     student = results.models["student"]
     teacher = results.models.get("teacher")
-    measured = [student, teacher] if teacher else [student]
-    keys = dict.fromkeys((b, m) for model in measured for b, metrics in model.benchmarks.items() for m in metrics)
-    order = list(dict.fromkeys(b for model in measured for b in model.benchmarks))
+    metrics_of: dict[str, dict[str, None]] = {}  # benchmark -> its metrics, in the order first seen
+    for model in [student, teacher] if teacher else [student]:
+        for benchmark, metrics in model.benchmarks.items():
+            metrics_of.setdefault(benchmark, {}).update(dict.fromkeys(metrics))
     return [
         (benchmark, metric, results.score("teacher", benchmark, metric), results.score("student", benchmark, metric))
-        for benchmark in order
-        for b, metric in keys
-        if b == benchmark
+        for benchmark, metrics in metrics_of.items()
+        for metric in metrics
     ]
