@@ -93,7 +93,8 @@ def test_a_foreign_object_with_a_childs_name_is_reported_and_never_adopted(
 
 
 def test_a_configmap_deleted_while_a_stage_runs_comes_back(cluster, quick_operator, tiny_teacher_dir, corpus_dir):
-    cluster.apply(single_stage_job("lost", tiny_teacher_dir, corpus_dir, steps=20))
+    # Long enough to outlast a resync after the deletion: 20 tiny steps can finish within one second.
+    cluster.apply(single_stage_job("lost", tiny_teacher_dir, corpus_dir, steps=300))
     wait_for(cluster, "lost", phase_is("Running"))
     configmap = cluster.get("v1", "configmaps", "ml", "lost-job")
     cluster.delete("v1", "configmaps", "ml", "lost-job")
