@@ -170,7 +170,10 @@ class Forked:
 
     def send_signal(self, signum: int) -> None:
         if self.returncode is None:
-            os.kill(self.pid, signum)
+            try:
+                os.kill(self.pid, signum)
+            except ProcessLookupError:
+                pass  # the zygote has reaped it and its exit status is on the way, as Popen ignores it too
 
     def terminate(self) -> None:
         self.send_signal(signal.SIGTERM)
