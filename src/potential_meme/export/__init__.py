@@ -1,0 +1,141 @@
+"""A trained student as files a phone or an edge box runs: one module per format, each checked by running it.
+
+Every format converts the same thing, the student's forward from token ids (batch 1, any length up to
+its context) to next-token logits, and every export is run in that format's own runtime on sequences
+of several lengths and compared with PyTorch's logits before it is returned. A format whose converter
+is not installed for this Python and torch raises `ExportUnavailable` naming what to install.
+"""
+
+from __future__ import annotations
+
+import importlib
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..spec import SpecError
+
+FORMATS = ("onnx", "executorch")  # TFLite and Core ML: issue 15, not yet here
+CHECK_LENGTHS = (5, 17, 64)  # tokens; each check sequence is cut to the model's context
+LATENCY_TOKENS = 32
+LATENCY_RUNS = 5
+# fp32 exports agree with PyTorch to ~1e-6 of the largest logit; anything beyond this is a wrong graph.
+RELATIVE_TOLERANCE = 1e-4
+
+
+class ExportUnavailable(RuntimeError):
+    """The converter or runtime of a format is not installed here."""
+
+
+class ExportMismatch(RuntimeError):
+    """An exported model, run in its runtime, does not compute the student's logits."""
+
+
+@dataclass
+class Exported:
+    """One format's file(s) and the check that ran them."""
+
+    format: str
+    files: list[Path]
+    runtime: str  # what ran the check, with its version
+    max_logit_difference: float  # largest |exported - PyTorch| over every check sequence
+    latency_ms: float  # median time of one forward over LATENCY_TOKENS tokens in that runtime
+    check_lengths: list[int] = field(default_factory=list)
+
+    @property
+    def bytes(self) -> int:
+        return sum(path.stat().st_size for path in self.files)
+
+    def as_dict(self) -> dict:
+        return {
+            "format": self.format,
+            "files": [path.name for path in self.files],
+            "bytes": self.bytes,
+            "runtime": self.runtime,
+            "maxLogitDifference": self.max_logit_difference,
+            "latencyMs": self.latency_ms,
+            "checkLengths": self.check_lengths,
+        }
+
+
+class LogitsOnly(torch.nn.Module):
+    """The student's forward as the formats see it: token ids in, logits out, no cache, no dict."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, use_cache=False).logits
+
+
+def context_length(model: torch.nn.Module) -> int:
+    return int(getattr(model.config, "max_position_embeddings", 2048))
+
+
+def export_model(
+    model: torch.nn.Module, formats: Sequence[str], output_dir: str | Path, seed: int = 0
+) -> dict[str, Exported]:
+    """Each of `formats` written to `output_dir` (as `student.<suffix>`) and checked against PyTorch."""
+    unknown = [name for name in formats if name not in FORMATS]
+    if unknown or not formats:
+        raise SpecError([("formats", f"{unknown or 'none'}: choose from {', '.join(FORMATS)}")], "export")
+    output = Path(output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    module = LogitsOnly(model.float().eval()).eval()
+    vocabulary = int(model.config.vocab_size)
+    generator = torch.Generator().manual_seed(seed)
+    lengths = sorted({min(length, context_length(model) - 1) for length in CHECK_LENGTHS})
+    checks = [torch.randint(0, vocabulary, (1, length), generator=generator) for length in lengths]
+    latency_input = torch.randint(0, vocabulary, (1, min(LATENCY_TOKENS, lengths[-1])), generator=generator)
+    results = {}
+    for name in formats:
+        converter = importlib.import_module(f".{name}", __name__)
+        with torch.no_grad():
+            files = converter.convert(module, checks[0], output / f"student{converter.SUFFIX}")
+        run, runtime = converter.runner(files[0])
+        difference = _difference(module, run, checks, name)
+        results[name] = Exported(
+            format=name,
+            files=files,
+            runtime=runtime,
+            max_logit_difference=difference,
+            latency_ms=_median_ms(run, latency_input),
+            check_lengths=lengths,
+        )
+    return results
+
+
+@torch.no_grad()
+def _difference(module: torch.nn.Module, run: Callable, checks: list[torch.Tensor], name: str) -> float:
+    worst = 0.0
+    for ids in checks:
+        expected = module(ids).numpy()
+        got = np.asarray(run(ids), dtype=np.float32).reshape(expected.shape)
+        difference = float(np.abs(got - expected).max())
+        if difference > RELATIVE_TOLERANCE * max(1.0, float(np.abs(expected).max())):
+            raise ExportMismatch(
+                f"{name}: the exported model's logits differ from PyTorch's by up to {difference:.3g} on "
+                f"{ids.shape[1]} tokens (largest logit {float(np.abs(expected).max()):.3g}); the export is wrong"
+            )
+        worst = max(worst, difference)
+    return worst
+
+
+def _median_ms(run: Callable, ids: torch.Tensor) -> float:
+    run(ids)  # warm-up: first runs allocate and plan
+    timings = []
+    for _ in range(LATENCY_RUNS):
+        started = time.perf_counter()
+        run(ids)
+        timings.append((time.perf_counter() - started) * 1000)
+    return statistics.median(timings)
+
+
+def missing(format_name: str, install: str) -> ExportUnavailable:
+    return ExportUnavailable(f"{format_name} export needs {install}, which is not installed here")

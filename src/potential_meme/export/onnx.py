@@ -1,0 +1,40 @@
+"""ONNX through torch's dynamo exporter, sequence length dynamic; checked in onnxruntime."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from . import context_length, missing
+
+SUFFIX = ".onnx"
+
+
+def convert(module: torch.nn.Module, example: torch.Tensor, path: Path) -> list[Path]:
+    try:
+        import onnxscript  # noqa: F401 - the dynamo exporter's dependency, imported late by torch
+    except ImportError:
+        raise missing("onnx", "the 'export' extra (onnx, onnxscript, onnxruntime)") from None
+    sequence = torch.export.Dim("sequence", min=2, max=context_length(module.model) - 1)
+    program = torch.onnx.export(
+        module,
+        (example,),
+        dynamo=True,
+        dynamic_shapes={"input_ids": {1: sequence}},
+        input_names=["input_ids"],
+        output_names=["logits"],
+        verbose=False,
+    )
+    program.save(str(path))
+    return [path] + sorted(path.parent.glob(f"{path.name}.data"))  # weights beside the graph when over 2 GB
+
+
+def runner(path: Path) -> tuple[Callable, str]:
+    try:
+        import onnxruntime
+    except ImportError:
+        raise missing("onnx", "onnxruntime (the 'export' extra)") from None
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return (lambda ids: session.run(None, {"input_ids": ids.numpy()})[0]), f"onnxruntime {onnxruntime.__version__}"

@@ -1,0 +1,54 @@
+"""Exports run in their own runtimes and compute the student's logits, at every length checked."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from potential_meme.engine.models import load_model
+from potential_meme.export import ExportMismatch, ExportUnavailable, LogitsOnly, _difference, export_model
+from potential_meme.export import onnx as onnx_format
+from potential_meme.spec import SpecError
+
+
+@pytest.fixture(scope="module")
+def student(tiny_teacher_dir):
+    return load_model(str(tiny_teacher_dir))
+
+
+@pytest.fixture(scope="module")
+def exported(student, tmp_path_factory):
+    return export_model(student, ["onnx", "executorch"], tmp_path_factory.mktemp("exported"))
+
+
+@pytest.mark.parametrize("name", ["onnx", "executorch"])
+def test_an_export_runs_in_its_runtime_and_matches_pytorch_at_every_length(student, exported, name):
+    result = exported[name]
+    assert result.files[0].name.startswith("student.")
+    assert result.bytes > 4 * sum(p.numel() for p in student.parameters())  # fp32 weights, all of them
+    assert result.check_lengths == [5, 17, 64]  # one export serves every length: the sequence axis is dynamic
+    assert result.max_logit_difference < 1e-4 and result.latency_ms > 0
+    assert result.runtime.split()[0] == {"onnx": "onnxruntime", "executorch": "executorch"}[name]
+    assert result.as_dict()["files"] == [path.name for path in result.files]
+
+
+def test_a_wrong_export_is_caught_by_its_check(tiny_teacher_dir, exported):
+    run, _ = onnx_format.runner(exported["onnx"].files[0])
+    changed = load_model(str(tiny_teacher_dir))
+    with torch.no_grad():
+        changed.model.norm.weight.mul_(1.01)  # the model the file claims to be, 1 % off
+    with pytest.raises(ExportMismatch, match="differ from PyTorch's"):
+        _difference(LogitsOnly(changed).eval(), run, [torch.arange(9).unsqueeze(0)], "onnx")
+
+
+def test_unknown_formats_are_named(student, tmp_path):
+    with pytest.raises(SpecError, match="formats: .*'jpeg'.*choose from onnx, executorch"):
+        export_model(student, ["onnx", "jpeg"], tmp_path)
+
+
+def test_a_missing_converter_names_what_to_install(student, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # as on a machine without the export extra
+    with pytest.raises(ExportUnavailable, match="onnx export needs the 'export' extra"):
+        export_model(student, ["onnx"], tmp_path)
