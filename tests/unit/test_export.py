@@ -20,7 +20,10 @@ def student(tiny_teacher_dir):
 
 @pytest.fixture(scope="module")
 def exported(student, tmp_path_factory):
-    return export_model(student, ["onnx", "executorch"], tmp_path_factory.mktemp("exported"))
+    student.train()
+    results = export_model(student, ["onnx", "executorch"], tmp_path_factory.mktemp("exported"))
+    assert student.training  # the caller's model comes back as it was given
+    return results
 
 
 @pytest.mark.parametrize("name", ["onnx", "executorch"])
@@ -41,6 +44,13 @@ def test_a_wrong_export_is_caught_by_its_check(tiny_teacher_dir, exported):
         changed.model.norm.weight.mul_(1.01)  # the model the file claims to be, 1 % off
     with pytest.raises(ExportMismatch, match="differ from PyTorch's"):
         _difference(LogitsOnly(changed).eval(), run, [torch.arange(9).unsqueeze(0)], "onnx")
+
+
+def test_a_half_precision_model_is_exported_in_fp32_and_left_as_it_was(tiny_teacher_dir, tmp_path):
+    half = load_model(str(tiny_teacher_dir), dtype=torch.bfloat16)
+    result = export_model(half, ["executorch"], tmp_path)["executorch"]
+    assert next(half.parameters()).dtype == torch.bfloat16
+    assert result.bytes > 4 * sum(p.numel() for p in half.parameters()) and result.max_logit_difference < 1e-4
 
 
 def test_unknown_formats_are_named(student, tmp_path):

@@ -8,6 +8,7 @@ is not installed for this Python and torch raises `ExportUnavailable` naming wha
 
 from __future__ import annotations
 
+import copy
 import importlib
 import statistics
 import time
@@ -87,7 +88,10 @@ def export_model(
         raise SpecError([("formats", f"{unknown or 'none'}: choose from {', '.join(FORMATS)}")], "export")
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    module = LogitsOnly(model.float().eval()).eval()
+    if next(model.parameters()).dtype != torch.float32:  # the formats take fp32; the caller's model stays as it is
+        model = copy.deepcopy(model).float()
+    was_training = model.training
+    module = LogitsOnly(model).eval()
     vocabulary = int(model.config.vocab_size)
     generator = torch.Generator().manual_seed(seed)
     lengths = sorted({min(length, context_length(model) - 1) for length in CHECK_LENGTHS})
@@ -108,6 +112,7 @@ def export_model(
             latency_ms=_median_ms(run, latency_input),
             check_lengths=lengths,
         )
+    model.train(was_training)
     return results
 
 
