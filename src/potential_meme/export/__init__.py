@@ -98,21 +98,23 @@ def export_model(
     checks = [torch.randint(0, vocabulary, (1, length), generator=generator) for length in lengths]
     latency_input = torch.randint(0, vocabulary, (1, min(LATENCY_TOKENS, lengths[-1])), generator=generator)
     results = {}
-    for name in formats:
-        converter = importlib.import_module(f".{name}", __name__)
-        with torch.no_grad():
-            files = converter.convert(module, checks[0], output / f"student{converter.SUFFIX}")
-        run, runtime = converter.runner(files[0])
-        difference = _difference(module, run, checks, name)
-        results[name] = Exported(
-            format=name,
-            files=files,
-            runtime=runtime,
-            max_logit_difference=difference,
-            latency_ms=_median_ms(run, latency_input),
-            check_lengths=lengths,
-        )
-    model.train(was_training)
+    try:
+        for name in formats:
+            converter = importlib.import_module(f".{name}", __name__)
+            with torch.no_grad():
+                files = converter.convert(module, checks[0], output / f"student{converter.SUFFIX}")
+            run, runtime = converter.runner(files[0])
+            difference = _difference(module, run, checks, name)
+            results[name] = Exported(
+                format=name,
+                files=files,
+                runtime=runtime,
+                max_logit_difference=difference,
+                latency_ms=_median_ms(run, latency_input),
+                check_lengths=lengths,
+            )
+    finally:
+        model.train(was_training)
     return results
 
 
