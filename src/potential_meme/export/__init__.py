@@ -74,6 +74,10 @@ class LogitsOnly(torch.nn.Module):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids, use_cache=False).logits
 
+    def dynamic_shapes(self) -> dict:
+        """The sequence axis free, up to the model's context: one export serves every prompt length."""
+        return {"input_ids": {1: torch.export.Dim("sequence", min=2, max=context_length(self.model) - 1)}}
+
 
 def context_length(model: torch.nn.Module) -> int:
     return int(getattr(model.config, "max_position_embeddings", 2048))

@@ -8,19 +8,18 @@ from pathlib import Path
 
 import torch
 
-from . import context_length, missing
+from . import LogitsOnly, missing
 
 SUFFIX = ".pte"
 
 
-def convert(module: torch.nn.Module, example: torch.Tensor, path: Path) -> list[Path]:
+def convert(module: LogitsOnly, example: torch.Tensor, path: Path) -> list[Path]:
     try:
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
         from executorch.exir import to_edge_transform_and_lower
     except ImportError:
         raise missing("executorch", "the 'export' extra (executorch)") from None
-    sequence = torch.export.Dim("sequence", min=2, max=context_length(module.model) - 1)
-    exported = torch.export.export(module, (example,), dynamic_shapes={"input_ids": {1: sequence}})
+    exported = torch.export.export(module, (example,), dynamic_shapes=module.dynamic_shapes())
     program = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()]).to_executorch()
     path.write_bytes(program.buffer)
     return [path]

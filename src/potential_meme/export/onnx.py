@@ -7,22 +7,21 @@ from pathlib import Path
 
 import torch
 
-from . import context_length, missing
+from . import LogitsOnly, missing
 
 SUFFIX = ".onnx"
 
 
-def convert(module: torch.nn.Module, example: torch.Tensor, path: Path) -> list[Path]:
+def convert(module: LogitsOnly, example: torch.Tensor, path: Path) -> list[Path]:
     try:
         import onnxscript  # noqa: F401 - the dynamo exporter's dependency, imported late by torch
     except ImportError:
         raise missing("onnx", "the 'export' extra (onnx, onnxscript, onnxruntime)") from None
-    sequence = torch.export.Dim("sequence", min=2, max=context_length(module.model) - 1)
     program = torch.onnx.export(
         module,
         (example,),
         dynamo=True,
-        dynamic_shapes={"input_ids": {1: sequence}},
+        dynamic_shapes=module.dynamic_shapes(),
         input_names=["input_ids"],
         output_names=["logits"],
         verbose=False,
