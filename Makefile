@@ -22,7 +22,7 @@ $(VENV)/.demo: $(VENV)/bin/python pyproject.toml constraints.txt
 	touch $@
 
 $(VENV)/.test: $(VENV)/.demo
-	$(INSTALL) $(TORCH) -e '.[trainer,operator,export,dev]'
+	$(INSTALL) $(TORCH) -e '.[trainer,operator,export,quantize,dev]'
 	touch $@
 
 demo: $(VENV)/.demo

@@ -49,9 +49,16 @@ def _save_student(student: nn.Module, tokenizer, store: ArtifactStore) -> list[d
     return files
 
 
-def publish(store: ArtifactStore, student: nn.Module, tokenizer, manifest: dict[str, Any], leftovers: str) -> None:
+def publish(
+    store: ArtifactStore,
+    student: nn.Module,
+    tokenizer,
+    manifest: dict[str, Any],
+    leftovers: str,
+    files: list[dict[str, Any]] = (),
+) -> None:
     """The student, then the manifest (its presence marks the stage done), then drop `leftovers`
-    (the checkpoints the student supersedes)."""
-    manifest["files"] = _save_student(student, tokenizer, store)
+    (the checkpoints the student supersedes). `files`: what the stage uploaded besides, listed in the manifest."""
+    manifest["files"] = [*files, *_save_student(student, tokenizer, store)]
     write_json(store, MANIFEST, manifest)
     store.delete_prefix(leftovers)

@@ -113,6 +113,28 @@ def accumulate_gradients(
     return dict(zip(("total", "ce", "kd", "layers"), means, strict=True))
 
 
+def trained_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """What training changes in `module`: its whole state, or only the trainable parameters where some are frozen
+    (a quantized student under LoRA adapters, rebuilt as it was from the stage before, so never saved twice)."""
+    if all(parameter.requires_grad for parameter in module.parameters()):
+        return module.state_dict()
+    return {name: parameter.detach() for name, parameter in module.named_parameters() if parameter.requires_grad}
+
+
+def load_trained_state(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Put `trained_state` back; refuses a state that leaves a trainable parameter out or names unknown ones."""
+    if all(parameter.requires_grad for parameter in module.parameters()):
+        module.load_state_dict(state)
+        return
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    trainable = {name for name, parameter in module.named_parameters() if parameter.requires_grad}
+    if trainable.intersection(missing) or unexpected:
+        raise RuntimeError(
+            f"the saved state does not fit the model: missing {sorted(trainable.intersection(missing))[:3]}, "
+            f"unexpected {unexpected[:3]}"
+        )
+
+
 @dataclass
 class EarlyStopping:
     """Held-out perplexity every N steps; keeps the best student and stops after `patience` misses."""
@@ -127,7 +149,7 @@ class EarlyStopping:
         """Record an evaluation; True when training should stop."""
         if value < self.best:
             self.best, self.best_step, self.misses = value, step, 0
-            self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in student.state_dict().items()}
+            self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in trained_state(student).items()}
         else:
             self.misses += 1
         return self.patience is not None and self.misses >= self.patience

@@ -55,7 +55,11 @@ def _published_files(reference: str) -> dict[str, dict[str, Any]] | None:
     manifest = read_json_if_exists(open_store(stage_uri + "/"), MANIFEST)
     if manifest is None or "files" not in manifest:
         return None
-    return {entry["path"].removeprefix(STUDENT_DIR): entry for entry in manifest["files"]}
+    return {
+        entry["path"].removeprefix(STUDENT_DIR): entry
+        for entry in manifest["files"]
+        if entry["path"].startswith(STUDENT_DIR)  # a quantize stage lists its adapters too
+    }
 
 
 def verify_student(reference: str, local: Path) -> None:

@@ -12,7 +12,13 @@ from .losses import chunked_kd_loss
 
 def hidden_states(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     """Final (normed) hidden states [B, L, H], without computing the lm-head."""
-    return model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
+    return decoder(model)(input_ids=input_ids, use_cache=False).last_hidden_state
+
+
+def decoder(model: nn.Module) -> nn.Module:
+    """The decoder stack under the lm-head, also of a model wrapped with LoRA adapters (peft)."""
+    unwrapped = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return unwrapped.base_model
 
 
 class HiddenStateTap:
@@ -22,7 +28,7 @@ class HiddenStateTap:
     """
 
     def __init__(self, model: nn.Module, indices: list[int]):
-        base = model.base_model
+        base = decoder(model)
         self.states: dict[int, torch.Tensor] = {}
         self.handles = []
         for index in sorted(set(indices)):

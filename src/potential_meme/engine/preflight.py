@@ -211,6 +211,11 @@ def check_distillation(job: DistillationJob, stage: Stage) -> CheckedModels:
             for index, size in enumerate(sizes)
             if size >= teacher.parameters
         ]
+    if stage.kind is StageKind.QUANTIZE:
+        from .quantize import check_bitsandbytes
+        from .runtime import default_device
+
+        check_bitsandbytes(job.metadata.name, default_device())
     if stage.kind is StageKind.GENERATE:  # the answer and its prompt must fit; training rows come later
         length = spec.method.response.generation.max_new_tokens
         problems += _context_problems("spec.method.response.generation.maxNewTokens", length, shapes)

@@ -20,7 +20,7 @@ from ..spec.models import DistillationJob
 from ..spec.plan import spec_hash
 from ..storage import ArtifactStore
 from . import checkpoint
-from .loop import EarlyStopping
+from .loop import EarlyStopping, load_trained_state, trained_state
 from .runtime import Runtime
 from .stage_setup import StageSetup
 
@@ -85,7 +85,7 @@ def restore(
             f"{where} holds checkpoints of a different spec; change metadata.name or "
             "output.uri, or delete that folder to start over"
         )
-    setup.objective.load_state_dict(restored.student_state)
+    load_trained_state(setup.objective, restored.student_state)
     setup.optimizer.load_state_dict(state["optimizer"])
     setup.scheduler.load_state_dict(state["scheduler"])
     checkpoint.restore_rng(state["rng"])
@@ -104,7 +104,7 @@ def save(
     """Rank 0 writes; every process waits for it (within checkpoint.uploadTimeoutMinutes)."""
     if setup.runtime.is_main:
         state = training_state(job, setup, step, before, early)
-        checkpoint.save(store, step, setup.objective.state_dict(), state, keep=job.spec.checkpoint.keep)
+        checkpoint.save(store, step, trained_state(setup.objective), state, keep=job.spec.checkpoint.keep)
         log.info("checkpoint written at step %d", step)
     setup.runtime.barrier()
 

@@ -21,6 +21,7 @@ from .models import keep_layers, load_model, load_tokenizer, resolve
 from .objective import DistillationObjective, HiddenStateTap
 from .preflight import CheckedModels
 from .pruning import choose_layers, prune_to
+from .quantize import quantized_student
 from .responses import load_responses, pack_exchanges
 from .runtime import Runtime, perplexity
 from .schedule import lr_lambda
@@ -129,6 +130,9 @@ def _load_models(
             raise SpecError([(f"spec.method.progressive.{field}", str(exc))], job.metadata.name) from None
         teacher = teacher.to(dtype)
         facts = report.as_metrics()
+    elif stage.kind is StageKind.QUANTIZE:
+        teacher = load_model(models.teacher, dtype=dtype)
+        student, facts = quantized_student(job, stage, runtime.device)  # quantized on the device, in its precision
     elif (derived := job.spec.student.from_teacher) is not None:
         teacher = load_model(models.teacher, dtype=dtype)
         if facts_before and "keptLayers" in facts_before:  # resumed: measuring again would choose the same layers
@@ -150,7 +154,9 @@ def _load_models(
         student = load_model(models.student)
     if teacher is not None:
         teacher.to(runtime.device).eval().requires_grad_(False)
-    return teacher, student.float().to(runtime.device), facts
+    if stage.kind is not StageKind.QUANTIZE:
+        student = student.float().to(runtime.device)
+    return teacher, student, facts
 
 
 @dataclass
@@ -240,6 +246,11 @@ def set_up(
         rows.train, training.batch_size, accumulation, runtime.world_size, training.seed, rows.train_labels
     )
     total_steps = training.max_steps or training.epochs * batches.steps_per_epoch
+    learning_rate = training.learning_rate
+    if stage.kind is StageKind.QUANTIZE:  # the adapters' own steps and rate; none without QAT
+        quantized = spec.method.quantized
+        total_steps = (quantized.lora.steps or total_steps) if quantized.quantization_aware_training else 0
+        learning_rate = quantized.lora.learning_rate
     warmup_steps = int(training.warmup_ratio * total_steps)
 
     teacher_width = (teacher_model or student).config.hidden_size
@@ -250,8 +261,8 @@ def set_up(
             objective, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None
         )
     optimizer = torch.optim.AdamW(
-        objective.parameters(),
-        lr=training.learning_rate,
+        [parameter for parameter in objective.parameters() if parameter.requires_grad],  # a quantized base is frozen
+        lr=learning_rate,
         weight_decay=training.weight_decay,
         fused=runtime.device.type == "cuda",
     )

@@ -31,9 +31,10 @@ from . import checkpoint, preflight, resume
 from .evaluation import run_evaluation_stage
 from .finish import finished_manifest, publish
 from .generation_stage import run_augment_stage, run_generate_stage
-from .loop import EarlyStopping, accumulate_gradients
+from .loop import EarlyStopping, accumulate_gradients, load_trained_state
 from .models import parameter_count
 from .progress import Progress, shown_perplexity
+from .quantize import add_quantization_report, as_loaded, is_adapted, publish_adapters
 from .runtime import Runtime, start_runtime
 from .stage_setup import set_up
 
@@ -140,7 +141,14 @@ def run_distill_stage(
     progress.close()
     train_seconds = time.monotonic() - started
     if early.best_state is not None:
-        setup.student.load_state_dict(early.best_state)  # the best evaluated student, not the last
+        load_trained_state(setup.student, early.best_state)  # the best evaluated student, not the last
+    adapters, adapter_files, published = {}, [], setup.student
+    if is_adapted(setup.student):  # QAT: the adapters as trained, then the merged student as users load it
+        adapters["adaptersPerplexity"] = setup.perplexity(setup.student)
+        if runtime.is_main:
+            adapter_files = publish_adapters(setup.student, store)
+        published = setup.student.merge_and_unload()
+        setup.student = as_loaded(published, runtime.device)  # measured; transformers cannot save it again
     after = setup.perplexity(setup.student)
     elsewhere = {
         name: {
@@ -183,9 +191,12 @@ def run_distill_stage(
             "teacherParameters": parameter_count(setup.teacher_model) if setup.teacher_model is not None else None,
             "studentParameters": parameter_count(setup.student),
             "validationTokens": int(setup.validation_rows.numel()),
+            **adapters,
             **setup.facts,
         },
     )
+    if stage.kind is StageKind.QUANTIZE:
+        add_quantization_report(manifest["metrics"], published)
     if spec.gates and (spec.gated_stages == "every" or stage.index == len(plan_stages(job)) - 1):
         from ..evaluation.gates import check_gates, gate_metrics, stage_results
 
@@ -196,7 +207,7 @@ def run_distill_stage(
                 "quality gate %s: %s (%s)", gate["gate"], "passed" if gate["passed"] else "FAILED", gate["message"]
             )
     if runtime.is_main:
-        publish(store, setup.student, setup.tokenizer, manifest, leftovers=checkpoint.PREFIX)
+        publish(store, published, setup.tokenizer, manifest, leftovers=checkpoint.PREFIX, files=adapter_files)
     runtime.barrier()
     return manifest
 

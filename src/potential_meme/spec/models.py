@@ -10,7 +10,15 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
 
 API_GROUP = "distill.potential-meme.io"
@@ -410,6 +418,49 @@ class AugmentedMethod(KnowledgeMethod):
         return self
 
 
+QUANTIZATION_BITS = (4, 8)  # NF4 and int8: the widths bitsandbytes stores
+
+
+class LoraSpec(Model):
+    """The low-rank adapters quantization-aware training learns over the frozen quantized student."""
+
+    rank: int = Field(default=16, ge=1, le=1024, description="Rank r of each adapter.")
+    alpha: float = Field(default=32, gt=0, description="Adapter scale numerator: the update is (alpha / rank) B A.")
+    dropout: float = Field(default=0.0, ge=0, lt=1, description="Dropout on the adapters' input.")
+    steps: int | None = Field(
+        default=None, ge=1, description="Optimizer steps of adapter training; unset: as many as the distill stage's."
+    )
+    learning_rate: float = Field(
+        default=1e-3, gt=0, description="Adapters start at zero and are few: they take a larger rate than the student."
+    )
+
+
+class QuantizedMethod(KnowledgeMethod):
+    """Logit KD in full precision (stage distill), then the student's linear layers quantized with bitsandbytes
+    (stage quantize): NF4 for 4 bits, int8 for 8. With quantizationAwareTraining the quantized student then
+    learns LoRA adapters by the same KD loss against the full-precision teacher, so training sees the rounding
+    the deployed model has; without it the quantized student is the result (post-training quantization). The
+    quantize stage reports the full-precision, post-training-quantized and (with QAT) adapted students side by
+    side: perplexities, bytes on disk and in memory."""
+
+    bits: int = Field(
+        default=4, description="4 (NF4) or 8 (int8).", json_schema_extra={"enum": list(QUANTIZATION_BITS)}
+    )
+    quantization_aware_training: bool = Field(
+        default=True, description="Train LoRA adapters on the quantized student (QAT); false: quantize and stop."
+    )
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+
+    @field_validator("bits")
+    @classmethod
+    def _supported_bits(cls, bits: int) -> int:
+        if bits not in QUANTIZATION_BITS:
+            raise ValueError(
+                f"{bits} bits is not supported: choose 4 (NF4) or 8 (int8), the widths bitsandbytes stores"
+            )
+        return bits
+
+
 class MethodSpec(Model):
     """Exactly one distillation method; each is a sibling field."""
 
@@ -420,6 +471,7 @@ class MethodSpec(Model):
     progressive: ProgressiveMethod | None = None
     response: ResponseMethod | None = added_later()
     augmented: AugmentedMethod | None = added_later()
+    quantized: QuantizedMethod | None = added_later()
 
     @model_validator(mode="before")
     @classmethod

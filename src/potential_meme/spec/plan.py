@@ -13,6 +13,7 @@ from .models import DistillationJob, EvaluationJob, format_parameter_count
 
 MANIFEST = "manifest.json"  # written last by a stage: its presence means the stage is done
 STUDENT_DIR = "student/"  # the stage's student, a Hugging Face folder
+ADAPTERS_DIR = "adapters/"  # a quantize stage's LoRA adapters (peft), over the quantized distill student
 RESULTS = "results.json"  # an evaluation's results, next to its manifest
 RESPONSES = "responses.jsonl"  # a generate stage's teacher answers, one record a prompt
 AUGMENTED = "augmented.jsonl"  # an augment stage's kept variants, one record each
@@ -27,6 +28,7 @@ class StageKind(StrEnum):
     EVALUATE = "evaluate"  # held-out perplexity of a student and its teacher
     GENERATE = "generate"  # the teacher answers the dataset's prompts; a later stage learns the answers
     AUGMENT = "augment"  # the teacher rewrites training passages; a later stage distills on them too
+    QUANTIZE = "quantize"  # quantize the previous stage's student; with QAT, train LoRA adapters over it by KD
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,13 @@ def plan_stages(job: DistillationJob | EvaluationJob) -> list[Stage]:
         return [
             Stage(index=0, name="augment", kind=StageKind.AUGMENT, output_uri=f"{root}augment/"),
             Stage(index=1, name="distill", kind=StageKind.DISTILL, output_uri=f"{root}distill/", inputs=("augment",)),
+        ]
+    if method == "quantized":
+        return [
+            Stage(index=0, name="distill", kind=StageKind.DISTILL, output_uri=f"{root}distill/"),
+            Stage(
+                index=1, name="quantize", kind=StageKind.QUANTIZE, output_uri=f"{root}quantize/", inputs=("distill",)
+            ),
         ]
     if method == "response":
         train = Stage(index=0, name="train", kind=StageKind.DISTILL, output_uri=f"{root}train/")
