@@ -18,7 +18,10 @@ validation text of another kind (`--other-text`, default the Python Language Ref
 - response matching: the student learns the teacher's answers to the built-in questions about the
   standard library (loss on the answers alone), then is measured on the same held-out text as the
   rest: it never trains on the corpus (the time column includes the teacher's writing, unless
-  `--responses` gives answers written before).
+  `--responses` gives answers written before);
+- quantized: the logit-KD student (the same spec, so the same student) quantized to 4 bits (NF4),
+  as it is (PTQ) and after `--qat-steps` steps of LoRA adapters trained by KD over it (QAT); a
+  second table puts both beside the full-precision student with their bytes on disk and in memory.
 
     python benchmarks/quality_table.py [--steps 60] [--layers 15] [--other-text SOURCE ...] [--rows kd on-policy ...]
 """
@@ -40,7 +43,7 @@ from common import (
     student_arguments,
 )
 
-ROWS = ("ce", "kd", "layerwise", "progressive", "direct", "on-policy", "augmented", "response")
+ROWS = ("ce", "kd", "layerwise", "progressive", "direct", "on-policy", "augmented", "response", "quantized")
 
 
 def response_matching(args, student: dict) -> list[dict]:
@@ -54,11 +57,23 @@ def response_matching(args, student: dict) -> list[dict]:
     return stages[:-1] + [stages[-1] | corpus_perplexities(final_artifacts(answers)["student"], args)]
 
 
+def quantized_row(quantize_stage: dict, key: str, seconds: float) -> dict:
+    """One student of a quantize stage (`fullPrecision`, `postTraining` or `quantizationAware`) as a table row."""
+    entry = quantize_stage[key]
+    return {
+        "studentParameters": quantize_stage["studentParameters"],
+        "studentPerplexityAfter": entry["perplexity"],
+        "validationSets": {name: {"studentPerplexityAfter": value} for name, value in entry["validationSets"].items()},
+        "trainSeconds": seconds,
+    }
+
+
 def main() -> None:
     parser = arguments(__doc__.splitlines()[0], steps=60)
     student_arguments(parser)
     parser.add_argument("--augment-passages", type=int, default=24, help="training passages the teacher rewrites")
     parser.add_argument("--responses", help="the response row learns these answers (a responses.jsonl) instead")
+    parser.add_argument("--qat-steps", type=int, default=20, help="steps of the quantized row's adapter training")
     parser.add_argument(
         "--rows", nargs="+", choices=ROWS, default=list(ROWS), help="the methods to run (logit KD always runs)"
     )
@@ -90,6 +105,16 @@ def main() -> None:
         rows["augmented KD (factor 3)"] = run("table-augmented", augmented, args, student)
     if "response" in wanted:
         rows["response matching"] = response_matching(args, student)
+    quantized = None
+    if "quantized" in wanted:
+        method = {"quantized": {"bits": 4, "lora": {"steps": args.qat_steps}}}
+        distilled, quantized = run("table-quantized", method, args, student)
+        assert distilled["studentPerplexityAfter"] == kd[-1]["studentPerplexityAfter"], "not the logit-KD student"
+        rows["4-bit PTQ of logit KD"] = [distilled, quantized_row(quantized, "postTraining", 0)]
+        rows["4-bit QAT of logit KD"] = [
+            distilled,
+            quantized_row(quantized, "quantizationAware", quantized["trainSeconds"]),
+        ]
 
     first = kd[0]  # distilled from the original teacher: its numbers are the teacher's
     names = other_text_names(args)
@@ -107,6 +132,16 @@ def main() -> None:
         seconds = sum(stage.get("trainSeconds", 0) + stage.get("generateSeconds", 0) for stage in stages)
         after = perplexity_cells(last, first, names, "studentPerplexityAfter")
         print(f"{label:28}{last['studentParameters']:13,}{after}{seconds:9,.0f}")
+    if quantized is not None:
+        print(f"\n{'':28}{'disk MB':>10}{'memory MB':>10}{perplexity_header(names)}")
+        for label, key in (
+            ("full precision", "fullPrecision"),
+            ("4-bit PTQ", "postTraining"),
+            ("4-bit QAT", "quantizationAware"),
+        ):
+            entry, row = quantized[key], quantized_row(quantized, key, 0)
+            cells = perplexity_cells(row, first, names, "studentPerplexityAfter")
+            print(f"{label:28}{entry['diskBytes'] / 1e6:10.1f}{entry['memoryBytes'] / 1e6:10.1f}{cells}")
     after = {label: stages[-1]["studentPerplexityAfter"] for label, stages in rows.items()}
     for top, bottom in (
         ("logit KD (defaults)", "CE only (alpha 1)"),

@@ -44,6 +44,7 @@ def test_a_4_bit_qat_job_reports_every_precision_and_publishes_a_model_that_load
 
     full, post, aware = metrics["fullPrecision"], metrics["postTraining"], metrics["quantizationAware"]
     assert full["perplexity"] == distilled["studentPerplexityAfter"]
+    assert metrics["studentParameters"] == full["parameters"] == distilled["studentParameters"]
     assert metrics["steps"] == 8 and metrics["quantType"] == "nf4"
     # 4-bit linear layers; the embeddings and lm-head stay fp32, so a tiny model shrinks by less than 8x
     assert post["diskBytes"] < 0.8 * full["diskBytes"] and post["memoryBytes"] < 0.8 * full["memoryBytes"]

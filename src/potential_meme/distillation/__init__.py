@@ -12,7 +12,14 @@ from pydantic import BaseModel, ValidationError
 from pydantic.alias_generators import to_camel
 
 from ..spec import DistillationJob, SpecError, parse_job
-from ..spec.models import KnowledgeMethod, LayerwiseMethod, ProgressiveMethod, QuantizedMethod
+from ..spec.models import (
+    EXPORT_FORMATS,
+    KnowledgeMethod,
+    LayerwiseMethod,
+    MobileMethod,
+    ProgressiveMethod,
+    QuantizedMethod,
+)
 from ..spec.plan import final_artifacts
 from ..storage import open_store, sync_down, sync_up
 
@@ -468,10 +475,91 @@ class QuantizedDistiller(_Distiller):
         return self._run(self._job(spec, "quantized"), metrics_port)
 
 
+class MobileDistiller(_Distiller):
+    """A student for a phone or an edge box: architectures derived from the teacher (fewer layers, narrower MLPs)
+    are built and measured on this machine (weight bytes, per-token decode latency, energy per token), the one
+    within `target_size_mb` and `target_latency_ms` that `optimize_for` prefers is distilled, then exported and
+    checked in each format's runtime."""
+
+    def __init__(
+        self,
+        teacher_model: str,
+        target_size_mb: float = 500,
+        target_latency_ms: float = 100,
+        *,
+        temperature: float = 2.0,
+        alpha: float = 0.5,
+        output_uri: str = "file://./runs",
+        job_name: str | None = None,
+        verbose: bool = True,
+    ):
+        super().__init__(output_uri, job_name, verbose)
+        self.teacher_model = teacher_model
+        self.method = _camel(
+            {
+                "target_size_mb": target_size_mb,
+                "target_latency_ms": target_latency_ms,
+                "temperature": temperature,
+                "alpha": alpha,
+            }
+        )
+        _validated(MobileMethod, self.method, "MobileDistiller")
+
+    def distill_for_mobile(
+        self,
+        dataset: str,
+        optimize_for: str = "battery_efficiency",
+        *,
+        formats: list[str] = list(EXPORT_FORMATS),  # noqa: B006, B008 - a tuple's copy, never mutated
+        batch_size: int = 8,
+        learning_rate: float = 5e-5,
+        metrics_port: int | None = None,
+        **training: Any,
+    ) -> dict[str, Any]:
+        """Choose, distill and export; returns the distill stage's metrics (`architecture`: the choice and the
+        measurements that made it, `candidates`: every one measured) with `exports`: each format's file, size,
+        runtime, latency and largest logit difference against PyTorch."""
+        method = {**self.method, "optimizeFor": optimize_for, "formats": list(formats)}
+        spec = {
+            "teacher": {"model": self.teacher_model},
+            "dataset": {"source": dataset},
+            "method": {"mobile": method},
+            "training": _camel({"batch_size": batch_size, "learning_rate": learning_rate, **training}),
+        }
+        self._run(self._job(spec, "mobile"), metrics_port)
+        distilled, exported = (result["metrics"] for result in self.results)
+        return {**distilled, "exports": exported["formats"]}
+
+    def export_to_mobile(
+        self,
+        model: Any = None,
+        formats: list[str] = ["tflite", "coreml"],  # noqa: B006 - the design's signature
+        output_dir: str | Path | None = None,
+    ) -> dict[str, Any]:
+        """Write `model` (a loaded model, or any model reference; default: the student distilled last) in each of
+        `formats` under `output_dir` (default: beside the job's other exports) and check each file in its runtime;
+        returns each format's report (files, bytes, runtime, latency, largest logit difference against PyTorch)."""
+        from ..engine.models import load_model
+        from ..export import export_model
+
+        if model is None:
+            if self.job is None:
+                raise RuntimeError("nothing distilled yet: pass a model, or call distill_for_mobile() first")
+            model = final_artifacts(self.job)["student"]
+        if isinstance(model, str):
+            model = load_model(model)
+        if output_dir is None:
+            if self.job is None:
+                raise ValueError("output_dir: required when no job ran here")
+            output_dir = open_store(final_artifacts(self.job)["exports"]).root
+        return {name: result.as_dict() for name, result in export_model(model, formats, output_dir).items()}
+
+
 __all__ = [
     "AugmentedDistiller",
     "KnowledgeDistiller",
     "LayerwiseDistiller",
+    "MobileDistiller",
     "ProgressiveDistiller",
     "QuantizedDistiller",
     "ResponseMatcher",

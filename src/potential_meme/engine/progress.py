@@ -73,6 +73,13 @@ def stage_summary(job_name: str, manifests: list[dict[str, Any]], student_uri: s
     ]
     for manifest in manifests:
         row = manifest["metrics"]
+        if "formats" in row:  # an export stage: a file a format, each checked in its runtime
+            written = ", ".join(
+                f"{name} {exported['bytes'] / 1e6:,.1f} MB (logits within {exported['maxLogitDifference']:.1g})"
+                for name, exported in row["formats"].items()
+            )
+            lines.append(f"  {manifest['stage']:<18}{written}")
+            continue
         if manifest not in trained:  # the teacher wrote: answers to prompts, or variants of passages
             done = (
                 f"{row['prompts']:,} prompts answered"

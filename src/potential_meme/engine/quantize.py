@@ -21,7 +21,7 @@ from ..spec.models import DistillationJob, QuantizedMethod
 from ..spec.plan import ADAPTERS_DIR, STUDENT_DIR, Stage
 from ..storage import ArtifactStore, file_sha256, sync_up
 from .finish import finished_manifest
-from .models import ResolvedModel, resolve
+from .models import ResolvedModel, parameter_count, resolve
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +109,7 @@ def quantized_student(job: DistillationJob, stage: Stage, device: torch.device) 
     source, distilled = distilled_student(job, stage)
     full = AutoModelForCausalLM.from_pretrained(source.directory, dtype=torch.float32)
     full_precision = {
+        "parameters": parameter_count(full),
         "perplexity": distilled["studentPerplexityAfter"],
         "diskBytes": saved_bytes(full),
         "memoryBytes": full.get_memory_footprint(),
@@ -190,6 +191,8 @@ def as_loaded(model: nn.Module, device: torch.device) -> nn.Module:
 def add_quantization_report(metrics: dict[str, Any], student: nn.Module) -> None:
     """Complete the quantize stage's side-by-side students: the post-training-quantized one is the student before
     adapter training (the adapters start at zero), the quantization-aware one the merged student after it."""
+    # 4-bit weights pack two to a byte, and adapters are merged: count the model's own parameters
+    metrics["studentParameters"] = metrics["fullPrecision"]["parameters"]
     elsewhere = metrics.get("validationSets", {})
     post_training = metrics["postTraining"]
     post_training["perplexity"] = metrics["studentPerplexityBefore"]

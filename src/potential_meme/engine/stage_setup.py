@@ -11,16 +11,17 @@ import torch
 from torch import nn
 
 from ..spec.errors import SpecError, StageError
-from ..spec.models import DistillationJob
+from ..spec.models import DerivedStudent, DistillationJob
 from ..spec.plan import AUGMENTED, STUDENT_DIR, Stage, StageKind, plan_stages, responses_uri
 from ..storage import open_store
 from .data import Document, load_documents, load_validation_sets, pack, split_documents
 from .finish import finished_manifest
 from .loop import Batches, Teacher
+from .mobile import narrowed, search
 from .models import keep_layers, load_model, load_tokenizer, resolve
 from .objective import DistillationObjective, HiddenStateTap
 from .preflight import CheckedModels
-from .pruning import choose_layers, prune_to
+from .pruning import channel_importance, choose_layers, prune_to
 from .quantize import quantized_student
 from .responses import load_responses, pack_exchanges
 from .runtime import Runtime, perplexity
@@ -133,22 +134,24 @@ def _load_models(
     elif stage.kind is StageKind.QUANTIZE:
         teacher = load_model(models.teacher, dtype=dtype)
         student, facts = quantized_student(job, stage, runtime.device)  # quantized on the device, in its precision
-    elif (derived := job.spec.student.from_teacher) is not None:
-        teacher = load_model(models.teacher, dtype=dtype)
-        if facts_before and "keptLayers" in facts_before:  # resumed: measuring again would choose the same layers
+    elif (mobile := job.spec.method.mobile) is not None:
+        teacher = load_model(models.teacher, dtype=dtype).to(runtime.device)
+        if facts_before and "architecture" in facts_before:  # resumed: the architecture is chosen
             facts = facts_before
         else:
-            calibration = train_rows[: derived.calibration_sequences].to(runtime.device)
-            teacher.to(runtime.device)
-            choice = (
-                choose_layers(teacher, derived.num_layers, derived.layer_selection, calibration)
-                if runtime.is_main
-                else None
-            )
-            selection = runtime.from_main(choice)  # the other ranks wait rather than measure: all keep the same layers
-            facts = {"layerSelection": derived.layer_selection, **selection.as_metrics()}
-        # Embeddings, final norm and lm-head are copied too: the student speaks the teacher's tokenizer from step one.
-        student = keep_layers(teacher, facts["keptLayers"])
+            tokenizer = load_tokenizer(models.teacher)
+            chosen = search(teacher, tokenizer, mobile, job.metadata.name) if runtime.is_main else None
+            facts = runtime.from_main(chosen)  # one measurement decides for every rank
+        architecture = DerivedStudent(
+            num_layers=facts["architecture"]["layers"],
+            mlp_width=facts["architecture"]["mlpWidth"],
+            calibration_sequences=mobile.calibration_sequences,
+        )
+        student, kept = _derived_student(teacher, architecture, train_rows, runtime, facts_before)
+        facts = {**facts, **kept}
+    elif (derived := job.spec.student.from_teacher) is not None:
+        teacher = load_model(models.teacher, dtype=dtype)
+        student, facts = _derived_student(teacher, derived, train_rows, runtime, facts_before)
     else:
         teacher = load_model(models.teacher, dtype=dtype) if models.teacher is not None else None
         student = load_model(models.student)
@@ -157,6 +160,35 @@ def _load_models(
     if stage.kind is not StageKind.QUANTIZE:
         student = student.float().to(runtime.device)
     return teacher, student, facts
+
+
+def _derived_student(
+    teacher: nn.Module,
+    derived: DerivedStudent,
+    train_rows: torch.Tensor,
+    runtime: Runtime,
+    facts_before: dict[str, Any] | None,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The student `derived` describes, built from the teacher; and its layer choice."""
+    calibration = train_rows[: derived.calibration_sequences].to(runtime.device)
+    if facts_before and "keptLayers" in facts_before:  # resumed: measuring again would choose the same layers
+        facts = facts_before
+    else:
+        teacher.to(runtime.device)
+        choice = (
+            choose_layers(teacher, derived.num_layers, derived.layer_selection, calibration)
+            if runtime.is_main
+            else None
+        )
+        selection = runtime.from_main(choice)  # the other ranks wait rather than measure: all keep the same layers
+        facts = {"layerSelection": derived.layer_selection, **selection.as_metrics()}
+    # Embeddings, final norm and lm-head are copied too: the student speaks the teacher's tokenizer from step one.
+    student = keep_layers(teacher, facts["keptLayers"])
+    if derived.mlp_width is not None:
+        student.to(runtime.device)
+        student = narrowed(student, derived.mlp_width, channel_importance(student, calibration))
+        facts = {**facts, "mlpWidth": student.config.intermediate_size}
+    return student, facts
 
 
 @dataclass

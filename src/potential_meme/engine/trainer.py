@@ -29,6 +29,7 @@ from ..spec.plan import Stage, StageKind, plan_stages, stage_manifest
 from ..storage import open_store
 from . import checkpoint, preflight, resume
 from .evaluation import run_evaluation_stage
+from .export_stage import run_export_stage
 from .finish import finished_manifest, publish
 from .generation_stage import run_augment_stage, run_generate_stage
 from .loop import EarlyStopping, accumulate_gradients, load_trained_state
@@ -276,6 +277,8 @@ def _run_stage(
             return run_generate_stage(job, stage, runtime, models)
         if stage.kind is StageKind.AUGMENT:
             return run_augment_stage(job, stage, runtime, models)
+        if stage.kind is StageKind.EXPORT:
+            return run_export_stage(job, stage, runtime)
         return run_distill_stage(job, stage, runtime, models)  # distill and progressive stages share the loop
     finally:
         metrics.stage_finished(job.metadata.name, stage.name)

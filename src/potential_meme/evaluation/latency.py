@@ -50,10 +50,9 @@ def _peak_rss_bytes() -> int | None:
     return None
 
 
-def measure_speed(
-    model: Any, tokenizer: Any, new_tokens: int = 32, runs: int = 5, batch_size: int = 8
-) -> dict[str, Score]:
-    """Latency at batch 1 and throughput at `batch_size`, each run generating exactly `new_tokens`."""
+def decode_timings(model: Any, tokenizer: Any, new_tokens: int, runs: int) -> tuple[list[float], list[float]]:
+    """Seconds to the first token of each run, and of every later decoding step, at batch 1 with the KV cache;
+    each run generates exactly `new_tokens` after a warm-up run that is not counted."""
     if new_tokens < 2 or runs < 1:
         raise ValueError("latency needs at least 2 new tokens (a first and a decoded one) and 1 run")
     sampling = Sampling(max_tokens=new_tokens, min_tokens=new_tokens)
@@ -67,6 +66,15 @@ def measure_speed(
         # arrivals[0]: the prompt is read; [1]: the first new token; then one a decoding step.
         first_token.append(arrivals[1] - started)
         per_token.extend(later - earlier for earlier, later in zip(arrivals[1:], arrivals[2:], strict=False))
+    return first_token, per_token
+
+
+def measure_speed(
+    model: Any, tokenizer: Any, new_tokens: int = 32, runs: int = 5, batch_size: int = 8
+) -> dict[str, Score]:
+    """Latency at batch 1 and throughput at `batch_size`, each run generating exactly `new_tokens`."""
+    first_token, per_token = decode_timings(model, tokenizer, new_tokens, runs)
+    sampling = Sampling(max_tokens=new_tokens, min_tokens=new_tokens)
     started = time.perf_counter()
     generate(model, tokenizer, [PROMPT] * batch_size, sampling, batch_size=batch_size)
     throughput = batch_size * new_tokens / (time.perf_counter() - started)

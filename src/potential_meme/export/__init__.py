@@ -20,8 +20,9 @@ import numpy as np
 import torch
 
 from ..spec import SpecError
+from ..spec.models import EXPORT_FORMATS
 
-FORMATS = ("onnx", "executorch")  # TFLite and Core ML: issue 15, not yet here
+FORMATS = EXPORT_FORMATS  # TFLite and Core ML: issue 15, not yet here
 CHECK_LENGTHS = (5, 17, 64)  # tokens; each check sequence is cut to the model's context
 LATENCY_TOKENS = 32
 LATENCY_RUNS = 5

@@ -111,6 +111,10 @@ class DerivedStudent(Model):
         "included.",
     )
     calibration_sequences: int = added_later(8, ge=1, description="Training sequences on which importance is measured.")
+    mlp_width: int | None = added_later(
+        ge=1,
+        description="MLP channels each kept layer keeps, the most active on the calibration sequences; unset: all.",
+    )
 
 
 class StudentSpec(Model):
@@ -461,6 +465,38 @@ class QuantizedMethod(KnowledgeMethod):
         return bits
 
 
+EXPORT_FORMATS = ("onnx", "executorch")  # the formats export/ writes and checks here
+
+
+class MobileMethod(KnowledgeMethod):
+    """A student for a phone or an edge box (stage distill, then stage export): the distill stage first builds
+    candidate architectures from the teacher (fewer decoder layers, narrower MLPs), measures each one's weight
+    bytes and per-token decode latency on the machine it runs on, keeps those within both targets and distills
+    the one `optimizeFor` prefers; the export stage writes the student in each of `formats` and runs every file
+    in its own runtime against PyTorch's logits. The student takes the teacher's tokenizer, so the job sets no
+    `student`."""
+
+    target_size_mb: float = Field(default=500, gt=0, description="Most megabytes (10^6 bytes) of exported weights.")
+    target_latency_ms: float = Field(
+        default=100, gt=0, description="Slowest per-token decode (batch 1, KV cache) measured on the training machine."
+    )
+    optimize_for: Literal["accuracy", "latency", "size", "battery_efficiency"] = Field(
+        default="battery_efficiency",
+        description=(
+            "Among the architectures within both targets, the most parameters win (capacity is what distillation "
+            "fills); among those within 10 % of the most, accuracy keeps the largest, latency the fastest, size "
+            "the smallest and battery_efficiency the least energy per token (RAPL where the machine exposes it, "
+            "else CPU-seconds of all threads)."
+        ),
+    )
+    formats: list[Literal["onnx", "executorch"]] = Field(
+        default=list(EXPORT_FORMATS), min_length=1, description="Files the export stage writes, one a format."
+    )
+    calibration_sequences: int = Field(
+        default=8, ge=1, description="Training sequences on which layer and channel importance are measured."
+    )
+
+
 class MethodSpec(Model):
     """Exactly one distillation method; each is a sibling field."""
 
@@ -472,6 +508,7 @@ class MethodSpec(Model):
     response: ResponseMethod | None = added_later()
     augmented: AugmentedMethod | None = added_later()
     quantized: QuantizedMethod | None = added_later()
+    mobile: MobileMethod | None = added_later()
 
     @model_validator(mode="before")
     @classmethod
@@ -772,6 +809,10 @@ class DistillationJobSpec(Model):
             raise ValueError(
                 "student: leave it out for progressive; each stage's student is pruned from the one before"
             )
+        if self.method.mobile is not None:
+            if self.student is not None:
+                raise ValueError("student: leave it out for mobile; its distill stage measures and chooses one")
+            return self
         if not progressive and self.student is None:
             raise ValueError("student: required; set student.model or student.fromTeacher")
         return self

@@ -29,6 +29,7 @@ class StageKind(StrEnum):
     GENERATE = "generate"  # the teacher answers the dataset's prompts; a later stage learns the answers
     AUGMENT = "augment"  # the teacher rewrites training passages; a later stage distills on them too
     QUANTIZE = "quantize"  # quantize the previous stage's student; with QAT, train LoRA adapters over it by KD
+    EXPORT = "export"  # the previous stage's student as mobile formats, each run in its runtime and checked
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,11 @@ def plan_stages(job: DistillationJob | EvaluationJob) -> list[Stage]:
                 index=1, name="quantize", kind=StageKind.QUANTIZE, output_uri=f"{root}quantize/", inputs=("distill",)
             ),
         ]
+    if method == "mobile":
+        return [
+            Stage(index=0, name="distill", kind=StageKind.DISTILL, output_uri=f"{root}distill/"),
+            Stage(index=1, name="export", kind=StageKind.EXPORT, output_uri=f"{root}export/", inputs=("distill",)),
+        ]
     if method == "response":
         train = Stage(index=0, name="train", kind=StageKind.DISTILL, output_uri=f"{root}train/")
         if job.spec.method.response.responses is not None:
@@ -153,6 +159,8 @@ def final_artifacts(job: DistillationJob | EvaluationJob) -> dict[str, str]:
             "plot": last.output_uri + PLOT,
             "report": last.output_uri + REPORT,
         }
+    if last.kind is StageKind.EXPORT:  # the files for devices, beside the student they were made from
+        return {"student": plan_stages(job)[-2].output_uri + STUDENT_DIR, "exports": last.output_uri}
     return {"student": last.output_uri + STUDENT_DIR}
 
 

@@ -1,0 +1,59 @@
+"""The export stage of a mobile job: the distill stage's student written in each of the job's formats, every file
+run in its own runtime against PyTorch's logits (`potential_meme.export`), published with its sha256."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ..export import ExportUnavailable, export_model
+from ..spec.errors import SpecError
+from ..spec.models import DistillationJob
+from ..spec.plan import MANIFEST, STUDENT_DIR, Stage, stage_manifest
+from ..storage import file_sha256, open_store, sync_up, write_json
+from .models import load_model, resolve
+from .runtime import Runtime
+from .stage_setup import previous_stage
+
+log = logging.getLogger(__name__)
+
+
+def run_export_stage(job: DistillationJob, stage: Stage, runtime: Runtime) -> dict[str, Any]:
+    method = job.spec.method.mobile
+    previous = previous_stage(job, stage)
+    student = load_model(resolve(previous.output_uri + STUDENT_DIR))
+    store = open_store(stage.output_uri)
+    manifest = stage_manifest(job, stage, runtime.world_size)
+    if runtime.is_main:  # one process converts; the others of a multi-process pod wait
+        with tempfile.TemporaryDirectory(prefix="potential-meme-export-") as tmp:
+            try:
+                exported = export_model(student, method.formats, tmp, seed=job.spec.training.seed)
+            except ExportUnavailable as exc:
+                raise SpecError([("spec.method.mobile.formats", str(exc))], job.metadata.name) from None
+            files = [
+                {"path": path.name, "sha256": file_sha256(path), "bytes": path.stat().st_size}
+                for result in exported.values()
+                for path in result.files
+            ]
+            limit = method.target_size_mb * 1e6
+            formats = {
+                name: {**result.as_dict(), "withinTargetSize": result.bytes <= limit}
+                for name, result in exported.items()
+            }
+            sync_up(store, Path(tmp), "")
+        for name, result in formats.items():
+            log.info(
+                "%s: %.1f MB%s, %.2f ms a forward of 32 tokens in %s, logits within %.2g of PyTorch's",
+                name,
+                result["bytes"] / 1e6,
+                "" if result["withinTargetSize"] else f" (over the {method.target_size_mb:g} MB target)",
+                result["latencyMs"],
+                result["runtime"],
+                result["maxLogitDifference"],
+            )
+        manifest |= {"files": files, "metrics": {"formats": formats, "targetSizeMb": method.target_size_mb}}
+        write_json(store, MANIFEST, manifest)
+    runtime.barrier()
+    return manifest
