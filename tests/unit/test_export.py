@@ -37,6 +37,21 @@ def test_an_export_runs_in_its_runtime_and_matches_pytorch_at_every_length(stude
     assert result.as_dict()["files"] == [path.name for path in result.files]
 
 
+@pytest.mark.skipif(sys.platform == "darwin", reason="on macOS Core ML runs, and the check above applies")
+def test_a_core_ml_package_is_converted_and_its_interface_checked_where_core_ml_cannot_run(student, tmp_path):
+    result = export_model(student, ["coreml"], tmp_path)["coreml"]
+    report = result.as_dict()
+    assert "student.mlpackage/Manifest.json" in report["files"] and result.bytes > 4 * student.num_parameters()
+    assert report["maxLogitDifference"] is None and report["latencyMs"] is None
+    assert report["runtime"].startswith("not run: Core ML predicts on macOS only")
+    context = student.config.max_position_embeddings - 1
+    assert report["declared"] == {
+        "input_ids": {"dataType": "INT32", "shapeRanges": [[1, 1], [2, context]]},
+        "causal_mask": {"dataType": "FLOAT32", "shapeRanges": [[1, 1], [1, 1], [2, context], [2, context]]},
+        "logits": {"dataType": "FLOAT32", "shapeRanges": []},
+    }
+
+
 def test_a_wrong_export_is_caught_by_its_check(tiny_teacher_dir, exported):
     run, _ = onnx_format.runner(exported["onnx"].files[0])
     changed = load_model(str(tiny_teacher_dir))
@@ -54,7 +69,7 @@ def test_a_half_precision_model_is_exported_in_fp32_and_left_as_it_was(tiny_teac
 
 
 def test_unknown_formats_are_named(student, tmp_path):
-    with pytest.raises(SpecError, match="formats: .*'jpeg'.*choose from onnx, executorch"):
+    with pytest.raises(SpecError, match="formats: .*'jpeg'.*choose from onnx, executorch, coreml"):
         export_model(student, ["onnx", "jpeg"], tmp_path)
 
 

@@ -13,7 +13,6 @@ from pydantic.alias_generators import to_camel
 
 from ..spec import DistillationJob, SpecError, parse_job
 from ..spec.models import (
-    EXPORT_FORMATS,
     KnowledgeMethod,
     LayerwiseMethod,
     MobileMethod,
@@ -510,7 +509,7 @@ class MobileDistiller(_Distiller):
         dataset: str,
         optimize_for: str = "battery_efficiency",
         *,
-        formats: list[str] = list(EXPORT_FORMATS),  # noqa: B006, B008 - a tuple's copy, never mutated
+        formats: list[str] = ["onnx", "executorch"],  # noqa: B006 - never mutated
         batch_size: int = 8,
         learning_rate: float = 5e-5,
         metrics_port: int | None = None,

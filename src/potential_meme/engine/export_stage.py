@@ -33,7 +33,7 @@ def run_export_stage(job: DistillationJob, stage: Stage, runtime: Runtime) -> di
             except ExportUnavailable as exc:
                 raise SpecError([("spec.method.mobile.formats", str(exc))], job.metadata.name) from None
             files = [
-                {"path": path.name, "sha256": file_sha256(path), "bytes": path.stat().st_size}
+                {"path": str(path.relative_to(tmp)), "sha256": file_sha256(path), "bytes": path.stat().st_size}
                 for result in exported.values()
                 for path in result.files
             ]
@@ -44,15 +44,14 @@ def run_export_stage(job: DistillationJob, stage: Stage, runtime: Runtime) -> di
             }
             sync_up(store, Path(tmp), "")
         for name, result in formats.items():
-            log.info(
-                "%s: %.1f MB%s, %.2f ms a forward of 32 tokens in %s, logits within %.2g of PyTorch's",
-                name,
-                result["bytes"] / 1e6,
-                "" if result["withinTargetSize"] else f" (over the {method.target_size_mb:g} MB target)",
-                result["latencyMs"],
-                result["runtime"],
-                result["maxLogitDifference"],
+            checked = (
+                result["runtime"]
+                if result["maxLogitDifference"] is None
+                else f"{result['latencyMs']:.2f} ms a forward of 32 tokens in {result['runtime']}, logits within "
+                f"{result['maxLogitDifference']:.2g} of PyTorch's"
             )
+            over = "" if result["withinTargetSize"] else f" (over the {method.target_size_mb:g} MB target)"
+            log.info("%s: %.1f MB%s, %s", name, result["bytes"] / 1e6, over, checked)
         manifest |= {"files": files, "metrics": {"formats": formats, "targetSizeMb": method.target_size_mb}}
         write_json(store, MANIFEST, manifest)
     runtime.barrier()

@@ -75,7 +75,12 @@ def stage_summary(job_name: str, manifests: list[dict[str, Any]], student_uri: s
         row = manifest["metrics"]
         if "formats" in row:  # an export stage: a file a format, each checked in its runtime
             written = ", ".join(
-                f"{name} {exported['bytes'] / 1e6:,.1f} MB (logits within {exported['maxLogitDifference']:.1g})"
+                f"{name} {exported['bytes'] / 1e6:,.1f} MB"
+                + (
+                    ""
+                    if exported["maxLogitDifference"] is None
+                    else f" (logits within {exported['maxLogitDifference']:.1g})"
+                )
                 for name, exported in row["formats"].items()
             )
             lines.append(f"  {manifest['stage']:<18}{written}")

@@ -2,8 +2,10 @@
 
 Every format converts the same thing, the student's forward from token ids (batch 1, any length up to
 its context) to next-token logits, and every export is run in that format's own runtime on sequences
-of several lengths and compared with PyTorch's logits before it is returned. A format whose converter
-is not installed for this Python and torch raises `ExportUnavailable` naming what to install.
+of several lengths and compared with PyTorch's logits before it is returned. A format whose runtime
+cannot run on this machine (Core ML predicts on macOS alone) has its file's declared inputs and outputs
+checked instead, and says so. A format whose converter is not installed for this Python and torch raises
+`ExportUnavailable` naming what to install.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 from ..spec import SpecError
 from ..spec.models import EXPORT_FORMATS
 
-FORMATS = EXPORT_FORMATS  # TFLite and Core ML: issue 15, not yet here
+FORMATS = EXPORT_FORMATS
 CHECK_LENGTHS = (5, 17, 64)  # tokens; each check sequence is cut to the model's context
 LATENCY_TOKENS = 32
 LATENCY_RUNS = 5
@@ -43,11 +45,13 @@ class Exported:
     """One format's file(s) and the check that ran them."""
 
     format: str
+    directory: Path  # where the files are; they are named relative to it
     files: list[Path]
-    runtime: str  # what ran the check, with its version
-    max_logit_difference: float  # largest |exported - PyTorch| over every check sequence
-    latency_ms: float  # median time of one forward over LATENCY_TOKENS tokens in that runtime
+    runtime: str  # what ran the check, with its version; or why nothing could run it here
+    max_logit_difference: float | None  # largest |exported - PyTorch| over every check sequence; None: not run
+    latency_ms: float | None  # median time of one forward over LATENCY_TOKENS tokens in that runtime
     check_lengths: list[int] = field(default_factory=list)
+    declared: dict = field(default_factory=dict)  # a format checked without running: its declared interface
 
     @property
     def bytes(self) -> int:
@@ -56,12 +60,13 @@ class Exported:
     def as_dict(self) -> dict:
         return {
             "format": self.format,
-            "files": [path.name for path in self.files],
+            "files": [str(path.relative_to(self.directory)) for path in self.files],
             "bytes": self.bytes,
             "runtime": self.runtime,
             "maxLogitDifference": self.max_logit_difference,
             "latencyMs": self.latency_ms,
             "checkLengths": self.check_lengths,
+            **({"declared": self.declared} if self.declared else {}),
         }
 
 
@@ -106,15 +111,19 @@ def export_model(
     try:
         for name in formats:
             converter = importlib.import_module(f".{name}", __name__)
+            path = output / f"student{converter.SUFFIX}"
             with torch.no_grad():
-                files = converter.convert(module, checks[0], output / f"student{converter.SUFFIX}")
-            run, runtime = converter.runner(files[0])
-            difference = _difference(module, run, checks, name)
+                files = converter.convert(module, checks[0], path)
+            run, runtime = converter.runner(path)
+            if run is None:  # this machine cannot run the format: its declared interface is what is checked
+                results[name] = Exported(name, output, files, runtime, None, None, declared=converter.declared(path))
+                continue
             results[name] = Exported(
                 format=name,
+                directory=output,
                 files=files,
                 runtime=runtime,
-                max_logit_difference=difference,
+                max_logit_difference=_difference(module, run, checks, name),
                 latency_ms=_median_ms(run, latency_input),
                 check_lengths=lengths,
             )
