@@ -4,6 +4,8 @@
 
 PYTHON ?= python3
 VENV   ?= .venv
+# TFLite's converter pins pydantic and typing_extensions below this package's needs: it gets an environment of its own.
+TFLITE_VENV ?= .venv-tflite
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 # Without a GPU, pin the CPU build of torch: an unpinned torch pulls gigabytes of CUDA wheels.
@@ -25,20 +27,26 @@ $(VENV)/.test: $(VENV)/.demo
 	$(INSTALL) $(TORCH) -e '.[trainer,operator,export,quantize,dev]'
 	touch $@
 
+$(TFLITE_VENV)/.installed: constraints-tflite.txt
+	$(PYTHON) -m venv $(TFLITE_VENV)
+	$(TFLITE_VENV)/bin/python -m pip --disable-pip-version-check -q install -c constraints-tflite.txt $(TORCH) \
+	  litert-torch ai-edge-litert
+	touch $@
+
 demo: $(VENV)/.demo
 	$(VENV)/bin/potential-meme run examples/kd-smollm2.yaml
 
-test: $(VENV)/.test
+test: $(VENV)/.test $(TFLITE_VENV)/.installed
 	$(PY) -m ruff check src tests benchmarks
 	$(PY) -m ruff format --check src tests benchmarks
-	$(PY) -m pytest
+	POTENTIAL_MEME_TFLITE_PYTHON=$(TFLITE_VENV)/bin/python $(PY) -m pytest
 
-test-fast: $(VENV)/.test
-	$(PY) -m pytest -m "not slow"
+test-fast: $(VENV)/.test $(TFLITE_VENV)/.installed
+	POTENTIAL_MEME_TFLITE_PYTHON=$(TFLITE_VENV)/bin/python $(PY) -m pytest -m "not slow"
 
 crds: $(VENV)/.demo
 	$(VENV)/bin/potential-meme crds --output-dir crds
 	cp crds/*.yaml charts/potential-meme/crds/   # the chart installs the same CRDs (a test compares)
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(TFLITE_VENV) runs

@@ -37,6 +37,21 @@ def test_an_export_runs_in_its_runtime_and_matches_pytorch_at_every_length(stude
     assert result.as_dict()["files"] == [path.name for path in result.files]
 
 
+def test_a_tflite_file_converted_in_its_own_environment_matches_pytorch_at_every_length(student, tmp_path):
+    result = export_model(student, ["tflite"], tmp_path)["tflite"]
+    assert result.as_dict()["files"] == ["student.tflite"] and result.bytes > 4 * student.num_parameters()
+    assert result.check_lengths == [5, 17, 64]  # prompts right-padded to the graph's fixed length
+    assert result.max_logit_difference < 1e-4 and result.latency_ms > 0
+    assert result.runtime.startswith("LiteRT interpreter (ai-edge-litert")
+
+
+def test_without_the_tflite_converter_the_error_says_how_to_get_it(student, tmp_path, monkeypatch):
+    monkeypatch.delenv("POTENTIAL_MEME_TFLITE_PYTHON", raising=False)
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *rest: None)  # this environment lacks it
+    with pytest.raises(ExportUnavailable, match="tflite export needs litert-torch .* set POTENTIAL_MEME_TFLITE_PYTHON"):
+        export_model(student, ["tflite"], tmp_path)
+
+
 @pytest.mark.skipif(sys.platform == "darwin", reason="on macOS Core ML runs, and the check above applies")
 def test_a_core_ml_package_is_converted_and_its_interface_checked_where_core_ml_cannot_run(student, tmp_path):
     result = export_model(student, ["coreml"], tmp_path)["coreml"]
@@ -69,7 +84,7 @@ def test_a_half_precision_model_is_exported_in_fp32_and_left_as_it_was(tiny_teac
 
 
 def test_unknown_formats_are_named(student, tmp_path):
-    with pytest.raises(SpecError, match="formats: .*'jpeg'.*choose from onnx, executorch, coreml"):
+    with pytest.raises(SpecError, match="formats: .*'jpeg'.*choose from onnx, executorch, coreml, tflite"):
         export_model(student, ["onnx", "jpeg"], tmp_path)
 
 

@@ -465,7 +465,7 @@ class QuantizedMethod(KnowledgeMethod):
         return bits
 
 
-EXPORT_FORMATS = ("onnx", "executorch", "coreml")  # the formats export/ writes and checks
+EXPORT_FORMATS = ("onnx", "executorch", "coreml", "tflite")  # the formats export/ writes and checks
 
 
 class MobileMethod(KnowledgeMethod):
@@ -489,11 +489,11 @@ class MobileMethod(KnowledgeMethod):
             "else CPU-seconds of all threads)."
         ),
     )
-    formats: list[Literal["onnx", "executorch", "coreml"]] = Field(
+    formats: list[Literal["onnx", "executorch", "coreml", "tflite"]] = Field(
         default=["onnx", "executorch"],
         min_length=1,
         description="Files the export stage writes, one a format; coreml is checked by its declared interface "
-        "where the machine is not a Mac (Core ML predicts on macOS only).",
+        "where the machine is not a Mac (Core ML predicts on macOS only); tflite needs litert-torch (README).",
     )
     calibration_sequences: int = Field(
         default=8, ge=1, description="Training sequences on which layer and channel importance are measured."
