@@ -12,7 +12,7 @@ from potential_meme.spec import SpecError
 from helpers import free_port
 
 
-def _samples(port):
+def metric_samples(port):
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     samples = {}
     for family in text_string_to_metric_families(text):
@@ -47,7 +47,7 @@ def test_knowledge_distiller_distills_saves_and_serves_metrics(tiny_teacher_dir,
     saved = distiller.save_student(tmp_path / "student")
     assert AutoModelForCausalLM.from_pretrained(saved).config.num_hidden_layers == 2
 
-    samples = _samples(port)
+    samples = metric_samples(port)
     labels = (("job", "lib"), ("stage", "distill"))
     assert samples[("potential_meme_trainer_steps_total", labels)] == 5
     assert samples[("potential_meme_trainer_tokens_total", labels)] == 5 * 4 * 64

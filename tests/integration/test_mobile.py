@@ -5,6 +5,7 @@ runtime (stage export)."""
 import json
 
 import pytest
+from test_library import metric_samples
 from transformers import AutoModelForCausalLM
 
 from potential_meme.distillation import MobileDistiller
@@ -12,7 +13,7 @@ from potential_meme.engine.mobile import NEAR_THE_LARGEST
 from potential_meme.spec import SpecError
 from potential_meme.storage import file_sha256
 
-from helpers import cli
+from helpers import cli, free_port
 
 ROOMY = {"target_size_mb": 1000, "target_latency_ms": 10_000}
 
@@ -25,8 +26,15 @@ def test_the_largest_architecture_within_roomy_targets_is_distilled_exported_and
     tiny_teacher_dir, corpus_dir, tmp_path
 ):
     distiller = _distiller(tiny_teacher_dir, tmp_path, "roomy", **ROOMY)
+    port = free_port()
     result = distiller.distill_for_mobile(
-        str(corpus_dir), optimize_for="accuracy", batch_size=4, max_steps=3, max_seq_length=64, learning_rate=1e-3
+        str(corpus_dir),
+        optimize_for="accuracy",
+        batch_size=4,
+        max_steps=3,
+        max_seq_length=64,
+        learning_rate=1e-3,
+        metrics_port=port,
     )
     candidates, chosen = result["candidates"], result["architecture"]
     # 4 teacher layers: students of 3, 2 and 1 layers, each at full, half and quarter MLP width
@@ -48,6 +56,18 @@ def test_the_largest_architecture_within_roomy_targets_is_distilled_exported_and
     for name, exported in result["exports"].items():
         assert exported["withinTargetSize"] and exported["maxLogitDifference"] < 1e-3, name
         assert exported["bytes"] == sum((export / file).stat().st_size for file in exported["files"])
+    samples = metric_samples(port)
+
+    def sample(name, **labels):
+        return samples[
+            (f"potential_meme_trainer_{name}", tuple(sorted({"job": "roomy", "stage": "export", **labels}.items())))
+        ]
+
+    for name, exported in result["exports"].items():
+        assert sample("student_bytes", variant=name) == exported["bytes"]
+        assert sample("export_max_logit_difference", format=name) == exported["maxLogitDifference"]
+        seconds = sample("export_forward_seconds", format=name)
+        assert seconds == pytest.approx(exported["latencyMs"] / 1000)
 
 
 def test_a_size_target_leaves_out_what_is_larger_and_the_choice_follows_optimize_for(

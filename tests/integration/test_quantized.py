@@ -9,6 +9,7 @@ import bitsandbytes as bnb
 import pytest
 import torch
 from peft import PeftModel
+from test_library import metric_samples
 from transformers import AutoModelForCausalLM
 
 from potential_meme.distillation import QuantizedDistiller
@@ -20,7 +21,7 @@ from potential_meme.engine.runtime import Runtime, perplexity
 from potential_meme.spec import SpecError, load_job
 from potential_meme.storage import open_store
 
-from helpers import cli, start_cli
+from helpers import cli, free_port, start_cli
 
 
 def _held_out_perplexity(model, job_path) -> float:
@@ -105,12 +106,22 @@ def test_post_training_8_bit_quantization_through_the_library(tiny_teacher_dir, 
     distiller = QuantizedDistiller(
         str(tiny_teacher_dir), 2, quantization_bits=8, output_uri=str(tmp_path / "runs"), job_name="ptq"
     )
+    port = free_port()
     result = distiller.distill_and_quantize(
-        str(corpus_dir), quantization_aware_training=False, batch_size=4, max_steps=3, max_seq_length=64
+        str(corpus_dir),
+        quantization_aware_training=False,
+        batch_size=4,
+        max_steps=3,
+        max_seq_length=64,
+        metrics_port=port,
     )
     assert result["steps"] == 0 and "quantizationAware" not in result
     assert result["postTraining"]["perplexity"] == result["studentPerplexityAfter"]
     assert result["postTraining"]["memoryBytes"] < result["fullPrecision"]["memoryBytes"]
+    samples = metric_samples(port)
+    for variant in ("fullPrecision", "postTraining"):
+        labels = (("job", "ptq"), ("stage", "quantize"), ("variant", variant))
+        assert samples[("potential_meme_trainer_student_bytes", labels)] == result[variant]["diskBytes"]
     saved = distiller.save_student(tmp_path / "copy")
     student = AutoModelForCausalLM.from_pretrained(saved, device_map="cpu")
     assert isinstance(student.model.layers[1].self_attn.q_proj, bnb.nn.Linear8bitLt)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..export import ExportUnavailable, export_model
+from ..metrics import trainer as metrics
 from ..spec.errors import SpecError
 from ..spec.models import DistillationJob
 from ..spec.plan import MANIFEST, STUDENT_DIR, Stage, stage_manifest
@@ -52,6 +53,11 @@ def run_export_stage(job: DistillationJob, stage: Stage, runtime: Runtime) -> di
             )
             over = "" if result["withinTargetSize"] else f" (over the {method.target_size_mb:g} MB target)"
             log.info("%s: %.1f MB%s, %s", name, result["bytes"] / 1e6, over, checked)
+            labels = {"job": job.metadata.name, "stage": stage.name}
+            metrics.STUDENT_BYTES.labels(**labels, variant=name).set(result["bytes"])
+            if result["maxLogitDifference"] is not None:  # run in its runtime, not only declared
+                metrics.EXPORT_LOGIT_DIFFERENCE.labels(**labels, format=name).set(result["maxLogitDifference"])
+                metrics.EXPORT_LATENCY.labels(**labels, format=name).set(result["latencyMs"] / 1000)
         manifest |= {"files": files, "metrics": {"formats": formats, "targetSizeMb": method.target_size_mb}}
         write_json(store, MANIFEST, manifest)
     runtime.barrier()

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..metrics import trainer as gauges
 from ..spec.errors import SpecError
 from ..spec.models import DistillationJob, QuantizedMethod
 from ..spec.plan import ADAPTERS_DIR, STUDENT_DIR, Stage
@@ -188,7 +189,7 @@ def as_loaded(model: nn.Module, device: torch.device) -> nn.Module:
         return AutoModelForCausalLM.from_pretrained(tmp, device_map=str(device), dtype=torch.float32)
 
 
-def add_quantization_report(metrics: dict[str, Any], student: nn.Module) -> None:
+def add_quantization_report(metrics: dict[str, Any], student: nn.Module, labels: dict[str, str]) -> None:
     """Complete the quantize stage's side-by-side students: the post-training-quantized one is the student before
     adapter training (the adapters start at zero), the quantization-aware one the merged student after it."""
     # 4-bit weights pack two to a byte, and adapters are merged: count the model's own parameters
@@ -198,25 +199,22 @@ def add_quantization_report(metrics: dict[str, Any], student: nn.Module) -> None
     post_training["perplexity"] = metrics["studentPerplexityBefore"]
     if elsewhere:
         post_training["validationSets"] = {name: m["studentPerplexityBefore"] for name, m in elsewhere.items()}
-    if not metrics["quantizationAwareTraining"]:
-        return
-    metrics["quantizationAware"] = {
-        "perplexity": metrics["studentPerplexityAfter"],
-        "adaptersPerplexity": metrics["adaptersPerplexity"],  # before merging: what training reached
-        "diskBytes": saved_bytes(student),
-        "memoryBytes": student.get_memory_footprint(),
-        **(
-            {"validationSets": {name: m["studentPerplexityAfter"] for name, m in elsewhere.items()}}
-            if elsewhere
-            else {}
-        ),
-    }
-    log.info(
-        "held-out perplexity: full precision %.2f, post-training %d-bit %.2f, quantization-aware %.2f (adapters "
-        "before merging %.2f)",
-        metrics["fullPrecision"]["perplexity"],
-        metrics["bits"],
-        post_training["perplexity"],
-        metrics["studentPerplexityAfter"],
-        metrics["adaptersPerplexity"],
-    )
+    shown = f"full precision {metrics['fullPrecision']['perplexity']:.2f}, {metrics['bits']}-bit post-training "
+    shown += f"{post_training['perplexity']:.2f}"
+    if metrics["quantizationAwareTraining"]:
+        metrics["quantizationAware"] = {
+            "perplexity": metrics["studentPerplexityAfter"],
+            "adaptersPerplexity": metrics["adaptersPerplexity"],  # before merging: what training reached
+            "diskBytes": saved_bytes(student),
+            "memoryBytes": student.get_memory_footprint(),
+        }
+        if elsewhere:
+            metrics["quantizationAware"]["validationSets"] = {
+                name: m["studentPerplexityAfter"] for name, m in elsewhere.items()
+            }
+        shown += f", quantization-aware {metrics['studentPerplexityAfter']:.2f} (adapters before merging "
+        shown += f"{metrics['adaptersPerplexity']:.2f})"
+    log.info("held-out perplexity: %s", shown)
+    for variant in ("fullPrecision", "postTraining", "quantizationAware"):
+        if variant in metrics:
+            gauges.STUDENT_BYTES.labels(**labels, variant=variant).set(metrics[variant]["diskBytes"])

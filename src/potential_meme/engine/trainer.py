@@ -197,7 +197,7 @@ def run_distill_stage(
         },
     )
     if stage.kind is StageKind.QUANTIZE:
-        add_quantization_report(manifest["metrics"], published)
+        add_quantization_report(manifest["metrics"], published, labels)
     if spec.gates and (spec.gated_stages == "every" or stage.index == len(plan_stages(job)) - 1):
         from ..evaluation.gates import check_gates, gate_metrics, stage_results
 

@@ -28,6 +28,21 @@ VALIDATION_PERPLEXITY = Gauge(
     "Validation perplexity",
     (*_LABELS, "model", "when", "dataset"),
 )
+STUDENT_BYTES = Gauge(
+    "potential_meme_trainer_student_bytes",
+    "Bytes on disk of a stage's student: by precision (a quantize stage) or by format (an export stage)",
+    (*_LABELS, "variant"),
+)
+EXPORT_LOGIT_DIFFERENCE = Gauge(
+    "potential_meme_trainer_export_max_logit_difference",
+    "Largest |exported - PyTorch| logit over the check sequences, in the format's own runtime",
+    (*_LABELS, "format"),
+)
+EXPORT_LATENCY = Gauge(
+    "potential_meme_trainer_export_forward_seconds",
+    "Median time of one forward of the exported model in its runtime",
+    (*_LABELS, "format"),
+)
 
 _served_ports: set[int] = set()
 
