@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,6 +18,7 @@ def convert(module: LogitsOnly, example: torch.Tensor, path: Path) -> list[Path]
         import onnxscript  # noqa: F401 - the dynamo exporter's dependency, imported late by torch
     except ImportError:
         raise missing("onnx", "the 'export' extra (onnx, onnxscript, onnxruntime)") from None
+    logging.getLogger("onnx_ir").setLevel(logging.WARNING)  # a line per deduplicated weight would flood the log
     program = torch.onnx.export(
         module,
         (example,),
