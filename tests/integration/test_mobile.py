@@ -37,10 +37,15 @@ def test_the_largest_architecture_within_roomy_targets_is_distilled_exported_and
         metrics_port=port,
     )
     candidates, chosen = result["candidates"], result["architecture"]
-    # 4 teacher layers: students of 3, 2 and 1 layers, each at full, half and quarter MLP width
-    assert {(c["layers"], c["mlpWidth"]) for c in candidates} == {(d, w) for d in (3, 2, 1) for w in (128, 64, 32)}
+    # 4 teacher layers: students of 3, 2 and 1 layers, each at full, half and quarter MLP width, each in fp32 and fp16
+    assert {(c["layers"], c["mlpWidth"], c["precision"]) for c in candidates} == {
+        (d, w, p) for d in (3, 2, 1) for w in (128, 64, 32) for p in ("fp32", "fp16")
+    }
     assert all(c["fits"] and c["latencyMs"] > 0 and c["energyPerToken"] > 0 for c in candidates)
-    assert (chosen["layers"], chosen["mlpWidth"]) == (3, 128)  # accuracy: the most parameters
+    by_precision = {c["precision"]: c["weightBytes"] for c in candidates if (c["layers"], c["mlpWidth"]) == (3, 128)}
+    assert by_precision["fp16"] * 2 == by_precision["fp32"]
+    # accuracy: the most parameters, and of one architecture at two precisions the more precise
+    assert (chosen["layers"], chosen["mlpWidth"], chosen["precision"]) == (3, 128, "fp32")
     assert result["energyUnit"].startswith(("joules", "CPU-seconds"))
     assert result["studentPerplexityAfter"] < result["studentPerplexityBefore"]
 
@@ -89,7 +94,11 @@ def test_a_size_target_leaves_out_what_is_larger_and_the_choice_follows_optimize
         assert {c["fits"] for c in result["candidates"]} == {True, False}
         largest = max(c["parameters"] for c in fitting)
         contenders = [c for c in fitting if c["parameters"] >= NEAR_THE_LARGEST * largest]
-        assert result["architecture"] == min(contenders, key=lambda c: c[prefers])
+        chosen = result["architecture"]
+        assert chosen == min(contenders, key=lambda c: (c[prefers], ["fp32", "fp16"].index(c["precision"])))
+        exported = result["exports"]["onnx"]
+        assert exported["precision"] == chosen["precision"]  # the file stores what the search chose
+        assert exported["bytes"] >= chosen["weightBytes"]  # the weights, and a tiny model's graph around them
 
 
 def test_impossible_targets_say_the_smallest_size_and_latency_reachable(tiny_teacher_dir, corpus_dir, tmp_path):

@@ -21,7 +21,7 @@ def student(tiny_teacher_dir):
 @pytest.fixture(scope="module")
 def exported(student, tmp_path_factory):
     student.train()
-    results = export_model(student, ["onnx", "executorch"], tmp_path_factory.mktemp("exported"))
+    results = export_model(student, ["onnx", "executorch", "tflite"], tmp_path_factory.mktemp("exported"))
     assert student.training  # the caller's model comes back as it was given
     return results
 
@@ -37,8 +37,8 @@ def test_an_export_runs_in_its_runtime_and_matches_pytorch_at_every_length(stude
     assert result.as_dict()["files"] == [path.name for path in result.files]
 
 
-def test_a_tflite_file_converted_in_its_own_environment_matches_pytorch_at_every_length(student, tmp_path):
-    result = export_model(student, ["tflite"], tmp_path)["tflite"]
+def test_a_tflite_file_converted_in_its_own_environment_matches_pytorch_at_every_length(student, exported):
+    result = exported["tflite"]
     assert result.as_dict()["files"] == ["student.tflite"] and result.bytes > 4 * student.num_parameters()
     assert result.check_lengths == [5, 17, 64]  # prompts right-padded to the graph's fixed length
     assert result.max_logit_difference < 1e-4 and result.latency_ms > 0
@@ -65,6 +65,25 @@ def test_a_core_ml_package_is_converted_and_its_interface_checked_where_core_ml_
         "causal_mask": {"dataType": "FLOAT32", "shapeRanges": [[1, 1], [1, 1], [2, context], [2, context]]},
         "logits": {"dataType": "FLOAT32", "shapeRanges": []},
     }
+
+
+@pytest.fixture(scope="module")
+def exported_fp16(student, tmp_path_factory):
+    return export_model(
+        student, ["onnx", "executorch", "tflite", "coreml"], tmp_path_factory.mktemp("fp16"), precision="fp16"
+    )
+
+
+@pytest.mark.parametrize("name", ["onnx", "executorch", "tflite", "coreml"])
+def test_an_fp16_export_stores_two_bytes_a_weight_and_stays_within_rounding_of_fp32(
+    student, exported, exported_fp16, name
+):
+    half = exported_fp16[name]
+    assert half.precision == "fp16" and half.as_dict()["precision"] == "fp16"
+    if name in exported:  # ~2 bytes saved a weight (casts added; a tiny model's files are mostly graph, not weights)
+        assert exported[name].bytes - half.bytes > 1.5 * student.num_parameters()
+    if half.max_logit_difference is not None:  # run in its runtime (Core ML: macOS only)
+        assert 0 < half.max_logit_difference < 2e-2  # rounding, not a wrong graph (tiny logits here: below 1)
 
 
 def test_a_wrong_export_is_caught_by_its_check(tiny_teacher_dir, exported):

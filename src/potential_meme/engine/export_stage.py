@@ -14,6 +14,7 @@ from ..spec.errors import SpecError
 from ..spec.models import DistillationJob
 from ..spec.plan import MANIFEST, STUDENT_DIR, Stage, stage_manifest
 from ..storage import file_sha256, open_store, sync_up, write_json
+from .finish import finished_manifest
 from .models import load_model, resolve
 from .runtime import Runtime
 from .stage_setup import previous_stage
@@ -25,12 +26,13 @@ def run_export_stage(job: DistillationJob, stage: Stage, runtime: Runtime) -> di
     method = job.spec.method.mobile
     previous = previous_stage(job, stage)
     student = load_model(resolve(previous.output_uri + STUDENT_DIR))
+    precision = finished_manifest(job, previous)["metrics"]["architecture"]["precision"]  # the search chose it
     store = open_store(stage.output_uri)
     manifest = stage_manifest(job, stage, runtime.world_size)
     if runtime.is_main:  # one process converts; the others of a multi-process pod wait
         with tempfile.TemporaryDirectory(prefix="potential-meme-export-") as tmp:
             try:
-                exported = export_model(student, method.formats, tmp, seed=job.spec.training.seed)
+                exported = export_model(student, method.formats, tmp, job.spec.training.seed, precision)
             except ExportUnavailable as exc:
                 raise SpecError([("spec.method.mobile.formats", str(exc))], job.metadata.name) from None
             files = [

@@ -2,9 +2,10 @@
 MLPs) are built, their weight bytes counted and their decode latency and energy per token measured on this
 machine; the one within both targets that the job's `optimizeFor` prefers is distilled.
 
-Weight bytes are the built model's unique tensors at fp32, the precision every export here writes (the export
-stage reports each file's own size). Latency is the median per-token decode step at batch 1 with the KV cache,
-through the generation engine in PyTorch on this CPU: the machine the job runs on stands in for the device.
+Weight bytes are the built model's unique tensors at each export precision (fp32: 4 bytes a parameter, fp16: 2;
+the export stage reports each file's own size). Latency is the median per-token decode step at batch 1 with the KV
+cache, through the generation engine in PyTorch fp32 on this CPU (PyTorch's CPU fp16 kernels say nothing of a
+phone's): the machine the job runs on stands in for the device, and one measurement serves both precisions.
 """
 
 from __future__ import annotations
@@ -35,10 +36,14 @@ RAPL_ENERGY = Path("/sys/class/powercap/intel-rapl:0/energy_uj")
 FIELD = "spec.method.mobile"
 
 
+BYTES_PER_PARAMETER = {"fp32": 4, "fp16": 2}
+
+
 @dataclass(frozen=True)
 class Candidate:
     layers: int
     mlp_width: int
+    precision: str
     parameters: int
     weight_bytes: int
     latency_ms: float  # median per-token decode step
@@ -108,28 +113,32 @@ def candidates(teacher: PreTrainedModel, tokenizer: Any, method: MobileMethod) -
         for channels in widths:
             model = narrowed(deeper, channels)
             latency, energy = _measure(model, tokenizer, meter)
-            size = unique_weight_bytes(model)
-            measured.append(
-                Candidate(
-                    layers=layers,
-                    mlp_width=channels,
-                    parameters=sum(p.numel() for p in model.parameters()),
-                    weight_bytes=size,
-                    latency_ms=round(latency, 3),
-                    energy_per_token=energy,
-                    fits=size <= method.target_size_mb * 1e6 and latency <= method.target_latency_ms,
+            fp32_bytes = unique_weight_bytes(model)
+            for precision in method.precisions:
+                size = fp32_bytes * BYTES_PER_PARAMETER[precision] // BYTES_PER_PARAMETER["fp32"]
+                measured.append(
+                    Candidate(
+                        layers=layers,
+                        mlp_width=channels,
+                        precision=precision,
+                        parameters=sum(p.numel() for p in model.parameters()),
+                        weight_bytes=size,
+                        latency_ms=round(latency, 3),
+                        energy_per_token=energy,
+                        fits=size <= method.target_size_mb * 1e6 and latency <= method.target_latency_ms,
+                    )
                 )
-            )
-            log.info(
-                "candidate %d layers x %d MLP channels: %.1f MB, %.2f ms a token, %.4g %s a token%s",
-                layers,
-                channels,
-                size / 1e6,
-                latency,
-                energy,
-                meter.unit.split(" ")[0],
-                "" if measured[-1].fits else " (outside the targets)",
-            )
+                log.info(
+                    "candidate %d layers x %d MLP channels, %s: %.1f MB, %.2f ms a token, %.4g %s a token%s",
+                    layers,
+                    channels,
+                    precision,
+                    size / 1e6,
+                    latency,
+                    energy,
+                    meter.unit.split(" ")[0],
+                    "" if measured[-1].fits else " (outside the targets)",
+                )
     return measured, meter.unit
 
 
@@ -146,8 +155,8 @@ def choose(measured: list[Candidate], method: MobileMethod, job_name: str) -> Ca
                     f"no student derived from the teacher fits {method.target_size_mb:g} MB and "
                     f"{method.target_latency_ms:g} ms a token on this machine: the smallest reaches "
                     f"{smallest.weight_bytes / 1e6:.1f} MB ({smallest.layers} layers x {smallest.mlp_width} MLP "
-                    f"channels) and the fastest {fastest.latency_ms:.2f} ms ({fastest.layers} layers x "
-                    f"{fastest.mlp_width}); raise targetSizeMb or targetLatencyMs",
+                    f"channels, {smallest.precision}) and the fastest {fastest.latency_ms:.2f} ms "
+                    f"({fastest.layers} layers x {fastest.mlp_width}); raise targetSizeMb or targetLatencyMs",
                 )
             ],
             job_name,
@@ -160,7 +169,9 @@ def choose(measured: list[Candidate], method: MobileMethod, job_name: str) -> Ca
         "size": lambda c: c.weight_bytes,
         "battery_efficiency": lambda c: c.energy_per_token,
     }
-    return min(contenders, key=preference[method.optimize_for])
+    # ties (one architecture at two precisions measures alike) go to the more precise one, except for size
+    more_precise = {precision: rank for rank, precision in enumerate(BYTES_PER_PARAMETER)}
+    return min(contenders, key=lambda c: (preference[method.optimize_for](c), more_precise[c.precision]))
 
 
 def search(teacher: PreTrainedModel, tokenizer: Any, method: MobileMethod, job_name: str) -> dict[str, Any]:
@@ -168,10 +179,11 @@ def search(teacher: PreTrainedModel, tokenizer: Any, method: MobileMethod, job_n
     measured, unit = candidates(teacher, tokenizer, method)
     chosen = choose(measured, method, job_name)
     log.info(
-        "mobile student: %d layers x %d MLP channels (%.1f MB, %.2f ms a token), chosen for %s among %d of %d "
+        "mobile student: %d layers x %d MLP channels, %s (%.1f MB, %.2f ms a token), chosen for %s among %d of %d "
         "candidates within %g MB and %g ms",
         chosen.layers,
         chosen.mlp_width,
+        chosen.precision,
         chosen.weight_bytes / 1e6,
         chosen.latency_ms,
         method.optimize_for,

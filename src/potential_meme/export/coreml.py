@@ -47,7 +47,7 @@ def _coremltools():
     return coremltools
 
 
-def convert(module: LogitsOnly, example: torch.Tensor, path: Path) -> list[Path]:
+def convert(module: LogitsOnly, example: torch.Tensor, path: Path, precision: str) -> list[Path]:
     ct = _coremltools()
     length = example.shape[1]
     traced = torch.jit.trace(WithCausalMask(module.model).eval(), (example, causal_mask(length)))
@@ -61,7 +61,7 @@ def convert(module: LogitsOnly, example: torch.Tensor, path: Path) -> list[Path]
         outputs=[ct.TensorType(name="logits")],
         convert_to="mlprogram",
         minimum_deployment_target=ct.target.iOS16,
-        compute_precision=ct.precision.FLOAT32,  # as the other formats: rounding is not what the check should see
+        compute_precision=ct.precision.FLOAT16 if precision == "fp16" else ct.precision.FLOAT32,
     )
     package.save(str(path))
     return sorted(file for file in path.rglob("*") if file.is_file())

@@ -8,18 +8,18 @@ from pathlib import Path
 
 import torch
 
-from . import LogitsOnly, missing
+from . import LogitsOnly, at_precision, missing
 
 SUFFIX = ".pte"
 
 
-def convert(module: LogitsOnly, example: torch.Tensor, path: Path) -> list[Path]:
+def convert(module: LogitsOnly, example: torch.Tensor, path: Path, precision: str) -> list[Path]:
     try:
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
         from executorch.exir import to_edge_transform_and_lower
     except ImportError:
         raise missing("executorch", "the 'export' extra (executorch)") from None
-    exported = torch.export.export(module, (example,), dynamic_shapes=module.dynamic_shapes())
+    exported = torch.export.export(at_precision(module, precision), (example,), dynamic_shapes=module.dynamic_shapes())
     program = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()]).to_executorch()
     path.write_bytes(program.buffer)
     return [path]

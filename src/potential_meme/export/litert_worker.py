@@ -2,7 +2,8 @@
 and runtime (ai-edge-litert). Runs as `python -c <this file's text> convert|serve ...`: it imports nothing of
 potential-meme, whose own requirements those packages conflict with.
 
-    convert MODEL_DIR OUT.tflite LENGTH   a graph of token ids int32 [1, LENGTH] to logits [1, LENGTH, vocab]
+    convert MODEL_DIR OUT.tflite LENGTH PRECISION   a graph of token ids int32 [1, LENGTH] to logits
+                                          [1, LENGTH, vocab], weights in PRECISION (fp32 or fp16)
     serve OUT.tflite                      reads token ids [1, n <= LENGTH] from stdin, right-pads them to
                                           LENGTH (a causal model's first n logits do not see the padding),
                                           writes the first n positions' logits to stdout, until EOF
@@ -32,7 +33,7 @@ def receive(stream):
     return np.load(io.BytesIO(stream.read(int.from_bytes(size, "little"))))
 
 
-def convert(model_dir: str, out: str, length: int) -> None:
+def convert(model_dir: str, out: str, length: int, precision: str) -> None:
     import litert_torch
     import torch
     from transformers import AutoModelForCausalLM
@@ -48,7 +49,14 @@ def convert(model_dir: str, out: str, length: int) -> None:
             return self.model(input_ids=input_ids, use_cache=False).logits
 
     # litert-torch 0.10 cannot lower a dynamic sequence axis (its int64 rewrite fails on arange): the length is fixed
-    litert_torch.convert(LogitsOnly().eval(), (torch.zeros(1, length, dtype=torch.int32),)).export(out)
+    # fp16 weights through the converter's recipe: a half-precision module does not lower (embedding lookup)
+    recipe = None
+    if precision == "fp16":
+        from litert_torch.generative.quantize import quant_recipes
+
+        recipe = quant_recipes.full_fp16_recipe()
+    sample = (torch.zeros(1, length, dtype=torch.int32),)
+    litert_torch.convert(LogitsOnly().eval(), sample, quant_config=recipe).export(out)
 
 
 def serve(path: str) -> None:
@@ -70,6 +78,6 @@ def serve(path: str) -> None:
 if __name__ == "__main__":
     command, *arguments = sys.argv[1:]
     if command == "convert":
-        convert(arguments[0], arguments[1], int(arguments[2]))
+        convert(arguments[0], arguments[1], int(arguments[2]), arguments[3])
     else:
         serve(arguments[0])

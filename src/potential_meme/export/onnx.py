@@ -8,19 +8,19 @@ from pathlib import Path
 
 import torch
 
-from . import LogitsOnly, missing
+from . import LogitsOnly, at_precision, missing
 
 SUFFIX = ".onnx"
 
 
-def convert(module: LogitsOnly, example: torch.Tensor, path: Path) -> list[Path]:
+def convert(module: LogitsOnly, example: torch.Tensor, path: Path, precision: str) -> list[Path]:
     try:
         import onnxscript  # noqa: F401 - the dynamo exporter's dependency, imported late by torch
     except ImportError:
         raise missing("onnx", "the 'export' extra (onnx, onnxscript, onnxruntime)") from None
     logging.getLogger("onnx_ir").setLevel(logging.WARNING)  # a line per deduplicated weight would flood the log
     program = torch.onnx.export(
-        module,
+        at_precision(module, precision),
         (example,),
         dynamo=True,
         dynamic_shapes=module.dynamic_shapes(),

@@ -49,12 +49,15 @@ def _worker(*arguments: str) -> list[str]:
     return [_python(), "-c", WORKER.read_text(), *arguments]
 
 
-def convert(module: LogitsOnly, example: torch.Tensor, path: Path) -> list[Path]:
+def convert(module: LogitsOnly, example: torch.Tensor, path: Path, precision: str) -> list[Path]:
     length = min(LENGTH, context_length(module.model) - 1)
     with tempfile.TemporaryDirectory(prefix="potential-meme-tflite-") as tmp:
         module.model.save_pretrained(tmp)
         done = subprocess.run(
-            _worker("convert", tmp, str(path.resolve()), str(length)), capture_output=True, text=True, cwd=tmp
+            _worker("convert", tmp, str(path.resolve()), str(length), precision),
+            capture_output=True,
+            text=True,
+            cwd=tmp,
         )
     if done.returncode != 0:
         raise RuntimeError(f"litert-torch could not convert the student: {done.stderr.strip()[-2000:]}")

@@ -470,13 +470,15 @@ EXPORT_FORMATS = ("onnx", "executorch", "coreml", "tflite")  # the formats expor
 
 class MobileMethod(KnowledgeMethod):
     """A student for a phone or an edge box (stage distill, then stage export): the distill stage first builds
-    candidate architectures from the teacher (fewer decoder layers, narrower MLPs), measures each one's weight
-    bytes and per-token decode latency on the machine it runs on, keeps those within both targets and distills
-    the one `optimizeFor` prefers; the export stage writes the student in each of `formats` and runs every file
-    in its own runtime against PyTorch's logits. The student takes the teacher's tokenizer, so the job sets no
-    `student`."""
+    candidate architectures from the teacher (fewer decoder layers, narrower MLPs, each at every export
+    precision), measures each one's weight bytes and per-token decode latency on the machine it runs on, keeps
+    those within both targets and distills the one `optimizeFor` prefers; the export stage writes the student in
+    each of `formats` at the chosen precision and runs every file in its own runtime against PyTorch's logits.
+    The student takes the teacher's tokenizer, so the job sets no `student`."""
 
-    target_size_mb: float = Field(default=500, gt=0, description="Most megabytes (10^6 bytes) of exported weights.")
+    target_size_mb: float = Field(
+        default=500, gt=0, description="Most megabytes (10^6 bytes) of exported weights, at their precision."
+    )
     target_latency_ms: float = Field(
         default=100, gt=0, description="Slowest per-token decode (batch 1, KV cache) measured on the training machine."
     )
@@ -488,6 +490,12 @@ class MobileMethod(KnowledgeMethod):
             "the smallest and battery_efficiency the least energy per token (RAPL where the machine exposes it, "
             "else CPU-seconds of all threads)."
         ),
+    )
+    precisions: list[Literal["fp32", "fp16"]] = Field(
+        default=["fp32", "fp16"],
+        min_length=1,
+        description="Precisions of the exported weights the search may choose; fp16 halves the bytes and costs "
+        "rounding (each export reports its logits' distance from the fp32 student).",
     )
     formats: list[Literal["onnx", "executorch", "coreml", "tflite"]] = Field(
         default=["onnx", "executorch"],
