@@ -32,8 +32,8 @@ WORKER = Path(__file__).with_name("litert_worker.py")
 
 def _python() -> str:
     chosen = os.environ.get(PYTHON)
-    if chosen:
-        return chosen
+    if chosen:  # a relative path names a file from here, while the worker runs in a scratch folder
+        return os.path.abspath(chosen) if os.sep in chosen else chosen
     if importlib.util.find_spec("litert_torch") and importlib.util.find_spec("ai_edge_litert"):
         return sys.executable
     raise missing(
