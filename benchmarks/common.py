@@ -83,7 +83,8 @@ def job(
     dataset: dict[str, Any] | None = None,
     **training: Any,
 ) -> DistillationJob:
-    """A job on the real teacher (on the standard-library corpus unless `dataset` says otherwise)."""
+    """A job on the real teacher (on the standard-library corpus unless `dataset` says otherwise). Its name carries
+    the token budget, so a rerun with other --steps, --batch-size or --seq-length trains anew, not reusing a run."""
     spec = {
         "teacher": {"model": args.teacher},
         "dataset": dataset or corpus_dataset(args),
@@ -105,7 +106,7 @@ def job(
     document = {
         "apiVersion": "distill.potential-meme.io/v1alpha1",
         "kind": "DistillationJob",
-        "metadata": {"name": name},
+        "metadata": {"name": f"{name}-{args.steps}x{args.batch_size}x{args.seq_length}"},
         "spec": spec,
     }
     return parse_job(document)

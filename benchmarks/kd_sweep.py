@@ -31,44 +31,54 @@ CHANGES = [
     ("divergence", "jsd"),
 ]
 LEARNING_RATES = [1e-4, 1e-3]
+LAYER_LOSSES = ["mse", "cosine"]
 
 
 def _slug(value) -> str:
     return str(value).lower().replace(".", "p")
 
 
+def _settings(args) -> dict[str, tuple[str, dict, dict]]:
+    """Every setting of the grid by label: (run name, method, training overrides)."""
+    prefix = f"sweep-{args.layers}l-"
+    changed = {f"{name}={value}": BASELINE | {name: value} for name, value in CHANGES}
+    knowledge_settings = {"baseline": BASELINE} | changed
+    settings = {
+        label: (prefix + "-".join(_slug(v) for v in knowledge.values()), {"knowledge": knowledge}, {})
+        for label, knowledge in knowledge_settings.items()
+    }
+    for rate in LEARNING_RATES:
+        settings[f"learningRate={rate:g}"] = (
+            f"{prefix}lr{rate:g}".replace(".", "p"),
+            {"knowledge": BASELINE},
+            {"learningRate": rate},
+        )
+    for loss in LAYER_LOSSES:
+        # the layer pairs depend on the layers the baseline's student kept: filled in once it has run
+        settings[f"layerwise {loss}"] = (f"{prefix}layerwise-{loss}", {"layerwise": BASELINE | {"layerLoss": loss}}, {})
+    return settings
+
+
 def main() -> None:
     parser = arguments(__doc__.splitlines()[0], steps=30)
     student_arguments(parser)
+    parser.add_argument(
+        "--only", nargs="+", metavar="LABEL", help="run these settings alone (the baseline always runs); e.g. alpha=0.9"
+    )
     args = parser.parse_args()
     student = {"fromTeacher": {"numLayers": args.layers}}
-    settings = {"baseline": dict(BASELINE)} | {f"{name}={value}": BASELINE | {name: value} for name, value in CHANGES}
-    rows = {
-        label: run(
-            f"sweep-{args.layers}l-" + "-".join(_slug(v) for v in knowledge.values()),
-            {"knowledge": knowledge},
-            args,
-            student,
-        )[-1]
-        for label, knowledge in settings.items()
-    }
-    for rate in LEARNING_RATES:
-        rows[f"learningRate={rate:g}"] = run(
-            f"sweep-{args.layers}l-lr{rate:g}".replace(".", "p"),
-            {"knowledge": BASELINE},
-            args,
-            student,
-            learningRate=rate,
-        )[-1]
-    pairs = copied_layer_pairs(args, rows["baseline"]["keptLayers"])
-    for loss in ("mse", "cosine"):
-        layerwise = BASELINE | {
-            **pairs,
-            "layerLoss": loss,
-        }
-        rows[f"layerwise {loss}"] = run(
-            f"sweep-{args.layers}l-layerwise-{loss}", {"layerwise": layerwise}, args, student
-        )[-1]
+    settings = _settings(args)
+    unknown = set(args.only or ()) - set(settings)
+    if unknown:
+        parser.error(f"unknown --only setting(s) {sorted(unknown)}: choose from {list(settings)}")
+    chosen = [label for label in settings if label != "baseline" and (not args.only or label in args.only)]
+    wanted = ["baseline", *chosen]
+    rows: dict[str, dict] = {}
+    for label in wanted:
+        name, method, training = settings[label]
+        if "layerwise" in method:
+            method = {"layerwise": method["layerwise"] | copied_layer_pairs(args, rows["baseline"]["keptLayers"])}
+        rows[label] = run(name, method, args, student, **training)[-1]
 
     names = other_text_names(args)
     baseline = rows["baseline"]
