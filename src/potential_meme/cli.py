@@ -142,6 +142,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_render(args: argparse.Namespace) -> int:
     from .operator.render import Defaults, render_job, to_yaml_stream
+    from .spec.memory import fit_refusal, memory_plan
 
     job = load_job(args.job)
     if isinstance(job, EvaluationJob) or args.distillation_job:
@@ -150,6 +151,13 @@ def cmd_render(args: argparse.Namespace) -> int:
     if args.namespace:
         job.metadata.namespace = args.namespace
     defaults = Defaults(**{key: value for key, value in (("trainer_image", args.image),) if value})
+    refusal = fit_refusal(job)
+    if refusal is not None:
+        print(f"{job.metadata.name}: not rendered, the operator would refuse it: {refusal}", file=sys.stderr)
+        return 2
+    plan = memory_plan(job) if isinstance(job, DistillationJob) else None
+    if plan is not None:
+        print(f"{job.metadata.name}: memory estimate {plan.describe()}", file=sys.stderr)
     sys.stdout.write(to_yaml_stream(render_job(job, defaults)))
     return 0
 

@@ -106,3 +106,28 @@ def test_suspend_stops_the_running_stage_and_resume_continues_it(cluster, operat
     assert job["status"]["phase"] == "Succeeded"
     assert cluster.pods_started["pausing-distill-150k"] == 2  # started, suspended, started again
     assert "resuming pausing/distill-150k from checkpoint" in cluster.logs["pausing-distill-150k/Master-0"].read_text()
+
+
+def test_a_job_too_big_for_its_pods_gets_no_pod_until_its_resources_grow(
+    cluster, operator, tiny_teacher_dir, corpus_dir
+):
+    too_big = progressive_job("too-big", tiny_teacher_dir, corpus_dir, steps=2)
+    too_big["spec"]["method"] = {"knowledge": {"chunkSize": 64}}
+    too_big["spec"]["student"] = {"fromTeacher": {"numLayers": 2}}
+    too_big["spec"]["resources"] = {"memory": "1Mi"}  # the student's weights and AdamW state alone are ~2 MB
+    cluster.apply(too_big)
+    job, _ = wait_for(cluster, "too-big", lambda j: condition(j, "Valid") is not None)
+    verdict = condition(job, "Valid")
+    assert verdict["status"] == "False" and verdict["reason"] == "DoesNotFit"
+    assert verdict["message"].startswith("spec.resources.memory: the first training stage needs ")
+    assert "does not fit in 0.8 MiB usable of 1.0 MiB" in verdict["message"]
+    assert pytorchjobs(cluster, "too-big") == []
+    cluster.patch(API, "distillationjobs", "ml", "too-big", {"spec": {"resources": {"memory": "2Gi"}}})
+
+    def finished_after_the_change(j):
+        status = j.get("status") or {}
+        return status.get("observedGeneration") == 2 and status.get("phase") in ("Succeeded", "Failed")
+
+    job, _ = wait_for(cluster, "too-big", finished_after_the_change)
+    assert job["status"]["phase"] == "Succeeded", job["status"]
+    assert condition(job, "Valid")["status"] == "True"

@@ -28,6 +28,15 @@ MODES = {
         "kueue": {"defaultQueue": "gpu-queue"},
         "logLevel": "DEBUG",
     },
+    "model-aliases": {
+        "modelAliases": {
+            "ours": {
+                "model": "s3://models/ours/",
+                "architecture": {"hiddenSize": 64, "numLayers": 4, "intermediateSize": 176, "numHeads": 4}
+                | {"numKvHeads": 2, "vocabSize": 512},
+            }
+        }
+    },
 }
 
 
@@ -140,6 +149,10 @@ def test_more_replicas_without_peering_is_refused_with_the_fix():
         ({"watch": {"namespace": ["a"]}}, "additional properties 'namespace' not allowed"),
         ({"replicas": 2}, "additional properties 'replicas' not allowed"),
         ({"metrics": {"port": "9090"}}, "at '/metrics/port': got string, want integer"),
+        (
+            {"modelAliases": {"ours": {"model": "s3://m/ours/"}}},
+            "at '/modelAliases/ours': missing property 'architecture'",
+        ),
     ],
 )
 def test_values_schema_refuses_wrong_types_and_unknown_keys(values, fragment):
@@ -185,6 +198,28 @@ def test_values_reach_the_operator_as_its_defaults(monkeypatch):
         output_uri="s3://models/runs",
     )
     assert container["envFrom"] == [{"secretRef": {"name": "s3-credentials"}}]  # the operator reads manifests too
+
+
+def test_model_aliases_reach_the_operator_and_the_schema_is_the_specs(monkeypatch, tmp_path):
+    from potential_meme.spec.aliases import ModelAlias, alias_table
+    from potential_meme.spec.crd import openapi_schema
+
+    ours = MODES["model-aliases"]["modelAliases"]["ours"]
+    objects = render(MODES["model-aliases"])
+    [deployment] = by_kind(objects, "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    [variable] = [v for v in container["env"] if v["name"] == "POTENTIAL_MEME_MODEL_ALIASES"]
+    [mount] = [m for m in container["volumeMounts"] if m["name"] == "model-aliases"]
+    [volume] = [v for v in pod["volumes"] if v["name"] == "model-aliases"]
+    [configmap] = [c for c in by_kind(objects, "ConfigMap") if c["metadata"]["name"] == volume["configMap"]["name"]]
+    filename = variable["value"].removeprefix(mount["mountPath"] + "/")
+    (tmp_path / filename).write_text(configmap["data"][filename])
+    monkeypatch.setenv(variable["name"], str(tmp_path / filename))
+    assert alias_table()["ours"] == ModelAlias.model_validate(ours)  # what the operator reads from the mount
+    assert "POTENTIAL_MEME_MODEL_ALIASES" not in str(render({}))  # nothing without the value
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    assert schema["properties"]["modelAliases"]["additionalProperties"] == openapi_schema(ModelAlias)
 
 
 def test_monitors_select_what_serves_metrics():

@@ -91,7 +91,7 @@ def test_camel_case_yaml_maps_to_snake_case_python_and_back():
             "spec.method.knowledge.divergence",
             "'forwardKL', 'reverseKL' or 'jsd'",
         ),
-        (lambda d: d["spec"]["student"].update(model="x"), "spec.student", "exactly one of 'model' or 'fromTeacher'"),
+        (lambda d: d["spec"]["student"].update(model="org/x"), "spec.student", "exactly one of 'model' or 'fromTeacher'"),
         (lambda d: d["spec"].pop("teacher"), "spec.teacher", "required field is missing"),
         (lambda d: d["metadata"].update(name="Bad_Name"), "metadata.name", "DNS label"),
         (lambda d: d.update(kind="Job"), "kind", "accepted: DistillationJob, EvaluationJob"),
@@ -259,11 +259,11 @@ def test_evaluation_job_needs_something_to_evaluate():
         "apiVersion": "distill.potential-meme.io/v1alpha1",
         "kind": "EvaluationJob",
         "metadata": {"name": "e"},
-        "spec": {"teacher": "x"},
+        "spec": {"teacher": "org/x"},
     }
     with pytest.raises(SpecError, match="set 'student' .* or 'distillationJob'"):
         parse_job(document)
-    document["spec"]["student"] = "y"
+    document["spec"]["student"] = "org/y"
     with pytest.raises(SpecError, match="set 'dataset'"):
         parse_job(document)
     del document["spec"]["student"]
@@ -295,9 +295,9 @@ def test_an_evaluation_takes_what_it_leaves_unset_from_its_distillation_job():
     assert resolved.max_seq_length == distillation.spec.training.max_seq_length
     assert plan_stages(resolve_evaluation(evaluation, distillation))[0].output_uri == "s3://bucket/runs/e/evaluate/"
 
-    own = evaluation_of(teacher="other", output={"uri": "s3://elsewhere"}, maxSeqLength=64)
+    own = evaluation_of(teacher="org/other", output={"uri": "s3://elsewhere"}, maxSeqLength=64)
     resolved = resolve_evaluation(own, distillation).spec
-    assert (resolved.teacher, resolved.output.uri, resolved.max_seq_length) == ("other", "s3://elsewhere", 64)
+    assert (resolved.teacher, resolved.output.uri, resolved.max_seq_length) == ("org/other", "s3://elsewhere", 64)
 
 
 def test_spec_package_and_cli_do_not_import_torch():

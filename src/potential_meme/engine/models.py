@@ -16,6 +16,7 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from ..spec.aliases import lookup
 from ..spec.errors import StageError
 from ..spec.plan import MANIFEST, STUDENT_DIR
 from ..storage import cache_folder, download_to_scratch, file_sha256, open_store, read_json_if_exists
@@ -85,8 +86,13 @@ def resolve(reference: str) -> ResolvedModel:
     """Turn a model reference into something transformers' from_pretrained can open.
 
     An s3:// directory is copied into a scratch folder that lives as long as the process. A stage's
-    student is checked against its manifest first.
+    student is checked against its manifest first. A short name resolves through the model alias table.
     """
+    alias = lookup(reference)
+    if alias is not None:
+        if alias.note:
+            log.warning("%s: %s", reference, alias.note)
+        return resolve(alias.model)
     if reference.startswith("package:"):
         return _plain_copy(_package_gguf(reference.removeprefix("package:")))
     if reference.startswith("file://"):

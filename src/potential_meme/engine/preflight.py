@@ -18,24 +18,13 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from ..spec.errors import SpecError
 from ..spec.models import DistillationJob, EvaluationJob, LayerwiseMethod
-from ..spec.plan import Stage, StageKind
+from ..spec.plan import Stage, StageKind, model_references
 from ..storage import ArtifactStore, LocalStore
 from .models import ResolvedModel, load_tokenizer, resolve
 
 log = logging.getLogger(__name__)
 
 Problems = list[tuple[str, str]]
-
-
-def model_references(job: DistillationJob | EvaluationJob) -> list[tuple[str, str]]:
-    """(field, reference) of every model the job loads."""
-    spec = job.spec
-    if isinstance(job, EvaluationJob):
-        return [(f"spec.{role}", ref) for role, ref in (("student", spec.student), ("teacher", spec.teacher)) if ref]
-    references = [] if spec.teacher.endpoint else [("spec.teacher.model", spec.teacher.model)]
-    if spec.student is not None and spec.student.model is not None:
-        references.append(("spec.student.model", spec.student.model))
-    return references
 
 
 def check_references(job: DistillationJob | EvaluationJob) -> None:

@@ -20,6 +20,7 @@ from pydantic import ValidationError
 
 from ..metrics import operator as metrics
 from ..spec import SpecError, parse_job, read_job_document
+from ..spec.memory import fit_refusal
 from ..spec.models import API_GROUP, API_VERSION, EvaluationJob, JobStatus
 from ..spec.plan import MANIFEST, Stage, plan_stages, resolve_evaluation, resolve_evaluation_as_recorded
 from ..storage import open_store, read_json_if_exists
@@ -371,6 +372,12 @@ async def reconcile(
     except SpecError as exc:
         # The API server's schema is not the only gate: refuse to act and say why, field by field.
         status = invalid_status(previous, "; ".join(f"{p}: {m}" for p, m in exc.problems), now, generation)
+        await _write_status(kube, body, status)
+        return status
+    started = previous is not None and any(row.pytorch_job for row in previous.stages)
+    too_big = None if started else fit_refusal(job)  # a stage already running has shown what fits
+    if too_big is not None:
+        status = invalid_status(previous, too_big, now, generation, reason="DoesNotFit")
         await _write_status(kube, body, status)
         return status
     uid = meta.get("uid")

@@ -12,8 +12,9 @@ from typing import Any
 import yaml
 
 from ..spec import job_file_text
+from ..spec.aliases import ALIASES_ENV, lookup
 from ..spec.models import API_VERSION, DistillationJob, EvaluationJob
-from ..spec.plan import Stage, StageKind, plan_stages
+from ..spec.plan import Stage, StageKind, model_references, plan_stages
 from . import names
 
 Job = DistillationJob | EvaluationJob
@@ -21,6 +22,7 @@ Job = DistillationJob | EvaluationJob
 PYTORCHJOB_API = "kubeflow.org/v1"
 JOB_FILE_DIR = "/etc/potential-meme"
 JOB_FILE = "job.yaml"
+ALIASES_FILE = "model-aliases.yaml"
 CONTAINER = "pytorch"  # Kubeflow's training operator looks for this container name
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 MODEL_CACHE_DIR = "/var/cache/potential-meme"
@@ -110,12 +112,27 @@ def render_configmap(job: Job) -> dict[str, Any]:
         "metadata": {"name": job.metadata.name},
         "spec": job.spec.to_yaml_dict(),
     }
+    data = {JOB_FILE: job_file_text(document)}
+    aliases = _aliases_used(job)
+    if aliases:
+        data[ALIASES_FILE] = _yaml(aliases)
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": _metadata(job, configmap_name(job)),
-        "data": {JOB_FILE: job_file_text(document)},
+        "data": data,
     }
+
+
+def _aliases_used(job: Job) -> dict[str, Any]:
+    """The alias table's entries for the job's short model names, as the operator read them: the pods resolve
+    each name as the operator planned it, whatever their image's built-in table or the installation's says."""
+    used = {}
+    for _, reference in model_references(job):
+        alias = lookup(reference)
+        if alias is not None:
+            used[reference.lower()] = alias.to_yaml_dict()
+    return used
 
 
 def _container(job: Job, stage: Stage, defaults: Defaults) -> dict[str, Any]:
@@ -141,6 +158,8 @@ def _container(job: Job, stage: Stage, defaults: Defaults) -> dict[str, Any]:
         {"name": "HF_HOME", "value": f"{MODEL_CACHE_DIR}/huggingface"},
         {"name": "POTENTIAL_MEME_CACHE", "value": MODEL_CACHE_DIR},  # the rendered built-in corpus, a stage to the next
     ]
+    if _aliases_used(job):
+        env.append({"name": ALIASES_ENV, "value": f"{JOB_FILE_DIR}/{ALIASES_FILE}"})
     endpoint = job.spec.output.endpoint or defaults.s3_endpoint
     if endpoint:
         env.append({"name": "AWS_ENDPOINT_URL_S3", "value": endpoint})

