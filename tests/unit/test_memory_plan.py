@@ -79,17 +79,33 @@ def job(teacher: str, student: dict, resources: dict, **training) -> dict:
     }
 
 
-def test_the_design_documents_70b_to_7b_cannot_fit_data_parallel_on_80gb_gpus():
-    """The teacher alone is 141 GB in bf16: a full copy per GPU cannot fit, whatever the student."""
+def test_the_design_documents_70b_to_7b_needs_sharding_on_80gb_gpus():
+    """The teacher alone is 141 GB in bf16: a whole copy per GPU cannot fit, whatever the student; sharded over
+    one node's 8 GPUs it does."""
     document = job("llama3-70b", {"model": "llama3-7b"}, {"nodes": 1, "gpusPerNode": 8, "gpuMemory": "80Gi"})
-    plan = memory_plan(parse_job(document))
-    assert plan.per_device.teacher == 70_553_706_496 * 2  # bf16 on GPUs
-    assert plan.per_device.student == 8_030_261_248 * 16  # fp32 weights, gradients, AdamW's two moments
-    assert plan.fits is False
+    document["spec"]["training"]["strategy"] = "ddp"
+    whole = memory_plan(parse_job(document))
+    assert whole.strategy == "ddp" and whole.fits is False
+    assert whole.per_device.teacher == 70_553_706_496 * 2  # bf16 on GPUs
+    assert whole.per_device.student == 8_030_261_248 * 16  # fp32 weights, gradients, AdamW's two moments
     refusal = fit_refusal(parse_job(document))
-    assert refusal.startswith("spec.resources.gpuMemory: the first training stage needs 2")
-    assert "does not fit in 68.0 GiB usable of 80.0 GiB" in refusal
+    assert refusal.startswith("spec.resources.gpuMemory: the first training stage needs ddp over 8 process(es), 2")
+    assert "does not fit in 68.0 GiB usable of 80.0 GiB" in refusal and "set training.strategy fsdp" in refusal
     assert "gradientCheckpointing" not in refusal  # already set: not offered as a remedy
+
+    document["spec"]["training"]["strategy"] = "auto"
+    sharded = memory_plan(parse_job(document))
+    assert (sharded.strategy, sharded.processes, sharded.fits) == ("fsdp", 8, True)
+    assert sharded.reason == "auto: whole copies would need 257.9 GiB per device, over the headroom"
+    assert sharded.per_device.teacher < whole.per_device.teacher / 4  # layers split 8 ways, the rest whole
+    assert sharded.per_device.activations == whole.per_device.activations  # each process still runs its batch
+    assert fit_refusal(parse_job(document)) is None
+
+    document["spec"]["resources"]["gpuMemory"] = "40Gi"
+    refusal = fit_refusal(parse_job(document))
+    assert "fsdp over 8 process(es)" in refusal and "run on 25 nodes (resources.nodes)" in refusal
+    document["spec"]["resources"]["nodes"] = 25
+    assert memory_plan(parse_job(document)).fits and memory_plan(parse_job(document)).processes == 200
 
 
 def test_a_job_that_fits_is_planned_and_an_undeclared_device_is_not_judged():
@@ -125,17 +141,20 @@ def test_render_refuses_what_the_operator_would_and_shows_the_estimate_of_the_re
 
     too_big = tmp_path / "too-big.yaml"
     too_big.write_text(
-        yaml.safe_dump(job("llama3-70b", {"model": "llama3-7b"}, {"gpusPerNode": 8, "gpuMemory": "80Gi"}))
+        yaml.safe_dump(job("llama3-70b", {"model": "llama3-7b"}, {"gpusPerNode": 8, "gpuMemory": "40Gi"}))
     )
     refused = cli("render", str(too_big))
     assert refused.returncode == 2 and refused.stdout == ""
     assert "not rendered, the operator would refuse it: spec.resources.gpuMemory:" in refused.stderr
     fits = tmp_path / "fits.yaml"
-    fits.write_text(yaml.safe_dump(job("llama3-8b", {"model": "llama3.2-1b"}, {"gpusPerNode": 8, "gpuMemory": "80Gi"})))
+    fits.write_text(yaml.safe_dump(job("llama3-70b", {"model": "llama3-7b"}, {"gpusPerNode": 8, "gpuMemory": "80Gi"})))
     rendered = cli("render", str(fits))
     assert rendered.returncode == 0, rendered.stderr
-    assert "memory estimate " in rendered.stderr and "fits in 68.0 GiB usable of 80.0 GiB" in rendered.stderr
+    assert "memory estimate fsdp over 8 process(es), 61.8 GiB per device" in rendered.stderr
+    assert "fits in 68.0 GiB usable of 80.0 GiB" in rendered.stderr
     objects = list(yaml.safe_load_all(rendered.stdout))
     aliases = yaml.safe_load(objects[0]["data"]["model-aliases.yaml"])
-    assert aliases["llama3-8b"]["model"] == "meta-llama/Meta-Llama-3-8B"  # the pods resolve it as planned
-    assert aliases["llama3.2-1b"]["architecture"]["numLayers"] == 16
+    assert aliases["llama3-70b"]["model"] == "meta-llama/Meta-Llama-3-70B"  # the pods resolve it as planned
+    assert aliases["llama3-7b"]["architecture"]["numLayers"] == 32
+    [container] = objects[1]["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"]
+    assert {"name": "POTENTIAL_MEME_DEVICE_MEMORY", "value": "80Gi"} in container["env"]  # the pods judge alike

@@ -91,7 +91,11 @@ def test_camel_case_yaml_maps_to_snake_case_python_and_back():
             "spec.method.knowledge.divergence",
             "'forwardKL', 'reverseKL' or 'jsd'",
         ),
-        (lambda d: d["spec"]["student"].update(model="org/x"), "spec.student", "exactly one of 'model' or 'fromTeacher'"),
+        (
+            lambda d: d["spec"]["student"].update(model="org/x"),
+            "spec.student",
+            "exactly one of 'model' or 'fromTeacher'",
+        ),
         (lambda d: d["spec"].pop("teacher"), "spec.teacher", "required field is missing"),
         (lambda d: d["metadata"].update(name="Bad_Name"), "metadata.name", "DNS label"),
         (lambda d: d.update(kind="Job"), "kind", "accepted: DistillationJob, EvaluationJob"),

@@ -30,11 +30,13 @@ def finished_manifest(job: DistillationJob | EvaluationJob, stage: Stage) -> dic
     return manifest
 
 
-def _save_student(student: nn.Module, tokenizer, store: ArtifactStore) -> list[dict[str, Any]]:
+def _save_student(
+    student: nn.Module, tokenizer, store: ArtifactStore, state: dict[str, Any] | None
+) -> list[dict[str, Any]]:
     """Upload the student as a Hugging Face folder; returns each file's path, size and sha256, which
-    every later reader checks (models.verify_student)."""
+    every later reader checks (models.verify_student). `state`: its weights, where the module holds shards."""
     with tempfile.TemporaryDirectory(prefix="potential-meme-student-") as tmp:
-        student.save_pretrained(tmp)
+        student.save_pretrained(tmp, state_dict=state)
         tokenizer.save_pretrained(tmp)
         files = [
             {
@@ -56,9 +58,11 @@ def publish(
     manifest: dict[str, Any],
     leftovers: str,
     files: list[dict[str, Any]] = (),
+    state: dict[str, Any] | None = None,
 ) -> None:
     """The student, then the manifest (its presence marks the stage done), then drop `leftovers`
-    (the checkpoints the student supersedes). `files`: what the stage uploaded besides, listed in the manifest."""
-    manifest["files"] = [*files, *_save_student(student, tokenizer, store)]
+    (the checkpoints the student supersedes). `files`: what the stage uploaded besides, listed in the manifest.
+    `state`: the student's whole weights, where `student` holds only this process's shards."""
+    manifest["files"] = [*files, *_save_student(student, tokenizer, store, state)]
     write_json(store, MANIFEST, manifest)
     store.delete_prefix(leftovers)

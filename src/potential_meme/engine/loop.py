@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +15,7 @@ from .data import epoch_order, shifted_labels
 from .objective import HiddenStateTap, hidden_states
 from .on_policy import pieces
 from .runtime import Runtime
+from .sharding import average_whole_gradients, gradient_sync, is_sharded, trained_state
 
 
 class Batches:
@@ -97,9 +97,7 @@ def accumulate_gradients(
         parts = pieces(batch, labels, on_policy, student, seed * 1_000 + micro)
         for number, piece in enumerate(parts):
             last = micro == len(batches) - 1 and number == len(parts) - 1
-            # DDP all-reduces gradients only after the last backward of a step.
-            skip_sync = model.no_sync() if runtime.world_size > 1 and not last else contextlib.nullcontext()
-            with skip_sync, runtime.autocast():
+            with gradient_sync(model, runtime, last), runtime.autocast():
                 teacher_hidden, teacher_states = (
                     teacher.forward(piece.input_ids) if teacher_weight is not None else (None, None)
                 )
@@ -109,30 +107,10 @@ def accumulate_gradients(
                 (loss * piece.share / len(batches)).backward()
             for index, value in enumerate((loss.detach(), *components)):
                 totals[index] += float(value) * piece.share / len(batches)
+    if is_sharded(model):
+        average_whole_gradients(model, runtime)
     means = [value / runtime.world_size for value in runtime.all_sum(totals)]
     return dict(zip(("total", "ce", "kd", "layers"), means, strict=True))
-
-
-def trained_state(module: nn.Module) -> dict[str, torch.Tensor]:
-    """What training changes in `module`: its whole state, or only the trainable parameters where some are frozen
-    (a quantized student under LoRA adapters, rebuilt as it was from the stage before, so never saved twice)."""
-    if all(parameter.requires_grad for parameter in module.parameters()):
-        return module.state_dict()
-    return {name: parameter.detach() for name, parameter in module.named_parameters() if parameter.requires_grad}
-
-
-def load_trained_state(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Put `trained_state` back; refuses a state that leaves a trainable parameter out or names unknown ones."""
-    if all(parameter.requires_grad for parameter in module.parameters()):
-        module.load_state_dict(state)
-        return
-    missing, unexpected = module.load_state_dict(state, strict=False)
-    trainable = {name for name, parameter in module.named_parameters() if parameter.requires_grad}
-    if trainable.intersection(missing) or unexpected:
-        raise RuntimeError(
-            f"the saved state does not fit the model: missing {sorted(trainable.intersection(missing))[:3]}, "
-            f"unexpected {unexpected[:3]}"
-        )
 
 
 @dataclass

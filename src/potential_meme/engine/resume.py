@@ -20,8 +20,9 @@ from ..spec.models import DistillationJob
 from ..spec.plan import spec_hash
 from ..storage import ArtifactStore
 from . import checkpoint
-from .loop import EarlyStopping, load_trained_state, trained_state
+from .loop import EarlyStopping
 from .runtime import Runtime
+from .sharding import full_optimizer_state, load_full_optimizer_state, load_trained_state, trained_state
 from .stage_setup import StageSetup
 
 log = logging.getLogger(__name__)
@@ -59,10 +60,15 @@ def accumulation_for(job: DistillationJob, restored: checkpoint.Restored | None,
 
 
 def training_state(
-    job: DistillationJob, setup: StageSetup, step: int, before: dict[str, float], early: EarlyStopping
+    job: DistillationJob,
+    setup: StageSetup,
+    step: int,
+    before: dict[str, float],
+    early: EarlyStopping,
+    optimizer: dict[str, Any],
 ) -> dict[str, Any]:
     return {
-        "optimizer": setup.optimizer.state_dict(),
+        "optimizer": optimizer,
         "scheduler": setup.scheduler.state_dict(),
         "rng": checkpoint.rng_state(),
         "step": step,
@@ -86,7 +92,7 @@ def restore(
             "output.uri, or delete that folder to start over"
         )
     load_trained_state(setup.objective, restored.student_state)
-    setup.optimizer.load_state_dict(state["optimizer"])
+    load_full_optimizer_state(setup.objective, setup.optimizer, state["optimizer"])
     setup.scheduler.load_state_dict(state["scheduler"])
     checkpoint.restore_rng(state["rng"])
     early.restore(state["early_stopping"])
@@ -101,10 +107,13 @@ def save(
     before: dict[str, float],
     early: EarlyStopping,
 ) -> None:
-    """Rank 0 writes; every process waits for it (within checkpoint.uploadTimeoutMinutes)."""
+    """Rank 0 writes; every process waits for it (within checkpoint.uploadTimeoutMinutes). Every process takes
+    part in gathering the states first: a sharded student's are spread over all of them."""
+    student = trained_state(setup.objective)
+    optimizer = full_optimizer_state(setup.objective, setup.optimizer)
     if setup.runtime.is_main:
-        state = training_state(job, setup, step, before, early)
-        checkpoint.save(store, step, trained_state(setup.objective), state, keep=job.spec.checkpoint.keep)
+        state = training_state(job, setup, step, before, early, optimizer)
+        checkpoint.save(store, step, student, state, keep=job.spec.checkpoint.keep)
         log.info("checkpoint written at step %d", step)
     setup.runtime.barrier()
 

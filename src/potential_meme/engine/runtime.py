@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .data import shifted_labels
-from .losses import chunked_nll
+from .losses import IGNORE_INDEX, chunked_nll
 from .objective import hidden_states
 
 
@@ -94,7 +94,7 @@ def perplexity(
     chunk_size: int,
     labels: torch.Tensor | None = None,
 ) -> float:
-    """Held-out perplexity; the processes of a DDP run each take a share of the sequences.
+    """Held-out perplexity; the processes of a run each take a share of the sequences.
     `labels`: the next token of each position, where not every one counts (a response, not its prompt)."""
     was_training = model.training
     model.eval()
@@ -102,14 +102,19 @@ def perplexity(
     shard, label_shard = (rows[runtime.rank :: runtime.world_size] for rows in (sequences, labels))
     total, count = 0.0, 0
     weight = model.get_output_embeddings().weight
-    for start in range(0, shard.shape[0], batch_size):
-        batch = shard[start : start + batch_size].to(runtime.device)
+    # Every process runs as many forwards as the one with the most rows (a sharded model gathers each layer
+    # with all processes at once); one left with none scores a sequence whose every label is ignored.
+    most_rows = -(-sequences.shape[0] // runtime.world_size)
+    for start in range(0, most_rows, batch_size):
+        batch, batch_labels = shard[start : start + batch_size], label_shard[start : start + batch_size]
+        if batch.shape[0] == 0:
+            batch, batch_labels = sequences[:1], torch.full_like(labels[:1], IGNORE_INDEX)
         with runtime.autocast():
-            hidden = hidden_states(model, batch)
+            hidden = hidden_states(model, batch.to(runtime.device))
         nll, tokens = chunked_nll(
             hidden.reshape(-1, hidden.shape[-1]).to(weight.dtype),
             weight,
-            label_shard[start : start + batch_size].to(runtime.device).reshape(-1),
+            batch_labels.to(runtime.device).reshape(-1),
             chunk_size,
         )
         total += float(nll)

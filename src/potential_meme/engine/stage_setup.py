@@ -26,6 +26,7 @@ from .quantize import quantized_student
 from .responses import load_responses, pack_exchanges
 from .runtime import Runtime, perplexity
 from .schedule import lr_lambda
+from .sharding import choose_strategy, shard_layers
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +205,7 @@ class StageSetup:
     teacher_weight: torch.Tensor | None  # the teacher's lm-head, when the loss needs its logits
     student: nn.Module
     objective: DistillationObjective
-    model: nn.Module  # the objective, wrapped in DDP when there are several processes
+    model: nn.Module  # the objective, wrapped in DDP when several processes keep whole copies
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     batches: Batches
@@ -288,7 +289,17 @@ def set_up(
     teacher_width = (teacher_model or student).config.hidden_size
     objective = DistillationObjective(student, method, teacher_width).to(runtime.device)
     model: nn.Module = objective
-    if runtime.world_size > 1:
+    strategy, why, plan = choose_strategy(job, teacher_model, student, runtime)
+    if runtime.is_main:
+        log.info("strategy %s: %s%s", strategy, why, f"; estimated {plan.describe()}" if plan else "")
+    facts |= {"strategy": strategy, "strategyReason": why}
+    if plan is not None:
+        facts["memoryEstimateBytesPerDevice"] = plan.per_device.total
+    if runtime.world_size > 1 and strategy == "fsdp":
+        for sharded in (student, teacher_model):
+            if sharded is not None:
+                shard_layers(sharded, runtime)
+    elif runtime.world_size > 1:
         model = nn.parallel.DistributedDataParallel(
             objective, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None
         )

@@ -19,7 +19,6 @@ from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
-import torch
 import torch.distributed as dist
 
 from ..metrics import trainer as metrics
@@ -32,11 +31,12 @@ from .evaluation import run_evaluation_stage
 from .export_stage import run_export_stage
 from .finish import finished_manifest, publish
 from .generation_stage import run_augment_stage, run_generate_stage
-from .loop import EarlyStopping, accumulate_gradients, load_trained_state
+from .loop import EarlyStopping, accumulate_gradients
 from .models import parameter_count
 from .progress import Progress, shown_perplexity
 from .quantize import add_quantization_report, as_loaded, is_adapted, publish_adapters
 from .runtime import Runtime, start_runtime
+from .sharding import clip_gradients, full_state, is_sharded, load_trained_state
 from .stage_setup import set_up
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ def run_distill_stage(
                 seed=training.seed * 100_003 + step,
             )
             if training.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(setup.objective.parameters(), training.max_grad_norm)
+                clip_gradients(setup.objective, training.max_grad_norm)
             setup.optimizer.step()
             setup.scheduler.step()
             setup.optimizer.zero_grad(set_to_none=True)
@@ -207,8 +207,9 @@ def run_distill_stage(
             log.info(
                 "quality gate %s: %s (%s)", gate["gate"], "passed" if gate["passed"] else "FAILED", gate["message"]
             )
+    whole = full_state(published) if is_sharded(published) else None  # every process sends its shards
     if runtime.is_main:
-        publish(store, published, setup.tokenizer, manifest, leftovers=checkpoint.PREFIX, files=adapter_files)
+        publish(store, published, setup.tokenizer, manifest, checkpoint.PREFIX, adapter_files, whole)
     runtime.barrier()
     return manifest
 

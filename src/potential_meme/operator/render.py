@@ -13,6 +13,7 @@ import yaml
 
 from ..spec import job_file_text
 from ..spec.aliases import ALIASES_ENV, lookup
+from ..spec.memory import DEVICE_MEMORY_ENV
 from ..spec.models import API_VERSION, DistillationJob, EvaluationJob
 from ..spec.plan import Stage, StageKind, model_references, plan_stages
 from . import names
@@ -158,6 +159,9 @@ def _container(job: Job, stage: Stage, defaults: Defaults) -> dict[str, Any]:
         {"name": "HF_HOME", "value": f"{MODEL_CACHE_DIR}/huggingface"},
         {"name": "POTENTIAL_MEME_CACHE", "value": MODEL_CACHE_DIR},  # the rendered built-in corpus, a stage to the next
     ]
+    declared = resources.gpu_memory if resources.gpus_per_node else resources.memory
+    if declared and isinstance(job, DistillationJob):  # the pods choose their strategy on what was judged here
+        env.append({"name": DEVICE_MEMORY_ENV, "value": declared})
     if _aliases_used(job):
         env.append({"name": ALIASES_ENV, "value": f"{JOB_FILE_DIR}/{ALIASES_FILE}"})
     endpoint = job.spec.output.endpoint or defaults.s3_endpoint

@@ -13,11 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .aliases import Architecture, lookup
-from .models import DistillationJob, EvaluationJob, KnowledgeMethod, ResourcesSpec, TrainingSpec
+from .models import MAX_NODES, DistillationJob, EvaluationJob, KnowledgeMethod, ResourcesSpec, TrainingSpec
 
 FP32, BF16 = 4, 2
 STUDENT_BYTES_PER_PARAMETER = FP32 * 4  # weights, gradients and AdamW's two moments, all fp32
 HEADROOM = 0.85  # of a device's memory: the rest is the CUDA context, allocator fragmentation and the data loader
+DEVICE_MEMORY_ENV = "POTENTIAL_MEME_DEVICE_MEMORY"  # what a training process may use, as the operator judged it
 KD_CHUNK_ARRAYS = 4  # chunk logits of student and teacher, their gradient and the softmax in the chunked loss
 
 
@@ -60,10 +61,28 @@ class DeviceMemory:
         return self.student + self.teacher + self.activations
 
 
+def _held(shape: Architecture, bytes_per_parameter: int, gathered_bytes: int, shards: int) -> float:
+    """Bytes of a model's parameters (and their training state) on one process. Sharded: each decoder layer's
+    share of `shards`, the rest (embeddings, norm, lm-head) whole, and two layers gathered at once (the one
+    computing and the next, prefetched) at `gathered_bytes` a parameter."""
+    if shards == 1:
+        return shape.parameters * bytes_per_parameter
+    layers = shape.num_layers * shape.layer_parameters
+    return (
+        layers / shards + shape.parameters - layers
+    ) * bytes_per_parameter + 2 * shape.layer_parameters * gathered_bytes
+
+
 def device_memory(
-    teacher: Architecture, student: Architecture, training: TrainingSpec, method: KnowledgeMethod, bf16: bool
+    teacher: Architecture,
+    student: Architecture,
+    training: TrainingSpec,
+    method: KnowledgeMethod,
+    bf16: bool,
+    shards: int = 1,
 ) -> DeviceMemory:
-    """What one data-parallel process holds: a full student with its optimizer and a full teacher."""
+    """What one process holds: with `shards` 1 (ddp) a whole student with its optimizer and a whole teacher;
+    with more (fsdp) their decoder layers split over that many processes."""
     tokens = training.batch_size * training.max_seq_length
     activation_bytes = BF16 if bf16 else FP32
     stored = activation_elements_per_token(student, training.gradient_checkpointing) * tokens * activation_bytes
@@ -71,9 +90,11 @@ def device_memory(
     teacher_states = tokens * teacher.hidden_size * activation_bytes
     teacher_working = activation_elements_per_token(teacher.derived(1, None), False) * tokens * activation_bytes
     loss = KD_CHUNK_ARRAYS * min(method.chunk_size, tokens) * max(student.vocab_size, teacher.vocab_size) * FP32
+    teacher_bytes = BF16 if bf16 else FP32
     return DeviceMemory(
-        student=student.parameters * STUDENT_BYTES_PER_PARAMETER,
-        teacher=teacher.parameters * (BF16 if bf16 else FP32),
+        # a gathered student layer has its fp32 weights and, in backward, its unsharded gradients
+        student=round(_held(student, STUDENT_BYTES_PER_PARAMETER, 2 * FP32, shards)),
+        teacher=round(_held(teacher, teacher_bytes, teacher_bytes, shards)),
         activations=stored + teacher_states + teacher_working + loss,
     )
 
@@ -100,8 +121,11 @@ def binary_size(count: float) -> str:
 
 @dataclass(frozen=True)
 class MemoryPlan:
+    strategy: str  # ddp or fsdp
+    processes: int
     per_device: DeviceMemory
-    capacity: int | None  # bytes of one device (a GPU, or a pod's memory on CPU); None: not declared
+    capacity: int | None  # bytes of one device (a GPU, or a pod's memory on CPU); None: not known
+    reason: str  # why this strategy
 
     @property
     def fits(self) -> bool | None:
@@ -110,8 +134,9 @@ class MemoryPlan:
     def describe(self) -> str:
         need = self.per_device
         parts = (
-            f"{binary_size(need.total)} per device: student with optimizer state {binary_size(need.student)}, "
-            f"teacher {binary_size(need.teacher)}, activations {binary_size(need.activations)}"
+            f"{self.strategy} over {self.processes} process(es), {binary_size(need.total)} per device: student with "
+            f"optimizer state {binary_size(need.student)}, teacher {binary_size(need.teacher)}, activations "
+            f"{binary_size(need.activations)}"
         )
         if self.capacity is None:
             return parts + " (device memory not declared: set resources.gpuMemory, or resources.memory on CPU)"
@@ -120,26 +145,60 @@ class MemoryPlan:
         return f"{parts}; {verdict} in {usable} usable of {binary_size(self.capacity)}"
 
 
-def memory_plan(job: DistillationJob) -> MemoryPlan | None:
-    """The per-device estimate of the job's first training stage; None when a model's shape is not known
-    before it loads (a hub id missing from the alias table, a GGUF file, an s3:// folder)."""
+def job_shapes(job: DistillationJob) -> tuple[Architecture, Architecture] | None:
+    """The shapes of the first training stage's teacher and student, when they are known before loading
+    (None for a hub id missing from the alias table, a GGUF file, an s3:// folder, a progressive chain)."""
     teacher = architecture_of(job.spec.teacher.model) if job.spec.teacher.endpoint is None else None
-    if teacher is None:
+    if teacher is None or job.spec.student is None:
         return None
-    derived = job.spec.student.from_teacher if job.spec.student else None
+    derived = job.spec.student.from_teacher
     if derived is not None:
-        student = teacher.derived(derived.num_layers, derived.mlp_width)
-    elif job.spec.student is not None and job.spec.student.model is not None:
-        student = architecture_of(job.spec.student.model)
-    else:
-        student = None
-    if student is None:
-        return None
-    bf16 = job.spec.training.precision == "bf16" or (
-        job.spec.training.precision == "auto" and job.spec.resources.gpus_per_node > 0
+        return teacher, teacher.derived(derived.num_layers, derived.mlp_width)
+    student = architecture_of(job.spec.student.model) if job.spec.student.model else None
+    return None if student is None else (teacher, student)
+
+
+def plan_memory(
+    job: DistillationJob,
+    shapes: tuple[Architecture, Architecture],
+    processes: int,
+    capacity: int | None,
+    bf16: bool,
+) -> MemoryPlan:
+    """The strategy the job runs with on `processes` devices of `capacity` bytes, and what each then holds.
+    auto takes ddp when it fits with headroom (or the capacity is unknown), else fsdp."""
+    teacher, student = shapes
+    training, method = job.spec.training, job.spec.method.selected
+
+    def planned(strategy: str, reason: str) -> MemoryPlan:
+        shards = processes if strategy == "fsdp" else 1
+        need = device_memory(teacher, student, training, method, bf16, shards)
+        return MemoryPlan(strategy, processes, need, capacity, reason)
+
+    if training.strategy != "auto":
+        return planned(training.strategy, "training.strategy says so")
+    if job.spec.method.quantized is not None or method.on_policy is not None:
+        return planned("ddp", "auto: quantized and on-policy students train as whole copies")
+    whole = planned("ddp", "")
+    if processes == 1 or whole.fits is not False:
+        why = "one process" if processes == 1 else "it fits" if whole.fits else "the device memory is not known"
+        return planned("ddp", f"auto: whole copies of student and teacher, as {why}")
+    return planned(
+        "fsdp", f"auto: whole copies would need {binary_size(whole.per_device.total)} per device, over the headroom"
     )
-    per_device = device_memory(teacher, student, job.spec.training, job.spec.method.selected, bf16)
-    return MemoryPlan(per_device, device_capacity(job.spec.resources))
+
+
+def memory_plan(job: DistillationJob, nodes: int | None = None) -> MemoryPlan | None:
+    """The plan of the job's first training stage on the resources it asks for (or on `nodes` nodes of them);
+    None when a model's shape is not known before it loads."""
+    shapes = job_shapes(job)
+    if shapes is None:
+        return None
+    resources = job.spec.resources
+    precision = job.spec.training.precision
+    bf16 = precision == "bf16" or (precision == "auto" and resources.gpus_per_node > 0)
+    processes = (nodes or resources.nodes) * max(resources.gpus_per_node, 1)
+    return plan_memory(job, shapes, processes, device_capacity(resources), bf16)
 
 
 def fit_refusal(job: DistillationJob | EvaluationJob) -> str | None:
@@ -147,8 +206,18 @@ def fit_refusal(job: DistillationJob | EvaluationJob) -> str | None:
     plan = memory_plan(job) if isinstance(job, DistillationJob) else None
     if plan is None or plan.fits is not False:
         return None
-    declared = "resources.gpuMemory" if job.spec.resources.gpus_per_node else "resources.memory"
+    resources = job.spec.resources
+    declared = "resources.gpuMemory" if resources.gpus_per_node else "resources.memory"
     remedies = ["use devices with more memory"]
+    if plan.strategy == "fsdp":
+        enough = next(
+            (n for n in range(resources.nodes + 1, MAX_NODES + 1) if memory_plan(job, n).fits),  # type: ignore[union-attr]
+            None,
+        )
+        if enough is not None:
+            remedies.append(f"run on {enough} nodes (resources.nodes)")
+    elif job.spec.training.strategy == "ddp":
+        remedies.append("set training.strategy fsdp (or auto) and more nodes or GPUs")
     if not job.spec.training.gradient_checkpointing:
         remedies.append("set training.gradientCheckpointing")
     remedies.append("lower training.batchSize or maxSeqLength, or choose a smaller teacher or student")

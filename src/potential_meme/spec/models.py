@@ -561,6 +561,13 @@ class TrainingSpec(Model):
         default="auto", description="auto: bf16 autocast on GPUs that support it, fp32 otherwise."
     )
     gradient_checkpointing: bool = False
+    strategy: Literal["auto", "ddp", "fsdp"] = added_later(
+        "auto",
+        description="How several processes share the work. ddp: each holds the whole student and teacher. fsdp: "
+        "each decoder layer of both is sharded over all processes (FSDP2), the rest kept whole. auto: ddp when "
+        "the estimated need fits one device with headroom, else fsdp; the choice and why are logged and in "
+        "the stage manifest.",
+    )
     eval_every_steps: int | None = Field(
         default=None, ge=1, description="Held-out perplexity every N steps; the best student is the one kept."
     )
@@ -842,6 +849,19 @@ class DistillationJobSpec(Model):
                 f"method.{self.method.name}.onPolicy.maxNewTokens: {on_policy.max_new_tokens} leaves no prefix in "
                 f"a row of {self.training.max_seq_length} tokens; write fewer than training.maxSeqLength"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _sharding_supports_the_method(self) -> DistillationJobSpec:
+        if self.training.strategy != "fsdp":
+            return self
+        if self.method.selected.on_policy is not None:
+            raise ValueError(
+                f"method.{self.method.name}.onPolicy: sharded students do not write yet (each process would generate "
+                "a different length, out of step with the others' gathers); use training.strategy ddp"
+            )
+        if self.method.quantized is not None:
+            raise ValueError("method.quantized: a quantized student is trained with ddp; set training.strategy ddp")
         return self
 
     @model_validator(mode="after")

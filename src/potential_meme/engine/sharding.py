@@ -1,0 +1,222 @@
+"""Sharded training (FSDP2): every decoder layer of student and teacher split over all processes.
+
+Only the decoder layers are FSDP units. The engine runs the decoder stack and then reads the lm-head
+weights outside any module's forward (the chunked KD loss, perplexity, the teacher's logits), and FSDP2
+gathers a unit's parameters only inside that unit's forward. So each layer is gathered for its forward
+(and again for its backward) and sharded again after, while the embeddings, final norm, lm-head and
+layerwise projections stay whole on every process, their gradients averaged as DDP would. Those are a
+few per cent of a large model's parameters (the memory plan counts them whole).
+
+Checkpoints and the published student go through torch.distributed.checkpoint's state-dict API as full
+tensors on rank 0, in the same files as a ddp run: a run resumes with another number of processes, or
+another strategy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor
+
+from ..spec.aliases import Architecture
+from ..spec.memory import DEVICE_MEMORY_ENV, MemoryPlan, plan_memory, quantity_bytes
+from ..spec.models import DistillationJob
+from .objective import decoder
+from .runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def shape_of(model: nn.Module) -> Architecture | None:
+    """A loaded Llama-family model's shape; None for other architectures (the plan then cannot judge)."""
+    try:
+        return Architecture.from_config(model.config.to_dict())
+    except (KeyError, ValueError, AttributeError):
+        return None
+
+
+def _cgroup_limit() -> int | None:
+    try:
+        text = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None  # "max": no limit
+
+
+def device_capacity(device: torch.device, processes_here: int) -> int | None:
+    """Bytes one process may use: POTENTIAL_MEME_DEVICE_MEMORY (a quantity; the operator sets it from
+    resources.gpuMemory or memory), else its GPU's memory, else this machine's (or its cgroup's) over its
+    processes."""
+    declared = os.environ.get(DEVICE_MEMORY_ENV)
+    if declared:
+        return quantity_bytes(declared)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return None
+    return min(physical, _cgroup_limit() or physical) // processes_here
+
+
+def choose_strategy(
+    job: DistillationJob, teacher: nn.Module | None, student: nn.Module, runtime: Runtime
+) -> tuple[str, str, MemoryPlan | None]:
+    """(strategy, why, estimate) of this stage, from the loaded models' shapes and this device's memory."""
+    asked = job.spec.training.strategy
+    shapes = (shape_of(teacher), shape_of(student)) if teacher is not None else (None, None)
+    if None in shapes:
+        why = "no teacher is loaded" if teacher is None else "the models are not Llama-family: no estimate"
+        return ("ddp" if asked == "auto" else asked), why, None
+    processes_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    capacity = device_capacity(runtime.device, processes_here)
+    plan = plan_memory(job, shapes, runtime.world_size, capacity, runtime.autocast_dtype is not None)
+    return plan.strategy, plan.reason, plan
+
+
+def _layers(model: nn.Module) -> nn.ModuleList:
+    return decoder(model).layers
+
+
+def shard_layers(model: nn.Module, runtime: Runtime) -> None:
+    """Make each decoder layer of `model` an FSDP unit over all processes (its parameters become DTensors)."""
+    mesh = init_device_mesh(runtime.device.type, (runtime.world_size,))
+    for layer in _layers(model):
+        fully_shard(layer, mesh=mesh)
+        # Each layer is its own root FSDP module, and a root keeps its parameters gathered after forward
+        # (for the backward that follows in training); a layer must give them back after every forward.
+        layer.set_reshard_after_forward(True, recurse=False)
+
+
+def is_sharded(model: nn.Module) -> bool:
+    return any(isinstance(parameter, DTensor) for parameter in model.parameters())
+
+
+@contextlib.contextmanager
+def gradient_sync(model: nn.Module, runtime: Runtime, last: bool) -> Iterator[None]:
+    """Gradients are synchronized after the last backward of a step only (gradient accumulation): DDP's
+    no_sync, FSDP units' requires_gradient_sync."""
+    if runtime.world_size == 1 or last:
+        yield
+        return
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        with model.no_sync():
+            yield
+        return
+    units = [module for module in model.modules() if isinstance(module, FSDPModule)]
+    for unit in units:
+        unit.set_requires_gradient_sync(False, recurse=False)
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.set_requires_gradient_sync(True, recurse=False)
+
+
+def average_whole_gradients(model: nn.Module, runtime: Runtime) -> None:
+    """All-reduce the gradients FSDP does not own (of the parameters kept whole), in one flat buffer."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None and not isinstance(p.grad, DTensor)]
+    if not grads:
+        return
+    flat = torch.cat([grad.reshape(-1).float() for grad in grads])
+    dist.all_reduce(flat)
+    flat /= runtime.world_size
+    offset = 0
+    for grad in grads:
+        grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
+        offset += grad.numel()
+
+
+def clip_gradients(model: nn.Module, max_norm: float) -> float:
+    """clip_grad_norm_ over sharded and whole gradients: the sharded part's squares summed over processes."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    sharded = [grad.to_local() for grad in grads if isinstance(grad, DTensor)]
+    whole = [grad for grad in grads if not isinstance(grad, DTensor)]
+    device = (sharded or whole)[0].device
+    sharded_squares = sum((g.float().pow(2).sum() for g in sharded), torch.zeros((), device=device))
+    if dist.is_initialized():
+        dist.all_reduce(sharded_squares)
+    whole_squares = sum((g.float().pow(2).sum() for g in whole), torch.zeros((), device=device))
+    norm = (sharded_squares + whole_squares).sqrt()
+    scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    for grad in sharded:
+        grad.mul_(scale.to(grad.dtype))
+    for grad in whole:
+        grad.mul_(scale.to(grad.dtype))
+    return float(norm)
+
+
+def full_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's whole state as plain CPU tensors on rank 0 (empty elsewhere); every process must call it."""
+    return get_model_state_dict(model, options=_FULL)
+
+
+def _loading(model: nn.Module) -> StateDictOptions:
+    # sharded: rank 0's copy is sent to the others, which may hold none (an early-stopping best); whole models
+    # load on every process from the checkpoint each of them read
+    return StateDictOptions(full_state_dict=True, broadcast_from_rank0=is_sharded(model))
+
+
+def load_full_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """A whole state (from `full_state`) into the sharded model, each process keeping its shard."""
+    set_model_state_dict(model, state, options=_loading(model))
+
+
+def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer's state keyed by parameter name, whole, on rank 0: it loads into any strategy and size."""
+    return get_optimizer_state_dict(model, optimizer, options=_FULL)
+
+
+def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    if all(isinstance(key, int) for key in state["state"]):  # an older checkpoint: by position, not by name
+        optimizer.load_state_dict(state)
+        return
+    set_optimizer_state_dict(model, optimizer, state, options=_loading(model))
+
+
+def trained_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """What training changes in `module`: its whole state, or only the trainable parameters where some are frozen
+    (a quantized student under LoRA adapters, rebuilt as it was from the stage before, so never saved twice).
+    Sharded: the whole state on rank 0 as CPU tensors, empty elsewhere; every process must call it."""
+    if is_sharded(module):
+        return full_state(module)
+    if all(parameter.requires_grad for parameter in module.parameters()):
+        return module.state_dict()
+    return {name: parameter.detach() for name, parameter in module.named_parameters() if parameter.requires_grad}
+
+
+def load_trained_state(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Put `trained_state` back; refuses a state that leaves a trainable parameter out or names unknown ones.
+    Sharded: rank 0's state is what every process loads its shard from."""
+    if is_sharded(module):
+        load_full_state(module, state)
+        return
+    if all(parameter.requires_grad for parameter in module.parameters()):
+        module.load_state_dict(state)
+        return
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    trainable = {name for name, parameter in module.named_parameters() if parameter.requires_grad}
+    if trainable.intersection(missing) or unexpected:
+        raise RuntimeError(
+            f"the saved state does not fit the model: missing {sorted(trainable.intersection(missing))[:3]}, "
+            f"unexpected {unexpected[:3]}"
+        )

@@ -1,0 +1,83 @@
+"""Sharded training (FSDP2) under gloo: the decoder layers of student and teacher split over 2 and 4 CPU
+processes train exactly what one process trains, and a run sharded over 4 resumes on 2."""
+
+import json
+
+from test_ddp import assert_same_weights
+from test_interruptions import _kill_after_a_checkpoint
+
+from helpers import Ranks, start_cli
+
+TRAINING = {"batchSize": 1, "maxSteps": 6, "maxGradNorm": 0.5}  # clipped: the norm spans shards and whole tensors
+
+
+def _run(processes: int, job) -> str:
+    ranks = Ranks(processes, ["train", "--job", str(job), "--stage", "distill"])
+    output = ranks.communicate(timeout=900)[0]
+    assert ranks.returncode == 0, output[-4000:]
+    return output
+
+
+def _manifest(tmp_path, name: str) -> dict:
+    return json.loads((tmp_path / "runs" / name / "distill" / "manifest.json").read_text())
+
+
+def _student(tmp_path, name: str):
+    return tmp_path / "runs" / name / "distill" / "student" / "model.safetensors"
+
+
+def test_fsdp_on_two_and_four_processes_trains_what_one_process_trains(job_file, tmp_path):
+    evaluated = {"evalEverySteps": 3, "earlyStoppingPatience": 5}  # the best student is gathered from shards
+    reference = job_file("one", training={**TRAINING, **evaluated, "gradientAccumulationSteps": 4})
+    assert start_cli("run", str(reference)).wait(timeout=600) == 0
+    expected = _manifest(tmp_path, "one")
+    for processes in (2, 4):
+        name = f"sharded-{processes}"
+        accumulation = 4 // processes
+        job = job_file(
+            name,
+            training={**TRAINING, **evaluated, "gradientAccumulationSteps": accumulation, "strategy": "fsdp"},
+            resources={"gpusPerNode": processes},
+        )
+        output = _run(processes, job)
+        assert "strategy fsdp: training.strategy says so" in output
+        manifest = _manifest(tmp_path, name)
+        assert manifest["worldSize"] == processes and manifest["metrics"]["strategy"] == "fsdp"
+        for key in ("tokens", "steps"):
+            assert manifest["metrics"][key] == expected["metrics"][key]
+        for key in ("finalLoss", "studentPerplexityAfter", "studentPerplexityBefore", "teacherPerplexity"):
+            assert abs(manifest["metrics"][key] - expected["metrics"][key]) < 1e-3 * expected["metrics"][key], key
+        assert_same_weights(_student(tmp_path, "one"), _student(tmp_path, name))
+
+
+def test_a_run_sharded_over_four_processes_resumes_on_two(job_file, tmp_path):
+    training = {**TRAINING, "maxSteps": 10}
+    reference = job_file("reference", training={**training, "gradientAccumulationSteps": 4})
+    assert start_cli("run", str(reference)).wait(timeout=600) == 0
+    job = job_file(
+        "resized",
+        training={**training, "strategy": "fsdp"},
+        checkpoint={"everySteps": 2},
+        resources={"gpusPerNode": 4},
+    )
+    stage = tmp_path / "runs" / "resized" / "distill"
+    saved = _kill_after_a_checkpoint(Ranks(4, ["train", "--job", str(job), "--stage", "distill"]), stage)
+    output = _run(2, job)
+    assert "resuming on 2 process(es) x 2 to keep its global batch of 4 sequences per step" in output
+    manifest = json.loads((stage / "manifest.json").read_text())
+    assert manifest["resumedFromStep"] >= saved and manifest["worldSize"] == 2
+    assert_same_weights(_student(tmp_path, "reference"), stage / "student" / "model.safetensors")
+
+
+def test_auto_shards_only_what_cannot_fit_whole(job_file, tmp_path, monkeypatch):
+    """auto keeps whole copies when the estimate fits the device, and shards when told the device is small."""
+    roomy = job_file("roomy", training={**TRAINING, "maxSteps": 2}, resources={"gpusPerNode": 2})
+    output = _run(2, roomy)
+    assert "strategy ddp: auto: whole copies of student and teacher, as it fits" in output
+    assert _manifest(tmp_path, "roomy")["metrics"]["strategy"] == "ddp"
+    monkeypatch.setenv("POTENTIAL_MEME_DEVICE_MEMORY", "4Mi")  # a device smaller than one whole copy
+    cramped = job_file("cramped", training={**TRAINING, "maxSteps": 2}, resources={"gpusPerNode": 2})
+    output = _run(2, cramped)
+    assert "strategy fsdp: auto: whole copies would need" in output
+    metrics = _manifest(tmp_path, "cramped")["metrics"]
+    assert metrics["strategy"] == "fsdp" and metrics["memoryEstimateBytesPerDevice"] > 0
