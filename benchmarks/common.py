@@ -84,7 +84,9 @@ def job(
     **training: Any,
 ) -> DistillationJob:
     """A job on the real teacher (on the standard-library corpus unless `dataset` says otherwise). Its name carries
-    the token budget, so a rerun with other --steps, --batch-size or --seq-length trains anew, not reusing a run."""
+    the token budget and learning rate, so a rerun with other ones trains anew instead of reusing a run."""
+    rate = training.get("learningRate", args.learning_rate)
+    budgeted = f"{name}-{args.steps}x{args.batch_size}x{args.seq_length}-lr{rate:g}"
     spec = {
         "teacher": {"model": args.teacher},
         "dataset": dataset or corpus_dataset(args),
@@ -106,7 +108,7 @@ def job(
     document = {
         "apiVersion": "distill.potential-meme.io/v1alpha1",
         "kind": "DistillationJob",
-        "metadata": {"name": f"{name}-{args.steps}x{args.batch_size}x{args.seq_length}"},
+        "metadata": {"name": budgeted.replace(".", "p")},
         "spec": spec,
     }
     return parse_job(document)

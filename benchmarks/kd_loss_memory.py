@@ -4,7 +4,9 @@ Each variant runs in a fresh process so peaks do not mix. On CPU the peak is the
 resident-set high-water mark above the inputs (VmHWM, reset through /proc/self/clear_refs); on
 CUDA it is torch.cuda.max_memory_allocated above the inputs.
 
-    python benchmarks/kd_loss_memory.py [--tokens 8192] [--vocab 49152] [--hidden 576]
+    python benchmarks/kd_loss_memory.py [--tokens 4096] [--vocab 49152 128256 152064] [--hidden 576]
+
+The vocabularies: SmolLM2's, Llama 3's and Qwen2.5's (7B and up).
 """
 
 from __future__ import annotations
@@ -75,37 +77,42 @@ def measure(variant: str, tokens: int, vocab: int, hidden: int, chunk: int, repe
     return {"variant": variant, "peak_bytes": peak, "seconds": min(times), "loss": loss, "device": device.type}
 
 
+def _compare(args: argparse.Namespace, vocab: int) -> tuple[float, float]:
+    """Run both variants at one vocabulary, print them; returns (memory ratio, time ratio) chunked/naive."""
+    results = {}
+    for variant in ("naive", "chunked"):
+        command = [sys.executable, __file__, "--variant", variant, "--tokens", str(args.tokens), "--vocab", str(vocab)]
+        command += ["--hidden", str(args.hidden), "--chunk", str(args.chunk), "--repeats", str(args.repeats)]
+        out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+        results[variant] = json.loads(out.strip().splitlines()[-1])
+    naive, chunked = results["naive"], results["chunked"]
+    print(
+        f"\nKD loss forward+backward, {args.tokens} tokens x vocab {vocab:,}, hidden {args.hidden}, "
+        f"chunk {args.chunk}, fp32, {naive['device']}"
+    )
+    print(f"{'':10}{'peak MiB':>12}{'seconds':>10}{'loss':>12}")
+    for name, row in results.items():
+        print(f"{name:10}{row['peak_bytes'] / 2**20:12.0f}{row['seconds']:10.3f}{row['loss']:12.5f}")
+    print(f"loss difference: {abs(chunked['loss'] - naive['loss']):.2e}")
+    return chunked["peak_bytes"] / naive["peak_bytes"], chunked["seconds"] / naive["seconds"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=8 * 1024, help="batch x sequence length")
-    parser.add_argument("--vocab", type=int, default=49152)
+    parser.add_argument("--tokens", type=int, default=4 * 1024, help="batch x sequence length")
+    parser.add_argument("--vocab", type=int, nargs="+", default=[49152, 128256, 152064])
     parser.add_argument("--hidden", type=int, default=576)
     parser.add_argument("--chunk", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:
-        print(json.dumps(measure(args.variant, args.tokens, args.vocab, args.hidden, args.chunk, args.repeats)))
+        print(json.dumps(measure(args.variant, args.tokens, args.vocab[0], args.hidden, args.chunk, args.repeats)))
         return
-    results = {}
-    for variant in ("naive", "chunked"):
-        out = subprocess.run(
-            [sys.executable, __file__, "--variant", variant, *sys.argv[1:]], capture_output=True, text=True, check=True
-        ).stdout
-        results[variant] = json.loads(out.strip().splitlines()[-1])
-    naive, chunked = results["naive"], results["chunked"]
-    print(
-        f"KD loss forward+backward, {args.tokens} tokens x vocab {args.vocab}, hidden {args.hidden}, "
-        f"chunk {args.chunk}, fp32, {naive['device']}"
-    )
-    print(f"{'':10}{'peak MiB':>12}{'seconds':>10}{'loss':>12}")
-    for name, row in results.items():
-        print(f"{name:10}{row['peak_bytes'] / 2**20:12.0f}{row['seconds']:10.3f}{row['loss']:12.5f}")
-    memory_ratio = chunked["peak_bytes"] / naive["peak_bytes"]
-    time_ratio = chunked["seconds"] / naive["seconds"]
-    print(f"chunked/naive peak memory: {memory_ratio:.1%}   (target <= 25%)")
-    print(f"chunked/naive time:        {time_ratio:.2f}x   (target <= 1.10x)")
-    print(f"loss difference:           {abs(chunked['loss'] - naive['loss']):.2e}")
+    ratios = {vocab: _compare(args, vocab) for vocab in args.vocab}
+    print(f"\n{'vocabulary':>12}{'peak chunked/naive':>20}{'time chunked/naive':>20}   (targets <= 10 %, <= 1.0x)")
+    for vocab, (memory, seconds) in ratios.items():
+        print(f"{vocab:>12,}{memory:>20.1%}{seconds:>19.2f}x")
 
 
 if __name__ == "__main__":

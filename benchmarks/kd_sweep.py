@@ -49,7 +49,7 @@ def _settings(args) -> dict[str, tuple[str, dict, dict]]:
     }
     for rate in LEARNING_RATES:
         settings[f"learningRate={rate:g}"] = (
-            f"{prefix}lr{rate:g}".replace(".", "p"),
+            f"{prefix}kd",
             {"knowledge": BASELINE},
             {"learningRate": rate},
         )

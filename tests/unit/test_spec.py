@@ -342,3 +342,17 @@ def test_spec_hashes_survive_new_fields_with_defaults():
         _mutated(lambda d: d["spec"].update(gates=[{"metric": "perplexity.perplexity", "atMost": 50}]))
     ).spec.gates
     assert spec_hash(gated) != published["kd-smollm2.yaml"]  # a field that is set still counts
+
+
+def test_the_training_strategy_is_placement_not_result():
+    """ddp and fsdp train the same weights: a job's stages are the same work under either, so a run resumes
+    (and a finished stage counts) whichever the strategy."""
+    from potential_meme.spec.plan import spec_hash
+
+    hashes = {
+        strategy: spec_hash(parse_job(_mutated(lambda d, s=strategy: d["spec"]["training"].update(strategy=s))))
+        for strategy in ("auto", "ddp", "fsdp")
+    }
+    assert len(set(hashes.values())) == 1
+    changed = _mutated(lambda d: d["spec"]["training"].update(seed=7))
+    assert spec_hash(parse_job(changed)) != hashes["auto"]

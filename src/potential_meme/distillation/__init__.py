@@ -175,7 +175,7 @@ class LayerwiseDistiller(_Distiller):
         *,
         temperature: float = 2.0,
         alpha: float = 0.5,
-        layer_loss: str = "mse",
+        layer_loss: str = "cosine",
         output_uri: str = "file://./runs",
         job_name: str | None = None,
         verbose: bool = True,

@@ -13,7 +13,7 @@ from ..metrics import trainer as metrics
 from ..spec.errors import SpecError
 from ..spec.models import DistillationJob
 from ..spec.plan import MANIFEST, STUDENT_DIR, Stage, stage_manifest
-from ..storage import file_sha256, open_store, sync_up, write_json
+from ..storage import open_store, publish_folder, write_json
 from .finish import finished_manifest
 from .models import load_model, resolve
 from .runtime import Runtime
@@ -35,17 +35,12 @@ def run_export_stage(job: DistillationJob, stage: Stage, runtime: Runtime) -> di
                 exported = export_model(student, method.formats, tmp, job.spec.training.seed, precision)
             except ExportUnavailable as exc:
                 raise SpecError([("spec.method.mobile.formats", str(exc))], job.metadata.name) from None
-            files = [
-                {"path": str(path.relative_to(tmp)), "sha256": file_sha256(path), "bytes": path.stat().st_size}
-                for result in exported.values()
-                for path in result.files
-            ]
             limit = method.target_size_mb * 1e6
             formats = {
                 name: {**result.as_dict(), "withinTargetSize": result.bytes <= limit}
                 for name, result in exported.items()
             }
-            sync_up(store, Path(tmp), "")
+            files = publish_folder(store, Path(tmp), "")
         for name, result in formats.items():
             checked = (
                 result["runtime"]

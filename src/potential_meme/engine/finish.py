@@ -11,7 +11,7 @@ from torch import nn
 from ..spec.errors import StageError
 from ..spec.models import DistillationJob, EvaluationJob
 from ..spec.plan import MANIFEST, STUDENT_DIR, Stage, measurement_key, spec_hash
-from ..storage import ArtifactStore, file_sha256, open_store, read_json_if_exists, sync_up, write_json
+from ..storage import ArtifactStore, open_store, publish_folder, read_json_if_exists, write_json
 
 
 def finished_manifest(job: DistillationJob | EvaluationJob, stage: Stage) -> dict[str, Any] | None:
@@ -38,17 +38,7 @@ def _save_student(
     with tempfile.TemporaryDirectory(prefix="potential-meme-student-") as tmp:
         student.save_pretrained(tmp, state_dict=state)
         tokenizer.save_pretrained(tmp)
-        files = [
-            {
-                "path": STUDENT_DIR + str(path.relative_to(tmp)),
-                "sha256": file_sha256(path),
-                "bytes": path.stat().st_size,
-            }
-            for path in sorted(Path(tmp).rglob("*"))
-            if path.is_file()
-        ]
-        sync_up(store, Path(tmp), STUDENT_DIR)
-    return files
+        return publish_folder(store, Path(tmp), STUDENT_DIR)
 
 
 def publish(

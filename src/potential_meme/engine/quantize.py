@@ -20,7 +20,7 @@ from ..metrics import trainer as gauges
 from ..spec.errors import SpecError
 from ..spec.models import DistillationJob, QuantizedMethod
 from ..spec.plan import ADAPTERS_DIR, STUDENT_DIR, Stage
-from ..storage import ArtifactStore, file_sha256, sync_up
+from ..storage import ArtifactStore, publish_folder
 from .finish import finished_manifest
 from .models import ResolvedModel, parameter_count, resolve
 
@@ -166,17 +166,7 @@ def publish_adapters(model: nn.Module, store: ArtifactStore) -> list[dict[str, A
     """Upload the LoRA adapters (peft's folder) beside the student; returns each file's path, size and sha256."""
     with tempfile.TemporaryDirectory(prefix="potential-meme-adapters-") as tmp:
         model.save_pretrained(tmp)
-        files = [
-            {
-                "path": ADAPTERS_DIR + str(path.relative_to(tmp)),
-                "sha256": file_sha256(path),
-                "bytes": path.stat().st_size,
-            }
-            for path in sorted(Path(tmp).rglob("*"))
-            if path.is_file()
-        ]
-        sync_up(store, Path(tmp), ADAPTERS_DIR)
-    return files
+        return publish_folder(store, Path(tmp), ADAPTERS_DIR)
 
 
 def as_loaded(model: nn.Module, device: torch.device) -> nn.Module:

@@ -220,3 +220,27 @@ def load_trained_state(module: nn.Module, state: dict[str, torch.Tensor]) -> Non
             f"the saved state does not fit the model: missing {sorted(trainable.intersection(missing))[:3]}, "
             f"unexpected {unexpected[:3]}"
         )
+
+
+def _local_bytes(tensor: torch.Tensor) -> int:
+    local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+    return local.numel() * local.element_size()
+
+
+def held_bytes(modules: list[nn.Module | None], optimizer: torch.optim.Optimizer) -> int:
+    """Bytes this process holds of the modules' parameters and gradients and of the optimizer's state (its
+    shards only, where sharded): what the strategy divides, measured rather than estimated."""
+    parameters = {id(p): p for module in modules if module is not None for p in module.parameters()}.values()
+    total = sum(_local_bytes(p) + (_local_bytes(p.grad) if p.grad is not None else 0) for p in parameters)
+    for state in optimizer.state.values():
+        total += sum(_local_bytes(value) for value in state.values() if torch.is_tensor(value) and value.dim())
+    return total
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """The most this process has held: allocated GPU memory, or on the CPU its peak resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux

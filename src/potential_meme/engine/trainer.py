@@ -36,7 +36,7 @@ from .models import parameter_count
 from .progress import Progress, shown_perplexity
 from .quantize import add_quantization_report, as_loaded, is_adapted, publish_adapters
 from .runtime import Runtime, start_runtime
-from .sharding import clip_gradients, full_state, is_sharded, load_trained_state
+from .sharding import clip_gradients, full_state, held_bytes, is_sharded, load_trained_state, peak_memory_bytes
 from .stage_setup import set_up
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ def run_distill_stage(
     metrics.CURRENT_STEP.labels(**labels).set(step)
     tokens_per_step = setup.batches.rows_per_step * training.max_seq_length
     progress = Progress(runtime, total_steps, step, training.log_every_steps, f"{job.metadata.name}/{stage.name}")
-    started, losses = time.monotonic(), []
+    started, losses, held = time.monotonic(), [], None
     setup.objective.train()
     with resume.Preemption() as preemption:
         while step < total_steps:
@@ -108,6 +108,8 @@ def run_distill_stage(
             if training.max_grad_norm is not None:
                 clip_gradients(setup.objective, training.max_grad_norm)
             setup.optimizer.step()
+            if held is None:  # gradients and optimizer state all exist now
+                held = held_bytes([setup.objective, setup.teacher_model], setup.optimizer)
             setup.scheduler.step()
             setup.optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -192,6 +194,8 @@ def run_distill_stage(
             "teacherParameters": parameter_count(setup.teacher_model) if setup.teacher_model is not None else None,
             "studentParameters": parameter_count(setup.student),
             "validationTokens": int(setup.validation_rows.numel()),
+            "heldBytesPerProcess": held,
+            "peakMemoryBytes": peak_memory_bytes(runtime.device),
             **adapters,
             **setup.facts,
         },

@@ -255,9 +255,10 @@ class LayerwiseMethod(KnowledgeMethod):
         default=None, description="Weight of each pair's loss; 1 each when unset."
     )
     layer_loss: Literal["mse", "cosine"] = Field(
-        default="mse",
+        default="cosine",
         description=(
-            "mse: mean squared error relative to the teacher state's mean square; cosine: 1 - cosine similarity."
+            "cosine: 1 - cosine similarity (measured best: it beat logit KD alone where mse lost to it); mse: mean "
+            "squared error relative to the teacher state's mean square."
         ),
     )
 

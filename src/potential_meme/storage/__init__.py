@@ -244,11 +244,24 @@ def download_to_scratch(uri: str, purpose: str) -> Path:
 def sync_up(store: ArtifactStore, local_dir: Path, prefix: str) -> list[str]:
     prefix = prefix.rstrip("/") + "/" if prefix else ""
     keys = []
-    for path in sorted(p for p in Path(local_dir).rglob("*") if p.is_file()):
+    for path in _files_in(local_dir):
         key = prefix + str(path.relative_to(local_dir))
         store.upload_file(path, key)
         keys.append(key)
     return keys
+
+
+def publish_folder(store: ArtifactStore, local_dir: Path, prefix: str) -> list[dict[str, Any]]:
+    """Upload a folder under `prefix`; returns each file's key, size and sha256, as a manifest lists them for
+    every later reader to check."""
+    return [
+        {"path": key, "sha256": file_sha256(path), "bytes": path.stat().st_size}
+        for key, path in zip(sync_up(store, local_dir, prefix), _files_in(local_dir), strict=True)
+    ]
+
+
+def _files_in(local_dir: Path) -> list[Path]:
+    return sorted(p for p in Path(local_dir).rglob("*") if p.is_file())
 
 
 def read_json(store: ArtifactStore, key: str) -> Any:
