@@ -26,17 +26,18 @@ MIB = 2**20
 
 def _run(name: str, strategy: str, processes: int, args: argparse.Namespace, output: Path) -> dict:
     """Train the job under torchrun and return its manifest's metrics (skipped when already done)."""
-    manifest = output / name / "distill" / "manifest.json"
+    planned = job(
+        name,
+        {"knowledge": {}},
+        args,
+        {"fromTeacher": {"numLayers": args.layers}},
+        strategy=strategy,
+        batchSize=1,
+        gradientAccumulationSteps=4 // processes,
+    )
+    manifest = output / planned.metadata.name / "distill" / "manifest.json"
     if not manifest.exists():
-        document = job(
-            name,
-            {"knowledge": {}},
-            args,
-            {"fromTeacher": {"numLayers": args.layers}},
-            strategy=strategy,
-            batchSize=1,
-            gradientAccumulationSteps=4 // processes,
-        ).model_dump(by_alias=True, exclude_none=True, mode="json")
+        document = planned.model_dump(by_alias=True, exclude_none=True, mode="json")
         document["spec"]["output"]["uri"] = str(output)
         document["spec"]["resources"] = {"gpusPerNode": processes}
         with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as file:

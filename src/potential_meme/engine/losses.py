@@ -26,6 +26,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .teacher_cache import TopKTargets, student_buckets
+
 IGNORE_INDEX = -100
 DIVERGENCES = ("forwardKL", "reverseKL", "jsd")
 
@@ -45,35 +47,56 @@ def token_divergence(
     """Per-token divergence between the temperature-softened distributions, shape [tokens]."""
     student_logp = F.log_softmax(_upcast(student_logits) / temperature, dim=-1)
     teacher_logp = F.log_softmax(_upcast(teacher_logits) / temperature, dim=-1)
+    return divergence_of(student_logp, teacher_logp, divergence, beta)
+
+
+LOG_PROB_FLOOR = -1e4  # exp() of it is 0 in fp32: an outcome of no probability, kept finite for autograd
+
+
+def _kl(p_logp: torch.Tensor, q_logp: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) per row. Log-probabilities are floored so that an outcome neither side gives any
+    probability (a cached teacher's empty tail bucket, log-prob -inf) adds 0, with a finite gradient."""
+    p_logp, q_logp = p_logp.clamp_min(LOG_PROB_FLOOR), q_logp.clamp_min(LOG_PROB_FLOOR)
+    return (p_logp.exp() * (p_logp - q_logp)).sum(-1)
+
+
+def divergence_of(
+    student_logp: torch.Tensor, teacher_logp: torch.Tensor, divergence: str, beta: float = 0.5
+) -> torch.Tensor:
+    """Per-row divergence between two distributions given as log-probabilities over the same outcomes
+    (the whole vocabulary, or a cached teacher's top-k tokens and the bucket of all the others)."""
     if divergence == "forwardKL":
-        return (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1)
+        return _kl(teacher_logp, student_logp)
     if divergence == "reverseKL":
-        return (student_logp.exp() * (student_logp - teacher_logp)).sum(-1)
+        return _kl(student_logp, teacher_logp)
     if divergence == "jsd":
         mixture_logp = torch.logsumexp(
             torch.stack([teacher_logp + math.log(beta), student_logp + math.log(1 - beta)]), dim=0
         )
-        to_teacher = (teacher_logp.exp() * (teacher_logp - mixture_logp)).sum(-1)
-        to_student = (student_logp.exp() * (student_logp - mixture_logp)).sum(-1)
-        return beta * to_teacher + (1 - beta) * to_student
+        return beta * _kl(teacher_logp, mixture_logp) + (1 - beta) * _kl(student_logp, mixture_logp)
     raise ValueError(f"divergence {divergence!r}: accepted {', '.join(DIVERGENCES)}")
 
 
 def _chunk_loss_sums(
     student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor | None,
+    teacher: torch.Tensor | TopKTargets | None,
     labels: torch.Tensor,
     alpha: float,
     temperature: float,
     divergence: str,
     beta: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sums over the valid tokens of one chunk: (cross-entropy, T^2-scaled divergence)."""
+    """Sums over the valid tokens of one chunk: (cross-entropy, T^2-scaled divergence). `teacher`: its full
+    logits, or its cached top-k targets (at `temperature` already)."""
     valid = labels != IGNORE_INDEX
     ce = F.cross_entropy(_upcast(student_logits), labels, ignore_index=IGNORE_INDEX, reduction="sum")
-    if teacher_logits is None or alpha == 1:
+    if teacher is None or alpha == 1:
         return ce, ce.new_zeros(())
-    per_token = token_divergence(student_logits, teacher_logits, divergence, temperature, beta)
+    if isinstance(teacher, TopKTargets):
+        student_logp = F.log_softmax(_upcast(student_logits) / temperature, dim=-1)
+        per_token = divergence_of(student_buckets(student_logp, teacher.ids), teacher.log_probs, divergence, beta)
+    else:
+        per_token = token_divergence(student_logits, teacher, divergence, temperature, beta)
     return ce, temperature**2 * per_token[valid].sum()
 
 
@@ -100,6 +123,7 @@ class ChunkedKDLoss(torch.autograd.Function):
         student_weight: torch.Tensor,  # [V, H]
         teacher_hidden: torch.Tensor | None,  # [N, Ht]
         teacher_weight: torch.Tensor | None,  # [Vt, Ht]: Vt may differ from V by padding (align_vocabulary)
+        teacher_targets: TopKTargets | None,  # instead of teacher_hidden and teacher_weight: a cache's, [N]
         labels: torch.Tensor,  # [N], IGNORE_INDEX where no loss
         alpha: float,
         temperature: float,
@@ -119,14 +143,16 @@ class ChunkedKDLoss(torch.autograd.Function):
             if not bool((chunk_labels != IGNORE_INDEX).any()):
                 continue
             hidden = student_hidden[start : start + chunk_size].detach()
-            teacher_logits = None
-            if teacher_hidden is not None and alpha < 1:
-                teacher_logits = align_vocabulary(
+            teacher = None
+            if teacher_targets is not None:
+                teacher = teacher_targets[start : start + chunk_size]
+            elif teacher_hidden is not None and alpha < 1:
+                teacher = align_vocabulary(
                     teacher_hidden[start : start + chunk_size] @ teacher_weight.detach().T, weight.shape[0]
                 )
             with torch.enable_grad():
                 logits = _upcast(hidden @ weight.T).requires_grad_()
-                ce, kd = _chunk_loss_sums(logits, teacher_logits, chunk_labels, alpha, temperature, divergence, beta)
+                ce, kd = _chunk_loss_sums(logits, teacher, chunk_labels, alpha, temperature, divergence, beta)
                 chunk_loss = (alpha * ce + (1 - alpha) * kd) / valid_tokens
                 (grad_logits,) = torch.autograd.grad(chunk_loss, logits)
             grad_logits = grad_logits.to(weight.dtype)
@@ -142,7 +168,7 @@ class ChunkedKDLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_ce, _grad_kd):  # type: ignore[override]
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None, None, None, None, None, None, None
+        return grad_hidden * grad_loss, grad_weight * grad_loss, *([None] * 9)
 
 
 def chunked_kd_loss(
@@ -157,8 +183,10 @@ def chunked_kd_loss(
     divergence: str = "forwardKL",
     beta: float = 0.5,
     chunk_size: int = 256,
+    teacher_targets: TopKTargets | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, mean CE, mean scaled divergence) over valid tokens; hidden states are [N, H]."""
+    """(loss, mean CE, mean scaled divergence) over valid tokens; hidden states are [N, H]. The teacher is
+    `teacher_hidden` through `teacher_weight`, or `teacher_targets` cached at `temperature`."""
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence {divergence!r}: accepted {', '.join(DIVERGENCES)}")
     return ChunkedKDLoss.apply(
@@ -166,6 +194,7 @@ def chunked_kd_loss(
         student_weight,
         teacher_hidden,
         teacher_weight,
+        teacher_targets,
         labels,
         alpha,
         temperature,

@@ -1,0 +1,85 @@
+"""A teacher's next-token distributions kept as top-k log-probabilities, so KD can run without the teacher.
+
+Per token the cache keeps the k most likely token ids, their log-probabilities at the job's temperature,
+and the log of the probability left to all other tokens (the tail bucket). KD from the cache compares
+student and teacher over those k + 1 outcomes: the student's top-k entries are its log-probabilities at
+the same ids, its tail is the log-sum-exp of all its other tokens. With k equal to the vocabulary the
+tail is empty and the loss is exactly the online one.
+
+Stored, a token costs 4 + k x (1 + id bytes) bytes: the top log-probability and the tail in fp16, each
+top-k log-probability as 1/16-nat steps below the top (8 bits, 16 nats deep: entries below that are
+1e-7 of the top one), and ids in 2 bytes for vocabularies up to 65,536, else 3. k = 32 over SmolLM2's
+49,152 words is 100 bytes a token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+STEPS_PER_NAT = 16  # resolution of the stored log-probabilities: +-1/32 nat, 3 % of a probability
+
+
+@dataclass(frozen=True)
+class TopKTargets:
+    """A teacher's targets for N tokens: ids [N, k] and log-probabilities [N, k + 1] (top-k, then the tail)."""
+
+    ids: torch.Tensor
+    log_probs: torch.Tensor
+
+    def __getitem__(self, rows: slice) -> TopKTargets:
+        return TopKTargets(self.ids[rows], self.log_probs[rows])
+
+
+def top_k_targets(teacher_logits: torch.Tensor, k: int, temperature: float) -> TopKTargets:
+    """The exact top-k targets of full logits [N, V] at `temperature` (k may be the whole vocabulary)."""
+    log_probs = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    top, ids = log_probs.topk(k, dim=-1)
+    rest = log_probs.scatter(-1, ids, -torch.inf).logsumexp(-1, keepdim=True)  # -inf when k is the vocabulary
+    return TopKTargets(ids, torch.cat([top, rest], dim=-1))
+
+
+def student_buckets(student_log_probs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The student's log-probabilities [N, V] over the same k + 1 outcomes as the teacher's cached targets."""
+    top = student_log_probs.gather(-1, ids)
+    rest = student_log_probs.scatter(-1, ids, -torch.inf).logsumexp(-1, keepdim=True)
+    return torch.cat([top, rest], dim=-1)
+
+
+def id_bytes(vocabulary: int) -> int:
+    if vocabulary > 2**24:
+        raise ValueError(f"a vocabulary of {vocabulary:,} words is beyond the cache's 3-byte ids")
+    return 2 if vocabulary <= 2**16 else 3
+
+
+def bytes_per_token(k: int, vocabulary: int) -> int:
+    return 4 + k * (1 + id_bytes(vocabulary))
+
+
+def encode(targets: TopKTargets, vocabulary: int) -> dict[str, torch.Tensor]:
+    """The compressed arrays of `targets` (uint8 and fp16 only, for safetensors)."""
+    top = targets.log_probs[:, :1]
+    steps = ((top - targets.log_probs[:, :-1]) * STEPS_PER_NAT).round().clamp(0, 255).to(torch.uint8)
+    ids = targets.ids.to(torch.int64)
+    width = id_bytes(vocabulary)
+    packed = torch.stack([(ids >> (8 * byte)) & 0xFF for byte in range(width)], dim=-1).to(torch.uint8)
+    return {
+        "ids": packed.reshape(ids.shape[0], -1),
+        "steps": steps,
+        "top": top.squeeze(-1).to(torch.float16),
+        "tail": targets.log_probs[:, -1].clamp_min(-65504).to(torch.float16),  # fp16's floor stands for -inf
+    }
+
+
+def decode(arrays: dict[str, torch.Tensor], vocabulary: int) -> TopKTargets:
+    """Targets from `encode`'s arrays, renormalized over the k + 1 outcomes (rounding moved their sum off 1)."""
+    width = id_bytes(vocabulary)
+    packed = arrays["ids"].to(torch.int64).reshape(arrays["ids"].shape[0], -1, width)
+    ids = sum(packed[..., byte] << (8 * byte) for byte in range(width))
+    top = arrays["top"].float().unsqueeze(-1)
+    tail = arrays["tail"].float().unsqueeze(-1)
+    tail = torch.where(tail <= -65504, -torch.inf, tail)
+    log_probs = torch.cat([top - arrays["steps"].float() / STEPS_PER_NAT, tail], dim=-1)
+    return TopKTargets(ids, log_probs.log_softmax(-1))
