@@ -16,6 +16,7 @@ from .objective import HiddenStateTap, hidden_states
 from .on_policy import pieces
 from .runtime import Runtime
 from .sharding import average_whole_gradients, gradient_sync, is_sharded, trained_state
+from .teacher_cache import CachedTeacher
 
 
 class Batches:
@@ -54,8 +55,8 @@ class Batches:
                 ]
             )
 
-    def step_batches(self, step: int, runtime: Runtime) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(input ids, labels) of each micro-batch this process runs at `step`."""
+    def step_batches(self, step: int, runtime: Runtime) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(input ids, labels, row indices) of each micro-batch this process runs at `step`."""
         epoch, position = divmod(step, self.steps_per_epoch)
         order = epoch_order(self.rows.shape[0], epoch, self.seed)
         first = position * self.rows_per_step
@@ -63,14 +64,15 @@ class Batches:
         for micro in range(self.accumulation):
             offset = first + (micro * self.world_size + runtime.rank) * self.batch_size
             chosen = order[offset : offset + self.batch_size]
-            batches.append((self.rows[chosen].to(runtime.device), self.labels[chosen].to(runtime.device)))
+            batches.append((self.rows[chosen].to(runtime.device), self.labels[chosen].to(runtime.device), chosen))
         return batches
 
 
 @dataclass
 class Teacher:
-    model: nn.Module
+    model: nn.Module | None  # None: a cache stands in for it, or an API teacher wrote the text
     tap: HiddenStateTap | None  # layerwise: the teacher states the student matches
+    cache: CachedTeacher | None = None  # its targets, read instead of running it
 
     def forward(self, batch: torch.Tensor) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         with torch.inference_mode():
@@ -93,8 +95,9 @@ def accumulate_gradients(
     """Forward and backward every micro-batch of one step; returns its mean losses over processes.
     `on_policy`: a share of each micro-batch is rewritten by `student` first (seeded by `seed` and the micro-batch)."""
     totals = [0.0, 0.0, 0.0, 0.0]
-    for micro, (batch, labels) in enumerate(batches):
+    for micro, (batch, labels, rows) in enumerate(batches):
         parts = pieces(batch, labels, on_policy, student, seed * 1_000 + micro)
+        targets = teacher.cache.targets(rows) if teacher.cache is not None else None  # no on-policy: one piece
         for number, piece in enumerate(parts):
             last = micro == len(batches) - 1 and number == len(parts) - 1
             with gradient_sync(model, runtime, last), runtime.autocast():
@@ -102,7 +105,7 @@ def accumulate_gradients(
                     teacher.forward(piece.input_ids) if teacher_weight is not None else (None, None)
                 )
                 loss, *components = model(
-                    piece.input_ids, piece.labels, teacher_hidden, teacher_weight, teacher_states, piece.alpha
+                    piece.input_ids, piece.labels, teacher_hidden, teacher_weight, teacher_states, piece.alpha, targets
                 )
                 (loss * piece.share / len(batches)).backward()
             for index, value in enumerate((loss.detach(), *components)):

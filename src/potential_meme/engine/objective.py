@@ -77,8 +77,11 @@ class DistillationObjective(nn.Module):
                     nn.Identity() if width == teacher_hidden_size else nn.Linear(width, teacher_hidden_size, bias=False)
                 )
 
-    def forward(self, input_ids, labels, teacher_hidden, teacher_weight, teacher_states=None, alpha=None):
-        """`alpha`: the method's unless given (0 for text the student wrote: the teacher alone scores it)."""
+    def forward(
+        self, input_ids, labels, teacher_hidden, teacher_weight, teacher_states=None, alpha=None, teacher_targets=None
+    ):
+        """`alpha`: the method's unless given (0 for text the student wrote: the teacher alone scores it).
+        `teacher_targets`: a teacher cache's, instead of `teacher_hidden` and `teacher_weight`."""
         hidden = hidden_states(self.student, input_ids)
         loss, ce, kd = chunked_kd_loss(
             hidden.reshape(-1, hidden.shape[-1]),
@@ -91,6 +94,7 @@ class DistillationObjective(nn.Module):
             divergence=self.method.divergence,
             beta=self.method.beta,
             chunk_size=self.method.chunk_size,
+            teacher_targets=teacher_targets,
         )
         layer_loss = torch.zeros((), device=loss.device)
         if self.tap is not None:

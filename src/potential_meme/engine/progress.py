@@ -85,6 +85,13 @@ def stage_summary(job_name: str, manifests: list[dict[str, Any]], student_uri: s
             )
             lines.append(f"  {manifest['stage']:<18}{written}")
             continue
+        if "cache" in manifest:  # the teacher's targets, kept for the stages after
+            cache = manifest["cache"]
+            lines.append(
+                f"  {manifest['stage']:<18}{cache['tokens']:>16,} tokens cached, top {cache['topK']}, "
+                f"{cache['bytesPerToken']} bytes a token"
+            )
+            continue
         if manifest not in trained:  # the teacher wrote: answers to prompts, or variants of passages
             done = (
                 f"{row['prompts']:,} prompts answered"
@@ -100,7 +107,7 @@ def stage_summary(job_name: str, manifests: list[dict[str, Any]], student_uri: s
         )
     elsewhere = [
         (manifest["stage"], name, values)
-        for manifest in manifests
+        for manifest in trained
         for name, values in manifest["metrics"].get("validationSets", {}).items()
     ]
     if elsewhere:

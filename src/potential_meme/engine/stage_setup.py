@@ -12,7 +12,7 @@ from torch import nn
 
 from ..spec.errors import SpecError, StageError
 from ..spec.models import DerivedStudent, DistillationJob
-from ..spec.plan import AUGMENTED, STUDENT_DIR, Stage, StageKind, plan_stages, responses_uri
+from ..spec.plan import AUGMENTED, STUDENT_DIR, Stage, StageKind, plan_stages, responses_uri, teacher_cache_uri
 from ..storage import open_store
 from .data import Document, load_documents, load_validation_sets, pack, split_documents
 from .finish import finished_manifest
@@ -27,6 +27,7 @@ from .responses import load_responses, pack_exchanges
 from .runtime import Runtime, perplexity
 from .schedule import lr_lambda
 from .sharding import choose_strategy, shard_layers
+from .teacher_cache import cache_identity, open_cache
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ class TrainingRows:
     facts: dict[str, Any] = field(default_factory=dict)
 
 
-def _corpus_rows(job: DistillationJob, tokenizer: Any, previous: Stage | None) -> TrainingRows:
+def corpus_rows(job: DistillationJob, tokenizer: Any, previous: Stage | None = None) -> TrainingRows:
     """The corpus, split; an augmented job trains on its augment stage's kept variants too."""
     spec = job.spec
     train_docs, validation_docs = load_documents(spec.dataset)
@@ -72,6 +73,22 @@ def _corpus_rows(job: DistillationJob, tokenizer: Any, previous: Stage | None) -
         pack(validation_docs, tokenizer, length, max_rows=spec.dataset.max_validation_sequences),
         facts=facts,
     )
+
+
+def validation_rows(job: DistillationJob, tokenizer: Any) -> dict[str, torch.Tensor]:
+    """The packed rows of each further validation set (dataset.validation), by name."""
+    spec = job.spec
+    documents = load_validation_sets(spec.dataset)
+    return {
+        entry.name: pack(
+            documents[entry.name],
+            tokenizer,
+            spec.training.max_seq_length,
+            f"spec.dataset.validation.{index}.source",
+            max_rows=entry.max_sequences or spec.dataset.max_validation_sequences,
+        )
+        for index, entry in enumerate(spec.dataset.validation)
+    }
 
 
 def _response_rows(job: DistillationJob, tokenizer: Any) -> TrainingRows:
@@ -150,6 +167,8 @@ def _load_models(
         )
         student, kept = _derived_student(teacher, architecture, train_rows, runtime, facts_before)
         facts = {**facts, **kept}
+    elif job.spec.teacher.cache is not None and job.spec.student.model is not None:
+        teacher, student = None, load_model(models.student)  # the cache stands in for the teacher
     elif (derived := job.spec.student.from_teacher) is not None:
         teacher = load_model(models.teacher, dtype=dtype)
         student, facts = _derived_student(teacher, derived, train_rows, runtime, facts_before)
@@ -247,21 +266,14 @@ def set_up(
     previous = previous_stage(job, stage)  # before any work: its input must be ready
     tokenizer = load_tokenizer(models.teacher or models.student)
     # Before the models: data errors come fast.
-    rows = (
-        _response_rows(job, tokenizer) if spec.method.response is not None else _corpus_rows(job, tokenizer, previous)
-    )
-    documents_elsewhere = load_validation_sets(spec.dataset)
-    validation_sets = {
-        entry.name: pack(
-            documents_elsewhere[entry.name],
-            tokenizer,
-            training.max_seq_length,
-            f"spec.dataset.validation.{index}.source",
-            max_rows=entry.max_sequences or spec.dataset.max_validation_sequences,
-        )
-        for index, entry in enumerate(spec.dataset.validation)
-    }
+    rows = _response_rows(job, tokenizer) if spec.method.response is not None else corpus_rows(job, tokenizer, previous)
+    validation_sets = validation_rows(job, tokenizer)
+    cache = None
+    if (cache_uri := teacher_cache_uri(job)) is not None:  # checked before any weights load
+        cache = open_cache(cache_uri, cache_identity(job, tokenizer, rows.train))
     teacher_model, student, facts = _load_models(job, stage, previous, models, rows.train, runtime, facts_before)
+    if cache is not None:
+        teacher_model = None  # loaded at most to derive the student from; the cache stands in for it
     vocabulary = models.vocabulary
     if vocabulary is not None and vocabulary.teacher_rows != vocabulary.student_rows:
         log.info(
@@ -274,7 +286,9 @@ def set_up(
     if training.gradient_checkpointing:
         student.gradient_checkpointing_enable()
     layerwise = spec.method.layerwise
-    teacher = Teacher(teacher_model, HiddenStateTap(teacher_model, layerwise.teacher_layers) if layerwise else None)
+    teacher = Teacher(
+        teacher_model, HiddenStateTap(teacher_model, layerwise.teacher_layers) if layerwise else None, cache
+    )
     batches = Batches(
         rows.train, training.batch_size, accumulation, runtime.world_size, training.seed, rows.train_labels
     )
@@ -320,7 +334,9 @@ def set_up(
         teacher_model=teacher_model,
         teacher=teacher,
         teacher_weight=(
-            teacher_model.get_output_embeddings().weight if method.alpha < 1 or layerwise or method.on_policy else None
+            teacher_model.get_output_embeddings().weight
+            if teacher_model is not None and (method.alpha < 1 or layerwise or method.on_policy)
+            else None
         ),
         student=student,
         objective=objective,

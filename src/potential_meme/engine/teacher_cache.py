@@ -14,10 +14,20 @@ top-k log-probability as 1/16-nat steps below the top (8 bits, 16 nats deep: ent
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+
+from ..spec.errors import StageError
+from ..spec.models import DistillationJob
+from ..spec.plan import MANIFEST
+from ..storage import download_to_scratch, file_sha256, open_store, read_json_if_exists
 
 STEPS_PER_NAT = 16  # resolution of the stored log-probabilities: +-1/32 nat, 3 % of a probability
 
@@ -83,3 +93,86 @@ def decode(arrays: dict[str, torch.Tensor], vocabulary: int) -> TopKTargets:
     tail = torch.where(tail <= -65504, -torch.inf, tail)
     log_probs = torch.cat([top - arrays["steps"].float() / STEPS_PER_NAT, tail], dim=-1)
     return TopKTargets(ids, log_probs.log_softmax(-1))
+
+
+# ---------------------------------------------------------------- the cache in the artifact store
+
+SHARD_ROWS = 256  # training rows per shard file
+
+
+def tokenizer_hash(tokenizer: Any) -> str:
+    """What decides which id a token gets: the vocabulary and the special tokens."""
+    described = {"vocabulary": sorted(tokenizer.get_vocab().items()), "special": tokenizer.all_special_tokens}
+    return hashlib.sha256(json.dumps(described).encode()).hexdigest()
+
+
+def rows_hash(rows: torch.Tensor) -> str:
+    """The packed training rows, token for token: the same corpus, split and packing, or not."""
+    digest = hashlib.sha256(str(tuple(rows.shape)).encode())
+    digest.update(rows.to(torch.int64).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def shard_name(key: str, index: int) -> str:
+    """Shard files carry the cache's identity: a rerun of another spec in the same folder never reuses them."""
+    return f"shard-{key[:12]}-{index:05d}.safetensors"
+
+
+def cache_key(identity: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def cache_identity(job: DistillationJob, tokenizer: Any, train_rows: torch.Tensor) -> dict[str, Any]:
+    """What a cache's targets depend on; a distill stage reading a cache must match all of it."""
+    return {
+        "teacher": job.spec.teacher.model,
+        "tokenizerHash": tokenizer_hash(tokenizer),
+        "corpusHash": rows_hash(train_rows),
+        "temperature": job.spec.method.knowledge.temperature,
+    }
+
+
+class CachedTeacher:
+    """A cache's targets for any training rows, read from its shard files (memory-mapped, row by row)."""
+
+    def __init__(self, manifest: dict[str, Any], folder: Path):
+        cache = manifest["cache"]
+        self.vocabulary, self.shard_rows = cache["vocabulary"], cache["shardRows"]
+        self._shards = [safe_open(str(folder / name), framework="pt") for name in cache["shards"]]
+        self.teacher_metrics = manifest["metrics"]
+
+    def targets(self, rows: torch.Tensor) -> TopKTargets:
+        """Targets of every position of `rows` (training row indices), flattened as the loss reads them."""
+        parts: dict[str, list[torch.Tensor]] = {name: [] for name in ("ids", "steps", "top", "tail")}
+        for row in rows.tolist():
+            shard, offset = divmod(row, self.shard_rows)
+            for name, arrays in parts.items():
+                arrays.append(self._shards[shard].get_slice(name)[offset : offset + 1].reshape(-1, *self._width(name)))
+        return decode({name: torch.cat(arrays) for name, arrays in parts.items()}, self.vocabulary)
+
+    def _width(self, name: str) -> tuple[int, ...]:
+        shape = self._shards[0].get_slice(name).get_shape()
+        return tuple(shape[2:])
+
+
+def open_cache(uri: str, identity: dict[str, Any], field: str = "spec.teacher.cache") -> CachedTeacher:
+    """The cache at `uri`, checked: made for this `identity` (teacher, tokenizer, corpus rows, temperature,
+    sequence length) and whole (every shard its manifest lists, byte for byte). Refused otherwise."""
+    store = open_store(uri)
+    manifest = read_json_if_exists(store, MANIFEST)
+    if manifest is None or "cache" not in manifest:
+        raise StageError(f"{uri}: no finished teacher cache there ({field}); run the job that makes it first")
+    recorded = manifest["cache"]["identity"]
+    differing = sorted(key for key in identity.keys() | recorded.keys() if identity.get(key) != recorded.get(key))
+    if differing:
+        raise StageError(
+            f"{uri}: this teacher cache was made for another {', '.join(differing)} than this job's "
+            f"(cached: {', '.join(f'{k}={str(recorded.get(k))[:16]}' for k in differing)}); make a cache for this "
+            f"job (teacher.cache.topK) or name the one made for it ({field})"
+        )
+    local = download_to_scratch(uri, "cache") if uri.startswith("s3://") else Path(store.root)
+    for entry in manifest["files"]:
+        path = local / entry["path"]
+        if not path.is_file() or path.stat().st_size != entry["bytes"] or file_sha256(path) != entry["sha256"]:
+            raise StageError(f"{uri}{entry['path']} is missing or differs from its manifest: make the cache again")
+    return CachedTeacher(manifest, local)

@@ -27,6 +27,7 @@ from ..spec.models import DistillationJob, EvaluationJob
 from ..spec.plan import Stage, StageKind, plan_stages, stage_manifest
 from ..storage import open_store
 from . import checkpoint, preflight, resume
+from .cache_stage import run_cache_stage
 from .evaluation import run_evaluation_stage
 from .export_stage import run_export_stage
 from .finish import finished_manifest, publish
@@ -60,12 +61,18 @@ def run_distill_stage(
         step = resumed_from = restored.step
         log.info("resuming %s/%s from checkpoint at step %d", job.metadata.name, stage.name, step)
     else:
+        cached = setup.teacher.cache.teacher_metrics if setup.teacher.cache is not None else None  # measured there
         before = {
-            "teacherPerplexity": setup.perplexity(setup.teacher_model),
+            "teacherPerplexity": cached["teacherPerplexity"] if cached else setup.perplexity(setup.teacher_model),
             "studentPerplexityBefore": setup.perplexity(setup.student),
         }
         if setup.validation_sets:
-            teacher, student = (setup.perplexities_elsewhere(model) for model in (setup.teacher_model, setup.student))
+            student = setup.perplexities_elsewhere(setup.student)
+            if cached:
+                elsewhere = cached.get("validationSets", {})
+                teacher = {name: elsewhere.get(name, {}).get("teacherPerplexity") for name in student}
+            else:
+                teacher = setup.perplexities_elsewhere(setup.teacher_model)
             before["validationSets"] = {
                 name: {"teacherPerplexity": teacher[name], "studentPerplexityBefore": student[name]} for name in teacher
             }
@@ -284,6 +291,8 @@ def _run_stage(
             return run_augment_stage(job, stage, runtime, models)
         if stage.kind is StageKind.EXPORT:
             return run_export_stage(job, stage, runtime)
+        if stage.kind is StageKind.CACHE_TEACHER:
+            return run_cache_stage(job, stage, runtime, models)
         return run_distill_stage(job, stage, runtime, models)  # distill and progressive stages share the loop
     finally:
         metrics.stage_finished(job.metadata.name, stage.name)

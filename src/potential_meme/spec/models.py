@@ -81,6 +81,38 @@ class TeacherEndpoint(Model):
     max_retries: int = Field(default=8, ge=0, le=50, description="Retries of a request on 429, 5xx and timeouts.")
 
 
+class TeacherCacheSpec(Model):
+    """The teacher's top-k next-token log-probabilities over the training corpus, computed once and read
+    instead of running the teacher: for several students, epochs or reruns of one corpus."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {"rule": "has(self.topK) != has(self.uri)", "message": "set exactly one of topK or uri"}
+            ]
+        }
+    )
+
+    top_k: int | None = Field(
+        default=None,
+        ge=1,
+        description="Make the cache in this job's cache-teacher stage, keeping this many tokens per position "
+        "(4 + k x 3 bytes a token for vocabularies up to 65,536).",
+    )
+    uri: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Read the cache another job's cache-teacher stage made (its <output>/<job>/cache-teacher/); "
+        "refused unless it was made by this teacher, tokenizer, corpus, sequence length and temperature.",
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TeacherCacheSpec:
+        if (self.top_k is None) == (self.uri is None):
+            raise ValueError("set exactly one of topK (make the cache here) or uri (read one made before)")
+        return self
+
+
 class TeacherSpec(Model):
     model: str = Field(
         min_length=1,
@@ -88,6 +120,10 @@ class TeacherSpec(Model):
     )
     endpoint: TeacherEndpoint | None = added_later(
         description="Ask the teacher over an OpenAI-compatible API instead of loading it (response matching only)."
+    )
+    cache: TeacherCacheSpec | None = added_later(
+        description="Distill from the teacher's cached top-k log-probabilities instead of running it (knowledge "
+        "method, corpus text, no onPolicy)."
     )
 
     @model_validator(mode="after")
@@ -850,6 +886,19 @@ class DistillationJobSpec(Model):
                 f"method.{self.method.name}.onPolicy.maxNewTokens: {on_policy.max_new_tokens} leaves no prefix in "
                 f"a row of {self.training.max_seq_length} tokens; write fewer than training.maxSeqLength"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _cache_fits_the_method(self) -> DistillationJobSpec:
+        if self.teacher.cache is None:
+            return self
+        if self.method.knowledge is None:
+            raise ValueError(
+                f"teacher.cache: a cache holds the teacher's output distributions, which method.knowledge learns "
+                f"from; method.{self.method.name} needs the teacher itself: remove teacher.cache"
+            )
+        if self.method.knowledge.on_policy is not None:
+            raise ValueError("teacher.cache: on-policy rows are the student's own text, which no cache holds")
         return self
 
     @model_validator(mode="after")

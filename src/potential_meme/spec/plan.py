@@ -30,6 +30,7 @@ class StageKind(StrEnum):
     AUGMENT = "augment"  # the teacher rewrites training passages; a later stage distills on them too
     QUANTIZE = "quantize"  # quantize the previous stage's student; with QAT, train LoRA adapters over it by KD
     EXPORT = "export"  # the previous stage's student as mobile formats, each run in its runtime and checked
+    CACHE_TEACHER = "cache-teacher"  # the teacher's top-k log-probabilities over the corpus, for KD without it
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,17 @@ def plan_stages(job: DistillationJob | EvaluationJob) -> list[Stage]:
     if isinstance(job, EvaluationJob):
         return [Stage(index=0, name="evaluate", kind=StageKind.EVALUATE, output_uri=f"{root}evaluate/")]
     method = job.spec.method.name
+    if method == "knowledge" and job.spec.teacher.cache is not None and job.spec.teacher.cache.top_k is not None:
+        return [
+            Stage(index=0, name="cache-teacher", kind=StageKind.CACHE_TEACHER, output_uri=f"{root}cache-teacher/"),
+            Stage(
+                index=1,
+                name="distill",
+                kind=StageKind.DISTILL,
+                output_uri=f"{root}distill/",
+                inputs=("cache-teacher",),
+            ),
+        ]
     if method in ("knowledge", "layerwise"):
         return [Stage(index=0, name="distill", kind=StageKind.DISTILL, output_uri=f"{root}distill/")]
     if method == "augmented":
@@ -154,6 +166,14 @@ def plan_stages(job: DistillationJob | EvaluationJob) -> list[Stage]:
             )
         return stages
     raise NotImplementedError(f"no plan for method {method!r}")  # unreachable: the spec refuses it
+
+
+def teacher_cache_uri(job: DistillationJob) -> str | None:
+    """Where a job's distill stage reads the teacher's cached targets; None when it runs the teacher."""
+    cache = job.spec.teacher.cache
+    if cache is None:
+        return None
+    return cache.uri.rstrip("/") + "/" if cache.uri else f"{job_output_uri(job)}cache-teacher/"
 
 
 def responses_uri(job: DistillationJob) -> str:
