@@ -1,5 +1,5 @@
 # The two commands of the README. Both build .venv from scratch on a fresh machine.
-#   make demo   distill SmolLM2-135M-Instruct into a 15-layer student on this CPU (~11 min)
+#   make demo   distill SmolLM2-135M-Instruct into a 15-layer student on this CPU (~7 min)
 #   make test   the test suite (CI runs this)
 
 PYTHON ?= python3

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import signal
 import subprocess
 import sys
 import time
@@ -83,8 +85,12 @@ def _compare(args: argparse.Namespace, vocab: int) -> tuple[float, float]:
     for variant in ("naive", "chunked"):
         command = [sys.executable, __file__, "--variant", variant, "--tokens", str(args.tokens), "--vocab", str(vocab)]
         command += ["--hidden", str(args.hidden), "--chunk", str(args.chunk), "--repeats", str(args.repeats)]
-        out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-        results[variant] = json.loads(out.strip().splitlines()[-1])
+        finished = subprocess.run(command, capture_output=True, text=True)
+        if finished.returncode == -signal.SIGKILL:
+            print(f"\n{variant} at vocab {vocab:,} x {args.tokens} tokens: killed, out of memory (try fewer --tokens)")
+            return math.nan, math.nan
+        finished.check_returncode()
+        results[variant] = json.loads(finished.stdout.strip().splitlines()[-1])
     naive, chunked = results["naive"], results["chunked"]
     print(
         f"\nKD loss forward+backward, {args.tokens} tokens x vocab {vocab:,}, hidden {args.hidden}, "
