@@ -195,3 +195,19 @@ def serve(model_dir, *options) -> tuple[Forked, str]:
             break
     server.kill()
     raise AssertionError(f"serve did not start: {line!r}")
+
+
+def config_of(shape, config_class=None, **more):
+    """The transformers config (LlamaConfig unless given) of a Llama-family `shape` (spec.aliases.Architecture)."""
+    from transformers import LlamaConfig
+
+    return (config_class or LlamaConfig)(
+        hidden_size=shape.hidden_size,
+        num_hidden_layers=shape.num_layers,
+        intermediate_size=shape.intermediate_size,
+        num_attention_heads=shape.num_heads,
+        num_key_value_heads=shape.num_kv_heads,
+        vocab_size=shape.vocab_size,
+        tie_word_embeddings=shape.tied_embeddings,
+        **more,
+    )

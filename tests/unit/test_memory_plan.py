@@ -14,7 +14,7 @@ from potential_meme.spec.memory import (
     quantity_bytes,
 )
 
-from helpers import cli
+from helpers import cli, config_of
 
 SHAPES = [
     Architecture(hidden_size=64, num_layers=4, intermediate_size=224, num_heads=4, num_kv_heads=2, vocab_size=512),
@@ -24,15 +24,7 @@ SHAPES = [
 
 def saved_activation_bytes(shape: Architecture, gradient_checkpointing: bool, batch: int, length: int) -> int:
     """Bytes of the tensors autograd saves for backward in one forward of transformers' Llama (weights excluded)."""
-    config = transformers.LlamaConfig(
-        hidden_size=shape.hidden_size,
-        num_hidden_layers=shape.num_layers,
-        intermediate_size=shape.intermediate_size,
-        num_attention_heads=shape.num_heads,
-        num_key_value_heads=shape.num_kv_heads,
-        vocab_size=shape.vocab_size,
-        use_cache=False,
-    )
+    config = config_of(shape, use_cache=False)
     model = transformers.LlamaForCausalLM(config).train()
     if gradient_checkpointing:
         model.gradient_checkpointing_enable()

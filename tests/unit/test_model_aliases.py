@@ -8,6 +8,8 @@ from potential_meme.engine.models import resolve
 from potential_meme.spec import SpecError, parse_job
 from potential_meme.spec.aliases import ALIASES_ENV, Architecture, alias_table
 
+from helpers import config_of
+
 # Parameter counts the models' publishers state (model cards, safetensors index): the table's shapes
 # must reproduce them, or the memory plan sizes the wrong model.
 PUBLISHED_PARAMETERS = {
@@ -49,16 +51,7 @@ def job(teacher: str, student: str | dict = "llama3-8b", **teacher_fields) -> di
     ],
 )  # fmt: skip
 def test_parameter_count_of_a_shape_is_the_built_models(shape, model_class):
-    config_class = model_class.config_class
-    config = config_class(
-        hidden_size=shape.hidden_size,
-        num_hidden_layers=shape.num_layers,
-        intermediate_size=shape.intermediate_size,
-        num_attention_heads=shape.num_heads,
-        num_key_value_heads=shape.num_kv_heads,
-        vocab_size=shape.vocab_size,
-        tie_word_embeddings=shape.tied_embeddings,
-    )
+    config = config_of(shape, model_class.config_class)
     model = model_class(config)
     assert shape.parameters == sum(p.numel() for p in model.parameters())
     assert Architecture.from_config(config.to_dict()) == shape  # and config.json reads back as the same shape
@@ -124,15 +117,7 @@ def test_files_in_the_environment_add_and_override_entries(tmp_path, monkeypatch
 def test_a_derived_students_shape_counts_the_parameters_of_the_model_it_describes():
     """A student keeping 2 of SmolLM2's layers and 64 MLP channels, built on the meta device (no memory)."""
     shape = alias_table()["smollm2-135m"].architecture.derived(2, 64)
-    config = transformers.LlamaConfig(
-        hidden_size=shape.hidden_size,
-        num_hidden_layers=shape.num_layers,
-        intermediate_size=shape.intermediate_size,
-        num_attention_heads=shape.num_heads,
-        num_key_value_heads=shape.num_kv_heads,
-        vocab_size=shape.vocab_size,
-        tie_word_embeddings=shape.tied_embeddings,
-    )
+    config = config_of(shape)
     with torch.device("meta"):
         model = transformers.LlamaForCausalLM(config)
     assert sum(p.numel() for p in model.parameters()) == shape.parameters

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from ..spec.errors import SpecError
 from ..spec.models import DistillationJob
 from ..spec.plan import MANIFEST, Stage, stage_manifest
 from ..storage import file_sha256, open_store, read_json, write_json
@@ -70,8 +71,6 @@ def run_cache_stage(job: DistillationJob, stage: Stage, runtime: Runtime, models
     rows = corpus_rows(job, tokenizer)
     vocabulary = len(tokenizer)
     if k > vocabulary:
-        from ..spec.errors import SpecError
-
         raise SpecError([("spec.teacher.cache.topK", f"{k} is more than the {vocabulary:,} words of the tokenizer")])
     identity = cache_identity(job, tokenizer, rows.train)
     key = cache_key(identity | {"topK": k, "seqLength": spec.training.max_seq_length})

@@ -98,6 +98,7 @@ def decode(arrays: dict[str, torch.Tensor], vocabulary: int) -> TopKTargets:
 # ---------------------------------------------------------------- the cache in the artifact store
 
 SHARD_ROWS = 256  # training rows per shard file
+_ARRAYS = ("ids", "steps", "top", "tail")  # what `encode` writes
 
 
 def tokenizer_hash(tokenizer: Any) -> str:
@@ -140,19 +141,17 @@ class CachedTeacher:
         self.vocabulary, self.shard_rows = cache["vocabulary"], cache["shardRows"]
         self._shards = [safe_open(str(folder / name), framework="pt") for name in cache["shards"]]
         self.teacher_metrics = manifest["metrics"]
+        # per-position shape of each array (all shards alike): read once, not on every row of every step
+        self._widths = {name: tuple(self._shards[0].get_slice(name).get_shape()[2:]) for name in _ARRAYS}
 
     def targets(self, rows: torch.Tensor) -> TopKTargets:
         """Targets of every position of `rows` (training row indices), flattened as the loss reads them."""
-        parts: dict[str, list[torch.Tensor]] = {name: [] for name in ("ids", "steps", "top", "tail")}
+        parts: dict[str, list[torch.Tensor]] = {name: [] for name in _ARRAYS}
         for row in rows.tolist():
             shard, offset = divmod(row, self.shard_rows)
             for name, arrays in parts.items():
-                arrays.append(self._shards[shard].get_slice(name)[offset : offset + 1].reshape(-1, *self._width(name)))
+                arrays.append(self._shards[shard].get_slice(name)[offset : offset + 1].reshape(-1, *self._widths[name]))
         return decode({name: torch.cat(arrays) for name, arrays in parts.items()}, self.vocabulary)
-
-    def _width(self, name: str) -> tuple[int, ...]:
-        shape = self._shards[0].get_slice(name).get_shape()
-        return tuple(shape[2:])
 
 
 def open_cache(uri: str, identity: dict[str, Any], field: str = "spec.teacher.cache") -> CachedTeacher:
