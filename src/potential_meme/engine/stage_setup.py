@@ -18,7 +18,7 @@ from .data import Document, load_documents, load_validation_sets, pack, split_do
 from .finish import finished_manifest
 from .loop import Batches, Teacher
 from .mobile import narrowed, search
-from .models import keep_layers, load_model, load_tokenizer, resolve
+from .models import ResolvedModel, keep_layers, load_model, load_tokenizer, resolve
 from .objective import DistillationObjective, HiddenStateTap
 from .preflight import CheckedModels
 from .pruning import channel_importance, choose_layers, prune_to
@@ -133,27 +133,26 @@ def _load_models(
 ):
     """(teacher, student, stage facts) for a stage; progressive stages prune their student.
     `facts_before`: what a checkpoint being resumed recorded, whose student already has its layers chosen."""
-    dtype = runtime.autocast_dtype or torch.float32
+    dtype = runtime.teacher_dtype
     facts: dict[str, Any] = {}
     if stage.kind is StageKind.PROGRESSIVE:
         # Each stage learns from the model the stage before produced; the first from the teacher.
-        teacher = load_model(resolve(previous.output_uri + STUDENT_DIR) if previous else models.teacher, dtype=dtype)
+        source = resolve(previous.output_uri + STUDENT_DIR) if previous else models.teacher
+        teacher = load_model(source)  # fp32 until the student is pruned from it: its weights are not rounded
         method = job.spec.method.progressive
         try:
-            student, report = prune_to(
-                teacher.float(), stage.target_parameters, train_rows[: method.calibration_sequences]
-            )
+            student, report = prune_to(teacher, stage.target_parameters, train_rows[: method.calibration_sequences])
         except ValueError as exc:
             last = stage.index == len(method.sizes) - 1
             field = "finalSize" if last else f"intermediateSizes.{stage.index}"
             raise SpecError([(f"spec.method.progressive.{field}", str(exc))], job.metadata.name) from None
-        teacher = teacher.to(dtype)
         facts = report.as_metrics()
+        teacher = _teacher_in(teacher, source, dtype)
     elif stage.kind is StageKind.QUANTIZE:
         teacher = load_model(models.teacher, dtype=dtype)
         student, facts = quantized_student(job, stage, runtime.device)  # quantized on the device, in its precision
     elif (mobile := job.spec.method.mobile) is not None:
-        teacher = load_model(models.teacher, dtype=dtype).to(runtime.device)
+        teacher = load_model(models.teacher).to(runtime.device)  # fp32 until the student is built from it
         if facts_before and "architecture" in facts_before:  # resumed: the architecture is chosen
             facts = facts_before
         else:
@@ -167,11 +166,13 @@ def _load_models(
         )
         student, kept = _derived_student(teacher, architecture, train_rows, runtime, facts_before)
         facts = {**facts, **kept}
+        teacher = _teacher_in(teacher, models.teacher, dtype)
     elif job.spec.teacher.cache is not None and job.spec.student.model is not None:
         teacher, student = None, load_model(models.student)  # the cache stands in for the teacher
     elif (derived := job.spec.student.from_teacher) is not None:
-        teacher = load_model(models.teacher, dtype=dtype)
+        teacher = load_model(models.teacher)  # fp32 until the student is built from it: its weights are not rounded
         student, facts = _derived_student(teacher, derived, train_rows, runtime, facts_before)
+        teacher = _teacher_in(teacher, models.teacher, dtype)
     else:
         teacher = load_model(models.teacher, dtype=dtype) if models.teacher is not None else None
         student = load_model(models.student)
@@ -180,6 +181,12 @@ def _load_models(
     if stage.kind is not StageKind.QUANTIZE:
         student = student.float().to(runtime.device)
     return teacher, student, facts
+
+
+def _teacher_in(teacher: nn.Module, source: ResolvedModel, dtype: torch.dtype) -> nn.Module:
+    """`teacher` (loaded in fp32 to build a student from) in `dtype`: loaded again rather than cast, because
+    loading keeps in fp32 what must stay so (the rotary frequencies), which casting would round."""
+    return teacher if dtype == torch.float32 else load_model(source, dtype=dtype)
 
 
 def _derived_student(

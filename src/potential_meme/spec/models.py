@@ -595,7 +595,10 @@ class TrainingSpec(Model):
     max_seq_length: int = Field(default=512, ge=8, description="Tokens per packed sequence.")
     seed: int = Field(default=42, ge=0, le=2**32 - 1, description="Seeds weights, data order and sampling.")
     precision: Literal["auto", "fp32", "bf16"] = Field(
-        default="auto", description="auto: bf16 autocast on GPUs that support it, fp32 otherwise."
+        default="auto",
+        description="auto: bf16 autocast on GPUs that support it, fp32 otherwise, with the frozen teacher in bf16 "
+        "wherever the device multiplies bf16 in hardware (those GPUs; CPUs with AMX). fp32: everything in fp32. "
+        "bf16: bf16 autocast and a bf16 teacher on any device.",
     )
     gradient_checkpointing: bool = False
     strategy: Literal["auto", "ddp", "fsdp"] = added_later(
