@@ -107,6 +107,15 @@ def shard_layers(model: nn.Module, runtime: Runtime) -> None:
         layer.set_reshard_after_forward(True, recurse=False)
 
 
+def parameter_groups(model: nn.Module) -> list[dict[str, Any]]:
+    """The optimizer's groups of `model`'s trained parameters: sharded (DTensor) and whole ones apart, because a
+    fused optimizer step takes each group in one call, and one call cannot mix the two."""
+    trained = [parameter for parameter in model.parameters() if parameter.requires_grad]  # a quantized base is frozen
+    sharded = [parameter for parameter in trained if isinstance(parameter, DTensor)]
+    whole = [parameter for parameter in trained if not isinstance(parameter, DTensor)]
+    return [{"params": group} for group in (whole, sharded) if group]
+
+
 def is_sharded(model: nn.Module) -> bool:
     return any(isinstance(parameter, DTensor) for parameter in model.parameters())
 
