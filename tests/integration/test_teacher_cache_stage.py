@@ -28,6 +28,7 @@ def test_kd_from_a_full_vocabulary_cache_trains_what_kd_from_the_teacher_trains(
     cache, distill = run_job(load_job(cached_job))
     assert cache["stage"] == "cache-teacher" and distill["stage"] == "distill"
     assert cache["cache"]["bytesPerToken"] == 4 + VOCABULARY * 3
+    assert cache["cache"]["tailMass"] == 0  # every word kept: nothing left for the tail
     assert cache["metrics"]["teacherPerplexity"] == pytest.approx(online["metrics"]["teacherPerplexity"], rel=1e-5)
     assert distill["metrics"]["teacherPerplexity"] == cache["metrics"]["teacherPerplexity"]
     assert distill["metrics"]["studentPerplexityAfter"] == pytest.approx(
@@ -52,6 +53,9 @@ def test_a_top_k_cache_is_read_by_another_student_and_refused_for_another_corpus
     arrays = load_file(shards[0])
     assert arrays["ids"].dtype == torch.uint8 and arrays["steps"].shape[-1] == 16
     assert cache["cache"]["bytesPerToken"] == 4 + 16 * 3 == 52
+    tails = torch.cat([load_file(shard)["tail"].float().exp().flatten() for shard in shards])
+    assert cache["cache"]["tailMass"] == pytest.approx(float(tails.mean()), abs=1e-4)
+    assert 0 < cache["cache"]["tailMass"] < 1
 
     uri = str(folder) + "/"
     reader = job_file(

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from potential_meme.engine.losses import IGNORE_INDEX, chunked_kd_loss, reference_kd_loss
+from potential_meme.engine.losses import IGNORE_INDEX, chunked_kd_loss, divergence_of, reference_kd_loss
 from potential_meme.engine.teacher_cache import (
     bytes_per_token,
     decode,
@@ -64,6 +64,27 @@ def test_a_full_vocabulary_cache_gives_the_online_loss_and_gradients(divergence)
         student_hidden @ student_weight.T, teacher_logits, labels, alpha=0.3, temperature=2.0, divergence=divergence
     )
     torch.testing.assert_close(cached[0], plain, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("divergence", ["forwardKL", "reverseKL", "jsd"])
+@pytest.mark.parametrize("k,temperature", [(8, 2.0), (1, 1.0), (VOCAB - 1, 1.0)])
+def test_a_top_k_cache_gives_the_loss_and_gradients_of_the_bucket_formula(divergence, k, temperature):
+    """Forward KL's gradient is written out in closed form; every divergence must equal autograd through the
+    plain formula over the k + 1 outcomes, a tail holding most of the mass or almost none."""
+    student_hidden, student_weight, teacher_logits, labels = batch()
+    targets = top_k_targets(teacher_logits, k=k, temperature=temperature)
+    cached = loss_and_gradients(targets, divergence=divergence, temperature=temperature)
+
+    hidden, weight = student_hidden.requires_grad_(), student_weight.requires_grad_()
+    logits = hidden @ weight.T
+    buckets = student_buckets(torch.log_softmax(logits / temperature, dim=-1), targets.ids)
+    valid = labels != IGNORE_INDEX
+    kd = temperature**2 * divergence_of(buckets, targets.log_probs, divergence)[valid].mean()
+    ce = torch.nn.functional.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)
+    loss = 0.3 * ce + 0.7 * kd
+    loss.backward()
+    for got, expected in zip(cached, (loss.detach(), kd.detach(), hidden.grad, weight.grad), strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
 
 
 def test_the_tail_bucket_holds_exactly_the_mass_outside_the_top_k():

@@ -90,7 +90,13 @@ def run_cache_stage(job: DistillationJob, stage: Stage, runtime: Runtime, models
             path = Path(tmp) / shards[index]
             save_file({name: array.contiguous() for name, array in arrays.items()}, str(path))
             store.upload_file(path, shards[index])
-            record = {"path": shards[index], "sha256": file_sha256(path), "bytes": path.stat().st_size}
+            record = {
+                "path": shards[index],
+                "sha256": file_sha256(path),
+                "bytes": path.stat().st_size,
+                "tokens": arrays["tail"].numel(),
+                "tailMass": float(arrays["tail"].float().exp().mean()),
+            }
             write_json(store, _record(shards[index]), record)
     teacher_metrics = {"teacherPerplexity": perplexity(
         teacher, rows.validation, runtime, spec.training.batch_size, spec.method.knowledge.chunk_size
@@ -117,15 +123,29 @@ def run_cache_stage(job: DistillationJob, stage: Stage, runtime: Runtime, models
         },
     )
     if runtime.is_main:
-        manifest["files"] = [read_json(store, _record(name)) for name in shards]
+        manifest["files"] = files = [read_json(store, _record(name)) for name in shards]
+        tail = sum(entry["tailMass"] * entry["tokens"] for entry in files) / sum(entry["tokens"] for entry in files)
+        manifest["cache"]["tailMass"] = round(tail, 4)
         write_json(store, MANIFEST, manifest)
         log.info(
-            "teacher cache: %d rows, %d tokens, top %d, %d bytes a token, in %s",
+            "teacher cache: %d rows, %d tokens, top %d, %d bytes a token, %.1f %% of the teacher's probability "
+            "outside the top %d, in %s",
             rows.train.shape[0],
             rows.train.numel(),
             k,
             bytes_per_token(k, vocabulary),
+            100 * tail,
+            k,
             stage.output_uri,
         )
+        if tail > 0.5:  # the student then learns most of the distribution as one bucket, its shape its own
+            log.warning(
+                "most of the teacher's probability (%.0f %%) is outside the cached top %d at temperature %g: "
+                "raise spec.teacher.cache.topK or lower spec.method.knowledge.temperature (the softer the "
+                "distribution, the more of it the tail holds)",
+                100 * tail,
+                k,
+                temperature,
+            )
     runtime.barrier()
     return manifest

@@ -109,30 +109,62 @@ def _log_softmax_at(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 
 
 def _forward_kl_closed_form(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, alpha: float, temperature: float
+    student_logits: torch.Tensor,
+    teacher: torch.Tensor | TopKTargets,
+    labels: torch.Tensor,
+    alpha: float,
+    temperature: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(CE sum, T^2-scaled forward KL sum, gradient of alpha * CE + (1 - alpha) * T^2 * KL with respect to the
-    student's logits) over one chunk's valid tokens, from d/dz T^2 KL(p_t || p_s) = T (p_s - p_t) and
-    d/dz CE = softmax(z) - onehot. The default divergence is most of a step's elementwise work: written out,
-    it takes a few in-place passes over the chunk's logits where autograd of the plain formula takes dozens."""
+    student's logits) over one chunk's valid tokens; `teacher`: its logits, or a cache's top-k targets. Forward
+    KL is the default divergence and most of a step's elementwise work: its gradient written out (T times the
+    gradient with respect to the softened logits, plus alpha (softmax(z) - onehot) for the CE) takes a few
+    in-place passes over the chunk's logits where autograd of the plain formula takes dozens."""
     valid = labels != IGNORE_INDEX
     rows = torch.arange(labels.shape[0], device=labels.device)
     known = labels.clamp_min(0)
     student_logp = _log_softmax_at(student_logits, temperature)
-    teacher_logp = _log_softmax_at(teacher_logits, temperature)
     plain_logp = student_logp if temperature == 1 else _log_softmax_at(student_logits, 1.0)
     ce = -plain_logp[rows, known][valid].sum()
-    teacher_p = teacher_logp.exp()
-    kd = temperature**2 * teacher_logp.sub_(student_logp).mul_(teacher_p).sum(-1)[valid].sum()
-    if temperature == 1:  # (1 - alpha) (p_s - p_t) + alpha p_s
-        grad = student_logp.exp_().sub_(teacher_p, alpha=1 - alpha)
+    plain_p = plain_logp.exp() if alpha else None  # before student_logp (maybe the same tensor) is overwritten
+    if isinstance(teacher, TopKTargets):
+        kd, grad = _bucket_kl_and_gradient(student_logp, teacher)
     else:
-        grad = student_logp.exp_().sub_(teacher_p).mul_((1 - alpha) * temperature)
-        if alpha:
-            grad.add_(plain_logp.exp_(), alpha=alpha)
+        kd, grad = _full_kl_and_gradient(student_logp, _log_softmax_at(teacher, temperature))
+    grad.mul_((1 - alpha) * temperature)
     if alpha:
+        grad.add_(plain_p, alpha=alpha)
         grad[rows, known] -= alpha
-    return ce, kd, grad.mul_(valid.unsqueeze(1))
+    return ce, temperature**2 * kd[valid].sum(), grad.mul_(valid.unsqueeze(1))
+
+
+def _full_kl_and_gradient(student_logp: torch.Tensor, teacher_logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token KL(p_t || p_s) and its gradient with respect to the student's (softened) logits, p_s - p_t.
+    Both inputs are overwritten."""
+    teacher_p = teacher_logp.exp()
+    kd = teacher_logp.sub_(student_logp).mul_(teacher_p).sum(-1)
+    return kd, student_logp.exp_().sub_(teacher_p)
+
+
+def _bucket_kl_and_gradient(student_logp: torch.Tensor, targets: TopKTargets) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token KL over a cache's k + 1 outcomes (`student_buckets`) and its gradient with respect to the
+    student's (softened) logits: p_s - p_t at the top-k ids; elsewhere p_s (1 - t_tail / q_tail), q_tail being
+    the student's probability outside the top k (the tail's share moves by the ratio, its shape is the
+    student's own). `student_logp` is overwritten."""
+    ids = targets.ids
+    student_top_logp = student_logp.gather(-1, ids)
+    student_p = student_logp.exp_()
+    student_rest = student_p.scatter(-1, ids, 0.0).sum(-1)  # summed apart: no cancellation when the tail is small
+    kd = divergence_of(
+        torch.cat([student_top_logp, student_rest.log().unsqueeze(-1)], -1), targets.log_probs, "forwardKL"
+    )
+    teacher_p = targets.log_probs.exp()
+    teacher_tail = teacher_p[:, -1]
+    tail_ratio = torch.where(
+        teacher_tail > 0, teacher_tail / student_rest.clamp_min(torch.finfo(student_rest.dtype).tiny), 0.0
+    )
+    grad = student_p.mul_((1 - tail_ratio).unsqueeze(-1))
+    return kd, grad.scatter_(-1, ids, student_top_logp.exp() - teacher_p[:, :-1])
 
 
 PADDING_LOGIT = -1e4  # exp() of it is 0 at any temperature in use: no teacher probability there
@@ -185,7 +217,7 @@ class ChunkedKDLoss(torch.autograd.Function):
                 teacher = align_vocabulary(
                     teacher_hidden[start : start + chunk_size] @ teacher_weight.detach().T, weight.shape[0]
                 )
-            if torch.is_tensor(teacher) and divergence == "forwardKL":
+            if teacher is not None and alpha < 1 and divergence == "forwardKL":
                 logits = hidden @ weight.T
                 ce, kd, grad_logits = _forward_kl_closed_form(logits, teacher, chunk_labels, alpha, temperature)
                 grad_logits.div_(valid_tokens)
