@@ -19,7 +19,7 @@ from .finish import finished_manifest
 from .loop import Batches, Teacher
 from .mobile import narrowed, search
 from .models import ResolvedModel, keep_layers, load_model, load_tokenizer, resolve
-from .objective import DistillationObjective, HiddenStateTap
+from .objective import DistillationObjective, HiddenStateTap, decoder
 from .preflight import CheckedModels
 from .pruning import channel_importance, choose_layers, prune_to
 from .quantize import quantized_student
@@ -324,6 +324,11 @@ def set_up(
         model = nn.parallel.DistributedDataParallel(
             objective, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None
         )
+    if training.compile and stage.kind is not StageKind.QUANTIZE:  # bitsandbytes layers are not compiled
+        for compiled in (student, teacher_model):
+            if compiled is not None:
+                for layer in decoder(compiled).layers:
+                    layer.compile()  # layer by layer: one small graph each, and FSDP units stay layers
     optimizer = torch.optim.AdamW(
         parameter_groups(objective),
         lr=learning_rate,

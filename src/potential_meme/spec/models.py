@@ -608,6 +608,12 @@ class TrainingSpec(Model):
         "the estimated need fits one device with headroom, else fsdp; the choice and why are logged and in "
         "the stage manifest.",
     )
+    compile: bool = added_later(
+        False,
+        description="Compile each decoder layer of student and teacher with torch.compile. Measured on a 2-core "
+        "AMX CPU: the 15-layer SmolLM2 student's forward and backward 12 % faster in fp32 and 34 % in bf16, "
+        "after 10-20 s of compiling, so it pays from a few hundred steps. The quantize stage runs uncompiled.",
+    )
     eval_every_steps: int | None = Field(
         default=None, ge=1, description="Held-out perplexity every N steps; the best student is the one kept."
     )

@@ -64,7 +64,8 @@ def spec_hash(job: DistillationJob | EvaluationJob) -> str:
         "run_policy": True,
         "output": {"credentials_secret", "endpoint"},
         "checkpoint": {"upload_timeout_minutes"},
-        "training": {"strategy"},  # ddp and fsdp train the same weights: a run resumes under either
+        # ddp and fsdp train the same weights, compiled layers compute what eager ones do: a run resumes under either
+        "training": {"strategy", "compile"},
     }
     # Fields added after hashes were first published (models.added_later) drop out at their default: a new field
     # must not turn every finished stage, and every running job's accepted spec, into "a different spec".
