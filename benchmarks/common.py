@@ -81,14 +81,16 @@ def job(
     args: argparse.Namespace,
     student: dict | None = None,
     dataset: dict[str, Any] | None = None,
+    teacher: dict[str, Any] | None = None,
     **training: Any,
 ) -> DistillationJob:
-    """A job on the real teacher (on the standard-library corpus unless `dataset` says otherwise). Its name carries
-    the token budget and learning rate, so a rerun with other ones trains anew instead of reusing a run."""
+    """A job on the real teacher (on the standard-library corpus unless `dataset` says otherwise; `teacher`: further
+    fields of spec.teacher). Its name carries the token budget and learning rate, so a rerun with other ones trains
+    anew instead of reusing a run."""
     rate = training.get("learningRate", args.learning_rate)
     budgeted = f"{name}-{args.steps}x{args.batch_size}x{args.seq_length}-lr{rate:g}"
     spec = {
-        "teacher": {"model": args.teacher},
+        "teacher": {"model": args.teacher, **(teacher or {})},
         "dataset": dataset or corpus_dataset(args),
         "method": method,
         "training": {

@@ -1,0 +1,79 @@
+"""KD from a teacher cache against KD from the online teacher: tokens per second, bytes per token, quality.
+
+Two jobs train the same student (15 of the real teacher's 30 layers, chosen by importance) with the
+same loss, data order and number of steps over a slice of the standard-library corpus. One runs the
+teacher at every step. The other first runs it once over the slice (its cache-teacher stage: top-k
+log-probabilities and ids per token, plus the tail's mass) and then reads only the cache: the rate
+every epoch after the cache is made, the first included when another job made it. Both students are
+measured on the same held-out split and on text of another kind.
+
+    python benchmarks/teacher_cache.py [--steps 60] [--characters 150000] [--top-k 32] [--temperature 1]
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from potential_meme.engine.data import stdlib_documents
+from potential_meme.engine.trainer import run_job
+
+from common import arguments, corpus_dataset, job, other_text_names, perplexity_cells, perplexity_header
+
+
+def corpus_slice(characters: int, output: Path) -> Path:
+    """The standard-library pages of the first modules (by name) up to `characters`, one JSON line each."""
+    path = output / f"stdlib-slice-{characters}.jsonl"
+    if not path.exists():
+        output.mkdir(parents=True, exist_ok=True)
+        taken, lines = 0, []
+        for document in sorted(stdlib_documents(), key=lambda document: document.group):
+            if taken >= characters:
+                break
+            lines.append(json.dumps({"text": document.text}))
+            taken += len(document.text)
+        path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def main() -> None:
+    parser = arguments(__doc__.splitlines()[0], steps=60)
+    parser.add_argument("--characters", type=int, default=150_000, help="size of the corpus slice")
+    parser.add_argument("--top-k", type=int, default=32)
+    parser.add_argument(
+        "--temperature", type=float, default=1.0, help="of both jobs' KD (the cache keeps the top k at it)"
+    )
+    parser.add_argument("--layers", type=int, default=15, help="decoder layers of the derived student")
+    args = parser.parse_args()
+    output = Path(args.output).resolve()
+    dataset = corpus_dataset(args) | {"source": str(corpus_slice(args.characters, output))}
+    student = {"fromTeacher": {"numLayers": args.layers}}
+    method = {"knowledge": {"temperature": args.temperature}}
+    runs = {}
+    for name, teacher in (("online", {}), ("cached", {"cache": {"topK": args.top_k}})):
+        planned = job(
+            f"cache-bench-{name}-{args.characters}-t{args.temperature:g}", method, args, student, dataset, teacher
+        )
+        runs[name] = {manifest["stage"]: manifest for manifest in run_job(planned)}
+    online, cached = runs["online"]["distill"]["metrics"], runs["cached"]["distill"]["metrics"]
+    cache = runs["cached"]["cache-teacher"]
+    stored = sum(entry["bytes"] for entry in cache["files"])
+    tokens = cache["cache"]["tokens"]
+    print(f"\ncorpus slice: {tokens:,} training tokens; {args.steps} steps of {args.batch_size} x {args.seq_length}")
+    print(f"cache: top {args.top_k}, {cache['cache']['bytesPerToken']} bytes a token planned, ", end="")
+    print(f"{stored / tokens:.1f} on disk ({stored:,} bytes in {len(cache['files'])} shard(s)); ", end="")
+    print(f"{cache['cache']['tailMass']:.1%} of the teacher's probability outside the top {args.top_k}")
+    names = other_text_names(args)
+    print(f"\n{'teacher':10}{'tokens/s':>10}{'x online':>10}" + perplexity_header(names))
+    for name, metrics in (("online", online), ("cached", cached)):
+        rate = metrics["tokensPerSecond"]
+        print(
+            f"{name:10}{rate:>10,.1f}{rate / online['tokensPerSecond']:>10.2f}"
+            + perplexity_cells(metrics, online, names, "studentPerplexityAfter")
+        )
+    held_out = cached["studentPerplexityAfter"] / online["studentPerplexityAfter"]
+    print(f"\nheld-out perplexity, cached / online: {held_out:.4f}")
+
+
+if __name__ == "__main__":
+    main()
