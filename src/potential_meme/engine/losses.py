@@ -102,10 +102,9 @@ def _chunk_loss_sums(
 
 def _log_softmax_at(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """log_softmax(logits / T) in at least fp32, in a tensor of its own (the caller may write into it)."""
-    scaled = _upcast(logits) / temperature if temperature != 1 else None
-    if scaled is None:
+    if temperature == 1:  # the upcast inside the softmax kernel: no fp32 copy of the logits first
         return F.log_softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
-    return F.log_softmax(scaled, dim=-1)
+    return F.log_softmax(_upcast(logits) / temperature, dim=-1)
 
 
 def _forward_kl_closed_form(
