@@ -74,8 +74,7 @@ def run_cache_stage(job: DistillationJob, stage: Stage, runtime: Runtime, models
         raise SpecError([("spec.teacher.cache.topK", f"{k} is more than the {vocabulary:,} words of the tokenizer")])
     identity = cache_identity(job, tokenizer, rows.train)
     key = cache_key(identity | {"topK": k, "seqLength": spec.training.max_seq_length})
-    dtype = runtime.teacher_dtype
-    teacher = load_model(models.teacher, dtype=dtype).to(runtime.device).eval().requires_grad_(False)
+    teacher = load_model(models.teacher, dtype=runtime.teacher_dtype).to(runtime.device).eval().requires_grad_(False)
     store = open_store(stage.output_uri)
     shards = [shard_name(key, index) for index in range(-(-rows.train.shape[0] // SHARD_ROWS))]
     mine = [index for index in range(len(shards)) if index % runtime.world_size == runtime.rank]

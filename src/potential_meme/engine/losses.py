@@ -150,20 +150,16 @@ def _bucket_kl_and_gradient(student_logp: torch.Tensor, targets: TopKTargets) ->
     student's (softened) logits: p_s - p_t at the top-k ids; elsewhere p_s (1 - t_tail / q_tail), q_tail being
     the student's probability outside the top k (the tail's share moves by the ratio, its shape is the
     student's own). `student_logp` is overwritten."""
-    ids = targets.ids
-    student_top_logp = student_logp.gather(-1, ids)
-    student_p = student_logp.exp_()
-    student_rest = student_p.scatter(-1, ids, 0.0).sum(-1)  # summed apart: no cancellation when the tail is small
-    kd = divergence_of(
-        torch.cat([student_top_logp, student_rest.log().unsqueeze(-1)], -1), targets.log_probs, "forwardKL"
-    )
+    buckets = student_buckets(student_logp, targets.ids)
+    kd = divergence_of(buckets, targets.log_probs, "forwardKL")
+    student_rest = buckets[:, -1].exp()
     teacher_p = targets.log_probs.exp()
     teacher_tail = teacher_p[:, -1]
     tail_ratio = torch.where(
         teacher_tail > 0, teacher_tail / student_rest.clamp_min(torch.finfo(student_rest.dtype).tiny), 0.0
     )
-    grad = student_p.mul_((1 - tail_ratio).unsqueeze(-1))
-    return kd, grad.scatter_(-1, ids, student_top_logp.exp() - teacher_p[:, :-1])
+    grad = student_logp.exp_().mul_((1 - tail_ratio).unsqueeze(-1))
+    return kd, grad.scatter_(-1, targets.ids, buckets[:, :-1].exp() - teacher_p[:, :-1])
 
 
 PADDING_LOGIT = -1e4  # exp() of it is 0 at any temperature in use: no teacher probability there
