@@ -16,9 +16,10 @@ from __future__ import annotations
 import time
 
 import torch
+from torch.nn import Linear
 
-from potential_meme.engine.models import evenly_spaced_layers, keep_layers, load_model, resolve
-from potential_meme.engine.objective import hidden_states
+from potential_meme.engine.models import load_model, resolve
+from potential_meme.engine.objective import decoder, hidden_states
 from potential_meme.engine.trainer import run_job
 
 from common import arguments, job
@@ -26,16 +27,14 @@ from common import arguments, job
 LAYERS = 15
 
 
-def linear_shapes(model: torch.nn.Module, tokens: int, chunk: int) -> list[tuple[int, int, int]]:
-    """(rows, inner, columns) of each forward matrix product of one micro-batch: every decoder linear layer
-    over all tokens, and the lm-head over each chunk of the loss."""
-    shapes = [
-        (tokens, module.in_features, module.out_features)
-        for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) and ".layers." in name
+def linear_shapes(model: torch.nn.Module, layers: int, tokens: int, chunk: int) -> list[tuple[int, int, int]]:
+    """(rows, inner, columns) of each forward matrix product of one micro-batch of a student with `layers` of
+    `model`'s decoder layers (all alike): every linear layer over all tokens, and the lm-head over each chunk."""
+    layer = [
+        (tokens, m.in_features, m.out_features) for m in decoder(model).layers[0].modules() if isinstance(m, Linear)
     ]
     head = model.get_output_embeddings().weight
-    return shapes + [(chunk, head.shape[1], head.shape[0])] * (tokens // chunk)
+    return layer * layers + [(chunk, head.shape[1], head.shape[0])] * (tokens // chunk)
 
 
 def matmul_seconds(m: int, k: int, n: int, dtype: torch.dtype, repeats: int = 3) -> float:
@@ -92,7 +91,6 @@ def main() -> None:
     for precision in args.precision:
         dtype = torch.bfloat16 if precision == "bf16" else None
         teacher = load_model(reference, dtype=dtype or torch.float32).eval().requires_grad_(False)
-        student = keep_layers(teacher, evenly_spaced_layers(teacher.config.num_hidden_layers, LAYERS)).float()
         planned = job(
             f"efficiency-{precision}",
             {"knowledge": {}},
@@ -104,7 +102,9 @@ def main() -> None:
         metrics = run_job(planned)[-1]["metrics"]
         step = tokens / metrics["tokensPerSecond"]
         teacher_seconds = teacher_forward_seconds(teacher, batch, dtype)
-        student_flops, student_dense = dense_rate(linear_shapes(student, tokens, chunk), dtype or torch.float32, True)
+        student_flops, student_dense = dense_rate(
+            linear_shapes(teacher, LAYERS, tokens, chunk), dtype or torch.float32, True
+        )
         rate = student_flops / (step - teacher_seconds)
         rows.append((precision, step, teacher_seconds, student_flops, rate, student_flops / student_dense))
     print(f"\nstudent {LAYERS} layers; {args.batch_size} x {args.seq_length} tokens a step; mean of {args.steps} steps")

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -43,10 +42,6 @@ def _job(args: argparse.Namespace, output: str):
     )
 
 
-def _peak_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
-
-
 def engine_side(args: argparse.Namespace) -> dict:
     from potential_meme.engine.trainer import run_job
 
@@ -55,7 +50,7 @@ def engine_side(args: argparse.Namespace) -> dict:
     return {
         "tokensPerSecond": metrics["tokensPerSecond"],
         "trainSeconds": metrics["trainSeconds"],
-        "peakBytes": _peak_bytes(),
+        "peakBytes": metrics["peakMemoryBytes"],
         "finalLoss": metrics["finalLoss"],
     }
 
@@ -67,6 +62,7 @@ def trl_side(args: argparse.Namespace) -> dict:
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
     from potential_meme.engine.models import evenly_spaced_layers, keep_layers, load_model, load_tokenizer, resolve
+    from potential_meme.engine.sharding import peak_memory_bytes
     from potential_meme.engine.stage_setup import corpus_rows
 
     planned = _job(args, tempfile.mkdtemp())
@@ -128,7 +124,7 @@ def trl_side(args: argparse.Namespace) -> dict:
     return {
         "tokensPerSecond": round(args.steps * args.batch_size * args.seq_length / seconds, 1),
         "trainSeconds": round(seconds, 2),
-        "peakBytes": _peak_bytes(),
+        "peakBytes": peak_memory_bytes(student.device),
         "finalLoss": clock.losses[-1],
     }
 
