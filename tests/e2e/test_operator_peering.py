@@ -64,6 +64,12 @@ def test_one_of_two_replicas_works_and_the_other_takes_over_when_it_dies(
         names = sorted(child["metadata"]["name"] for child in pytorchjobs(cluster, "peered"))
         assert names == ["peered-distill-100k", "peered-distill-150k"]  # nothing twice
         assert cluster.pods_started == {"peered-distill-150k": 1, "peered-distill-100k": 1}
+        # The working replica's resync reads the peering object every resync period (2 s here); a tiny job can
+        # finish before the first one, so wait for it rather than stop the replicas early and miss that call.
+        deadline = time.monotonic() + 10
+        while ("get", "kopf.dev", "clusterkopfpeerings") not in cluster.emulator.operator_calls:
+            assert time.monotonic() < deadline, sorted(cluster.emulator.operator_calls)
+            time.sleep(0.2)
     finally:
         leader.stop()
         standby.stop()
