@@ -6,7 +6,7 @@ import json
 from test_ddp import assert_same_weights
 from test_interruptions import _kill_after_a_checkpoint
 
-from helpers import Ranks, start_cli
+from helpers import Ranks, save_tiny_llama, start_cli
 
 TRAINING = {"batchSize": 1, "maxSteps": 6, "maxGradNorm": 0.5}  # clipped: the norm spans shards and whole tensors
 
@@ -81,3 +81,74 @@ def test_auto_shards_only_what_cannot_fit_whole(job_file, tmp_path, monkeypatch)
     assert "strategy fsdp: auto: whole copies would need" in output
     metrics = _manifest(tmp_path, "cramped")["metrics"]
     assert metrics["strategy"] == "fsdp" and metrics["memoryEstimateBytesPerDevice"] > 0
+
+
+def test_a_student_of_its_own_is_read_by_rank_zero_alone_and_trains_what_one_process_trains(
+    job_file, tmp_path, tiny_teacher_dir
+):
+    from potential_meme.engine.models import load_tokenizer
+
+    student = tmp_path / "student"
+    save_tiny_llama(student, load_tokenizer(str(tiny_teacher_dir)), hidden_size=32, layers=3, seed=1)
+    named = {"student": {"model": str(student), "fromTeacher": None}, "training": TRAINING}
+    assert start_cli("run", str(job_file("whole", **named))).wait(timeout=600) == 0
+    job = job_file("sharded", **named | {"training": {**TRAINING, "strategy": "fsdp", "gradientAccumulationSteps": 1}})
+    reference = job_file("whole-batch-4", **named | {"training": {**TRAINING, "gradientAccumulationSteps": 4}})
+    assert start_cli("run", str(reference)).wait(timeout=600) == 0
+    output = _run(4, job)
+    for rank in (1, 2, 3):
+        assert f"rank {rank} reads no weights of {tiny_teacher_dir}" in output
+        assert f"rank {rank} reads no weights of {student}" in output
+    assert "rank 0 reads no weights" not in output
+    expected, manifest = _manifest(tmp_path, "whole-batch-4"), _manifest(tmp_path, "sharded")
+    for key in ("finalLoss", "studentPerplexityAfter", "studentPerplexityBefore", "teacherPerplexity"):
+        assert abs(manifest["metrics"][key] - expected["metrics"][key]) < 1e-3 * expected["metrics"][key], key
+    assert_same_weights(_student(tmp_path, "whole-batch-4"), _student(tmp_path, "sharded"))
+
+
+SHARDED_LOADING = """
+import json, sys
+import torch
+from potential_meme.engine.models import load_model, resolve
+from potential_meme.engine.runtime import start_runtime
+from potential_meme.engine.sharding import load_sharded
+
+def resident(field):
+    line = next(l for l in open("/proc/self/status") if l.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
+
+runtime = start_runtime("fp32")
+open("/proc/self/clear_refs", "w").write("5")  # the peak resident set starts again from here
+before = resident("VmRSS")
+model = load_sharded(resolve(sys.argv[1]), torch.float32, runtime)
+grown = resident("VmHWM") - before
+tokens = torch.arange(64).reshape(2, 32) * 7 % model.config.vocab_size
+with torch.no_grad():
+    logits = model(tokens).logits
+    difference = (logits - load_model(sys.argv[1])(tokens).logits).abs().max().item()
+print("LOADED " + json.dumps({"rank": runtime.rank, "grown": grown, "difference": difference}))
+"""
+
+
+def test_sharded_loading_keeps_one_whole_copy_on_rank_zero_and_only_shards_elsewhere(tmp_path, tiny_teacher_dir):
+    """Rank 0 reads the weights; rank 1 builds the model on the meta device and receives its half of each decoder
+    layer (and the small whole parts), so its memory grows by about half the model's (plus what the allocator
+    keeps of the tensors received one at a time), where reading the weights itself would cost it 1.5 models (the
+    whole, then its shards). Both then compute the logits of a model loaded whole (rotary frequencies included)."""
+    from potential_meme.engine.models import load_tokenizer
+
+    model = tmp_path / "wide"
+    save_tiny_llama(model, load_tokenizer(str(tiny_teacher_dir)), hidden_size=768, layers=12, seed=3)
+    whole_bytes = (model / "model.safetensors").stat().st_size
+    script = tmp_path / "sharded_loading.py"
+    script.write_text(SHARDED_LOADING)
+    ranks = Ranks(2, [str(model)], script=script)
+    output = ranks.communicate(timeout=300)[0]
+    assert ranks.returncode == 0, output[-3000:]
+    loaded = {
+        entry["rank"]: entry
+        for entry in (json.loads(line[7:]) for line in output.splitlines() if line.startswith("LOADED "))
+    }
+    assert loaded[0]["grown"] > 0.9 * whole_bytes, (loaded, whole_bytes)
+    assert loaded[1]["grown"] < 0.75 * whole_bytes, (loaded, whole_bytes)
+    assert max(entry["difference"] for entry in loaded.values()) < 1e-5

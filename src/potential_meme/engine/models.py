@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 import transformers
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
 from ..spec.aliases import lookup
 from ..spec.errors import StageError
@@ -159,20 +159,33 @@ def load_tokenizer(reference: str | ResolvedModel) -> Any:
     return tokenizer
 
 
-def load_model(reference: str | ResolvedModel, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """Load a causal LM. A GGUF model is de-quantized into a plain model of the same config.
+def _plain(config: PretrainedConfig) -> PretrainedConfig:
+    """transformers marks models read from GGUF with a quantization_config, and trainers refuse to fine-tune
+    such a model; without it the config describes the ordinary model the engine de-quantizes into."""
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    return config
 
-    transformers marks models loaded from GGUF with a quantization_config, and trainers refuse
-    to fine-tune such a model; rebuilding it from a clean config makes it an ordinary model.
-    """
+
+def load_config(reference: str | ResolvedModel) -> PretrainedConfig:
+    """A model's config, without its weights."""
+    resolved = reference if isinstance(reference, ResolvedModel) else resolve(reference)
+    return _plain(AutoConfig.from_pretrained(resolved.directory, gguf_file=resolved.gguf_file))
+
+
+def empty_model(reference: str | ResolvedModel, dtype: torch.dtype) -> PreTrainedModel:
+    """The model's modules on the meta device: shapes without memory, for weights that arrive from elsewhere."""
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(load_config(reference), dtype=dtype)
+
+
+def load_model(reference: str | ResolvedModel, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """Load a causal LM. A GGUF model is de-quantized into a plain model of the same config."""
     resolved = reference if isinstance(reference, ResolvedModel) else resolve(reference)
     if resolved.gguf_file is None:
         return AutoModelForCausalLM.from_pretrained(resolved.directory, dtype=dtype)
     gguf_model = AutoModelForCausalLM.from_pretrained(resolved.directory, gguf_file=resolved.gguf_file, dtype=dtype)
-    config = gguf_model.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    plain = AutoModelForCausalLM.from_config(_plain(gguf_model.config), dtype=dtype)
     plain.load_state_dict(gguf_model.state_dict())
     plain.generation_config = gguf_model.generation_config
     return plain.eval()

@@ -14,13 +14,13 @@ from functools import cached_property
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from ..spec.errors import SpecError
 from ..spec.models import DistillationJob, EvaluationJob, LayerwiseMethod
 from ..spec.plan import Stage, StageKind, model_references
 from ..storage import ArtifactStore, LocalStore
-from .models import ResolvedModel, load_tokenizer, resolve
+from .models import ResolvedModel, load_config, load_tokenizer, resolve
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +79,7 @@ class Shape:
 
 
 def shape_of(resolved: ResolvedModel) -> Shape:
-    config = AutoConfig.from_pretrained(resolved.directory, gguf_file=resolved.gguf_file)
-    if hasattr(config, "quantization_config"):  # GGUF: the engine de-quantizes; count the plain model
-        del config.quantization_config
-    return Shape(config)
+    return Shape(load_config(resolved))
 
 
 def layer_index_problems(method: LayerwiseMethod, teacher_layers: int, student_layers: int) -> Problems:

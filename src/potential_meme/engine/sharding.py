@@ -7,6 +7,10 @@ gathers a unit's parameters only inside that unit's forward. So each layer is ga
 layerwise projections stay whole on every process, their gradients averaged as DDP would. Those are a
 few per cent of a large model's parameters (the memory plan counts them whole).
 
+A teacher and student named by reference are read by rank 0 alone (`load_sharded`): the other processes
+build them on the meta device and receive their shards. A student derived from the teacher is built whole on
+every process, from a teacher each of them reads.
+
 Checkpoints and the published student go through torch.distributed.checkpoint's state-dict API as full
 tensors on rank 0, in the same files as a ddp run: a run resumes with another number of processes, or
 another strategy.
@@ -34,10 +38,12 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
+from transformers import PretrainedConfig
 
 from ..spec.aliases import Architecture
 from ..spec.memory import DEVICE_MEMORY_ENV, MemoryPlan, plan_memory, quantity_bytes
 from ..spec.models import DistillationJob
+from .models import ResolvedModel, empty_model, load_model
 from .objective import decoder
 from .runtime import Runtime
 
@@ -46,10 +52,10 @@ log = logging.getLogger(__name__)
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
-def shape_of(model: nn.Module) -> Architecture | None:
-    """A loaded Llama-family model's shape; None for other architectures (the plan then cannot judge)."""
+def shape_of(config: PretrainedConfig) -> Architecture | None:
+    """A Llama-family model's shape; None for other architectures (the plan then cannot judge)."""
     try:
-        return Architecture.from_config(model.config.to_dict())
+        return Architecture.from_config(config.to_dict())
     except (KeyError, ValueError, AttributeError):
         return None
 
@@ -79,9 +85,9 @@ def device_capacity(device: torch.device, processes_here: int) -> int | None:
 
 
 def choose_strategy(
-    job: DistillationJob, teacher: nn.Module | None, student: nn.Module, runtime: Runtime
+    job: DistillationJob, teacher: PretrainedConfig | None, student: PretrainedConfig, runtime: Runtime
 ) -> tuple[str, str, MemoryPlan | None]:
-    """(strategy, why, estimate) of this stage, from the loaded models' shapes and this device's memory."""
+    """(strategy, why, estimate) of this stage, from the models' configs and this device's memory."""
     asked = job.spec.training.strategy
     shapes = (shape_of(teacher), shape_of(student)) if teacher is not None else (None, None)
     if None in shapes:
@@ -105,6 +111,32 @@ def shard_layers(model: nn.Module, runtime: Runtime) -> None:
         # Each layer is its own root FSDP module, and a root keeps its parameters gathered after forward
         # (for the backward that follows in training); a layer must give them back after every forward.
         layer.set_reshard_after_forward(True, recurse=False)
+
+
+def load_sharded(reference: ResolvedModel, dtype: torch.dtype, runtime: Runtime) -> nn.Module:
+    """The model at `reference`, its decoder layers sharded over all processes, its weights read by rank 0 alone.
+
+    The other processes build it on the meta device and receive their shards from rank 0, so a node holds one
+    whole copy in host memory while the model loads, not one a process: a 70B teacher in bf16 is 140 GB once,
+    not eight times on an 8-GPU node.
+    """
+    model = load_model(reference, dtype) if runtime.is_main else empty_model(reference, dtype)
+    whole = model.state_dict() if runtime.is_main else {}
+    persistent = set(model.state_dict())
+    shard_layers(model, runtime)
+    if not runtime.is_main:
+        log.info("rank %d reads no weights of %s: its shards come from rank 0", runtime.rank, reference.directory)
+        model.to_empty(device=runtime.device)
+        model.tie_weights()  # to_empty gives tied parameters storage of their own
+    model.to(runtime.device)
+    load_full_state(model, whole)
+    del whole
+    # Buffers outside the state (the rotary frequencies) are computed when a model is built, which on the meta
+    # device computes nothing: rank 0's are the right ones.
+    for name, buffer in model.named_buffers():
+        if name not in persistent:
+            dist.broadcast(buffer, src=0)
+    return model.eval()
 
 
 def parameter_groups(model: nn.Module) -> list[dict[str, Any]]:

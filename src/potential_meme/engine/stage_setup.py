@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from .data import Document, load_documents, load_validation_sets, pack, split_do
 from .finish import finished_manifest
 from .loop import Batches, Teacher
 from .mobile import narrowed, search
-from .models import ResolvedModel, keep_layers, load_model, load_tokenizer, resolve
+from .models import ResolvedModel, keep_layers, load_config, load_model, load_tokenizer, resolve
 from .objective import DistillationObjective, HiddenStateTap, decoder
 from .preflight import CheckedModels
 from .pruning import channel_importance, choose_layers, prune_to
@@ -26,7 +27,7 @@ from .quantize import quantized_student
 from .responses import load_responses, pack_exchanges
 from .runtime import Runtime, perplexity
 from .schedule import lr_lambda
-from .sharding import choose_strategy, parameter_groups, shard_layers
+from .sharding import choose_strategy, is_sharded, load_sharded, parameter_groups, shard_layers
 from .teacher_cache import cache_identity, open_cache
 
 log = logging.getLogger(__name__)
@@ -168,19 +169,31 @@ def _load_models(
         facts = {**facts, **kept}
         teacher = _teacher_in(teacher, models.teacher, dtype)
     elif job.spec.teacher.cache is not None and job.spec.student.model is not None:
-        teacher, student = None, load_model(models.student)  # the cache stands in for the teacher
+        teacher, student = _named_models(job, None, models.student, runtime)  # the cache stands in for the teacher
     elif (derived := job.spec.student.from_teacher) is not None:
         teacher = load_model(models.teacher)  # fp32 until the student is built from it: its weights are not rounded
         student, facts = _derived_student(teacher, derived, train_rows, runtime, facts_before)
         teacher = _teacher_in(teacher, models.teacher, dtype)
     else:
-        teacher = load_model(models.teacher, dtype=dtype) if models.teacher is not None else None
-        student = load_model(models.student)
+        teacher, student = _named_models(job, models.teacher, models.student, runtime)
     if teacher is not None:
         teacher.to(runtime.device).eval().requires_grad_(False)
-    if stage.kind is not StageKind.QUANTIZE:
+    if stage.kind is not StageKind.QUANTIZE and not is_sharded(student):
         student = student.float().to(runtime.device)
     return teacher, student, facts
+
+
+def _named_models(
+    job: DistillationJob, teacher: ResolvedModel | None, student: ResolvedModel, runtime: Runtime
+) -> tuple[nn.Module | None, nn.Module]:
+    """Teacher (None: an API's or a cache's) and student as their references name them. Where the strategy
+    shards them, chosen from their configs before any weight is read, rank 0 alone reads the weights."""
+    configs = load_config(teacher) if teacher is not None else None, load_config(student)
+    if runtime.world_size > 1 and choose_strategy(job, *configs, runtime)[0] == "fsdp":
+        load = functools.partial(load_sharded, runtime=runtime)
+    else:
+        load = load_model
+    return (load(teacher, runtime.teacher_dtype) if teacher is not None else None), load(student, torch.float32)
 
 
 def _teacher_in(teacher: nn.Module, source: ResolvedModel, dtype: torch.dtype) -> nn.Module:
@@ -310,7 +323,9 @@ def set_up(
     teacher_width = (teacher_model or student).config.hidden_size
     objective = DistillationObjective(student, method, teacher_width).to(runtime.device)
     model: nn.Module = objective
-    strategy, why, plan = choose_strategy(job, teacher_model, student, runtime)
+    strategy, why, plan = choose_strategy(
+        job, teacher_model.config if teacher_model is not None else None, student.config, runtime
+    )
     if runtime.is_main:
         log.info("strategy %s: %s%s", strategy, why, f"; estimated {plan.describe()}" if plan else "")
     facts |= {"strategy": strategy, "strategyReason": why}
@@ -318,7 +333,7 @@ def set_up(
         facts["memoryEstimateBytesPerDevice"] = plan.per_device.total
     if runtime.world_size > 1 and strategy == "fsdp":
         for sharded in (student, teacher_model):
-            if sharded is not None:
+            if sharded is not None and not is_sharded(sharded):  # a derived student, its teacher
                 shard_layers(sharded, runtime)
     elif runtime.world_size > 1:
         model = nn.parallel.DistributedDataParallel(
