@@ -100,6 +100,32 @@ def test_the_design_documents_70b_to_7b_needs_sharding_on_80gb_gpus():
     assert memory_plan(parse_job(document)).fits and memory_plan(parse_job(document)).processes == 200
 
 
+def test_a_cached_teacher_is_not_counted_but_the_stage_that_makes_the_cache_is_judged():
+    """Training from a cache holds no teacher, but a 7B student with its optimizer state (120 GiB) is still
+    sharded by auto. Making the cache runs the whole teacher on each device, which a 70B teacher does not fit."""
+    resources = {"gpusPerNode": 8, "gpuMemory": "80Gi"}
+    online = memory_plan(parse_job(job("llama3-70b", {"model": "llama3-7b"}, resources)))
+    reading = job("llama3-70b", {"model": "llama3-7b"}, resources)
+    reading["spec"]["teacher"]["cache"] = {"uri": "s3://models/runs/cache-70b/cache-teacher/"}
+    cached = memory_plan(parse_job(reading))
+    assert cached.strategy == online.strategy == "fsdp"
+    assert cached.reason == "auto: whole copies would need 123.6 GiB per device, over the headroom"
+    assert cached.per_device.teacher == 0 and cached.per_device.student == online.per_device.student
+    assert cached.per_device.activations < online.per_device.activations  # no teacher forward
+    assert "no teacher" in cached.describe() and " fits in 68.0 GiB" in cached.describe()
+    assert fit_refusal(parse_job(reading)) is None  # made elsewhere: this job runs no cache-teacher stage
+
+    reading["spec"]["teacher"]["cache"] = {"topK": 32}
+    refusal = fit_refusal(parse_job(reading))
+    assert refusal.startswith("spec.resources.gpuMemory: the cache-teacher stage runs a whole teacher on each device")
+    assert "train online without teacher.cache" in refusal
+    smaller = job("llama3-8b", {"fromTeacher": {"numLayers": 4}}, resources)
+    smaller["spec"]["teacher"]["cache"] = {"topK": 32}
+    assert fit_refusal(parse_job(smaller)) is None
+    auto = memory_plan(parse_job(smaller))
+    assert auto.strategy == "ddp" and auto.reason == "auto: whole copies of the student, as it fits"
+
+
 def test_a_job_that_fits_is_planned_and_an_undeclared_device_is_not_judged():
     small = job("smollm2-1.7b", {"fromTeacher": {"numLayers": 12}}, {"gpusPerNode": 1, "gpuMemory": "24Gi"})
     plan = memory_plan(parse_job(small))

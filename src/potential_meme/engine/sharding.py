@@ -87,15 +87,16 @@ def device_capacity(device: torch.device, processes_here: int) -> int | None:
 def choose_strategy(
     job: DistillationJob, teacher: PretrainedConfig | None, student: PretrainedConfig, runtime: Runtime
 ) -> tuple[str, str, MemoryPlan | None]:
-    """(strategy, why, estimate) of this stage, from the models' configs and this device's memory."""
+    """(strategy, why, estimate) of this stage, from the models' configs and this device's memory.
+    `teacher` None: the stage holds none (a cache or an API's answers stand in for it)."""
     asked = job.spec.training.strategy
-    shapes = (shape_of(teacher), shape_of(student)) if teacher is not None else (None, None)
-    if None in shapes:
-        why = "no teacher is loaded" if teacher is None else "the models are not Llama-family: no estimate"
-        return ("ddp" if asked == "auto" else asked), why, None
+    teacher_shape, student_shape = shape_of(teacher) if teacher is not None else None, shape_of(student)
+    if student_shape is None or (teacher is not None and teacher_shape is None):
+        return ("ddp" if asked == "auto" else asked), "the models are not Llama-family: no estimate", None
     processes_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     capacity = device_capacity(runtime.device, processes_here)
-    plan = plan_memory(job, shapes, runtime.world_size, capacity, runtime.autocast_dtype is not None)
+    bf16 = runtime.autocast_dtype is not None
+    plan = plan_memory(job, (teacher_shape, student_shape), runtime.world_size, capacity, bf16)
     return plan.strategy, plan.reason, plan
 
 

@@ -73,8 +73,16 @@ def _held(shape: Architecture, bytes_per_parameter: int, gathered_bytes: int, sh
     ) * bytes_per_parameter + 2 * shape.layer_parameters * gathered_bytes
 
 
+def teacher_forward_bytes(teacher: Architecture, tokens: int, bf16: bool) -> int:
+    """What a teacher's forward without autograd holds besides its weights: its last hidden states, and one
+    layer's working set that comes and goes."""
+    activation_bytes = BF16 if bf16 else FP32
+    states = tokens * teacher.hidden_size
+    return (states + activation_elements_per_token(teacher.derived(1, None), False) * tokens) * activation_bytes
+
+
 def device_memory(
-    teacher: Architecture,
+    teacher: Architecture | None,
     student: Architecture,
     training: TrainingSpec,
     method: KnowledgeMethod,
@@ -82,20 +90,18 @@ def device_memory(
     shards: int = 1,
 ) -> DeviceMemory:
     """What one process holds: with `shards` 1 (ddp) a whole student with its optimizer and a whole teacher;
-    with more (fsdp) their decoder layers split over that many processes."""
+    with more (fsdp) their decoder layers split over that many processes. `teacher` None: the stage holds none
+    (a teacher cache, or an API's answers, stands in for it)."""
     tokens = training.batch_size * training.max_seq_length
-    activation_bytes = BF16 if bf16 else FP32
-    stored = activation_elements_per_token(student, training.gradient_checkpointing) * tokens * activation_bytes
-    # the teacher runs without autograd: its last hidden states stay, one layer's working set comes and goes
-    teacher_states = tokens * teacher.hidden_size * activation_bytes
-    teacher_working = activation_elements_per_token(teacher.derived(1, None), False) * tokens * activation_bytes
-    loss = KD_CHUNK_ARRAYS * min(method.chunk_size, tokens) * max(student.vocab_size, teacher.vocab_size) * FP32
+    stored = activation_elements_per_token(student, training.gradient_checkpointing) * tokens * (BF16 if bf16 else FP32)
+    vocabulary = max(student.vocab_size, teacher.vocab_size if teacher else 0)
+    loss = KD_CHUNK_ARRAYS * min(method.chunk_size, tokens) * vocabulary * FP32
     teacher_bytes = BF16 if bf16 else FP32
     return DeviceMemory(
         # a gathered student layer has its fp32 weights and, in backward, its unsharded gradients
         student=round(_held(student, STUDENT_BYTES_PER_PARAMETER, 2 * FP32, shards)),
-        teacher=round(_held(teacher, teacher_bytes, teacher_bytes, shards)),
-        activations=stored + teacher_states + teacher_working + loss,
+        teacher=round(_held(teacher, teacher_bytes, teacher_bytes, shards)) if teacher else 0,
+        activations=stored + (teacher_forward_bytes(teacher, tokens, bf16) if teacher else 0) + loss,
     )
 
 
@@ -135,7 +141,8 @@ class MemoryPlan:
         need = self.per_device
         parts = (
             f"{self.strategy} over {self.processes} process(es), {binary_size(need.total)} per device: student with "
-            f"optimizer state {binary_size(need.student)}, teacher {binary_size(need.teacher)}, activations "
+            f"optimizer state {binary_size(need.student)}, "
+            f"{f'teacher {binary_size(need.teacher)}' if need.teacher else 'no teacher'}, activations "
             f"{binary_size(need.activations)}"
         )
         if self.capacity is None:
@@ -145,22 +152,27 @@ class MemoryPlan:
         return f"{parts}; {verdict} in {usable} usable of {binary_size(self.capacity)}"
 
 
-def job_shapes(job: DistillationJob) -> tuple[Architecture, Architecture] | None:
-    """The shapes of the first training stage's teacher and student, when they are known before loading
-    (None for a hub id missing from the alias table, a GGUF file, an s3:// folder, a progressive chain)."""
-    teacher = architecture_of(job.spec.teacher.model) if job.spec.teacher.endpoint is None else None
-    if teacher is None or job.spec.student is None:
+def job_shapes(job: DistillationJob) -> tuple[Architecture | None, Architecture] | None:
+    """The shapes of the teacher the training stage holds (None when a cache or an API's answers stand in for
+    it) and of its student, when they are known before loading (None for a hub id missing from the alias table,
+    a GGUF file, an s3:// folder, a progressive chain)."""
+    spec = job.spec
+    if spec.student is None:
         return None
-    derived = job.spec.student.from_teacher
+    teacher = architecture_of(spec.teacher.model) if spec.teacher.endpoint is None else None
+    derived = spec.student.from_teacher
     if derived is not None:
-        return teacher, teacher.derived(derived.num_layers, derived.mlp_width)
-    student = architecture_of(job.spec.student.model) if job.spec.student.model else None
-    return None if student is None else (teacher, student)
+        student = teacher.derived(derived.num_layers, derived.mlp_width) if teacher else None
+    else:
+        student = architecture_of(spec.student.model) if spec.student.model else None
+    if student is None or (teacher is None and spec.teacher.endpoint is None):
+        return None
+    return (None if spec.teacher.cache is not None else teacher), student
 
 
 def plan_memory(
     job: DistillationJob,
-    shapes: tuple[Architecture, Architecture],
+    shapes: tuple[Architecture | None, Architecture],
     processes: int,
     capacity: int | None,
     bf16: bool,
@@ -182,7 +194,8 @@ def plan_memory(
     whole = planned("ddp", "")
     if processes == 1 or whole.fits is not False:
         why = "one process" if processes == 1 else "it fits" if whole.fits else "the device memory is not known"
-        return planned("ddp", f"auto: whole copies of student and teacher, as {why}")
+        held = "student and teacher" if teacher is not None else "the student"
+        return planned("ddp", f"auto: whole copies of {held}, as {why}")
     return planned(
         "fsdp", f"auto: whole copies would need {binary_size(whole.per_device.total)} per device, over the headroom"
     )
@@ -195,14 +208,45 @@ def memory_plan(job: DistillationJob, nodes: int | None = None) -> MemoryPlan | 
     if shapes is None:
         return None
     resources = job.spec.resources
-    precision = job.spec.training.precision
-    bf16 = precision == "bf16" or (precision == "auto" and resources.gpus_per_node > 0)
     processes = (nodes or resources.nodes) * max(resources.gpus_per_node, 1)
-    return plan_memory(job, shapes, processes, device_capacity(resources), bf16)
+    return plan_memory(job, shapes, processes, device_capacity(resources), _bf16(job))
+
+
+def _bf16(job: DistillationJob) -> bool:
+    precision = job.spec.training.precision
+    return precision == "bf16" or (precision == "auto" and job.spec.resources.gpus_per_node > 0)
+
+
+def cache_stage_bytes(job: DistillationJob) -> int | None:
+    """What the cache-teacher stage holds on each device (a whole teacher in the compute precision and one
+    batch's forward: each process runs its own rows), or None when the job makes no cache or its size is unknown."""
+    spec = job.spec
+    makes_cache = spec.teacher.cache is not None and spec.teacher.cache.top_k is not None
+    teacher = architecture_of(spec.teacher.model) if makes_cache else None
+    if teacher is None:
+        return None
+    bf16 = _bf16(job)
+    tokens = spec.training.batch_size * spec.training.max_seq_length
+    logits = min(spec.method.selected.chunk_size, tokens) * teacher.vocab_size * FP32 * 2  # and their top-k sort
+    return teacher.parameters * (BF16 if bf16 else FP32) + teacher_forward_bytes(teacher, tokens, bf16) + logits
+
+
+def _cache_refusal(job: DistillationJob) -> str | None:
+    need, capacity = cache_stage_bytes(job), device_capacity(job.spec.resources)
+    if need is None or capacity is None or need <= HEADROOM * capacity:
+        return None
+    declared = "resources.gpuMemory" if job.spec.resources.gpus_per_node else "resources.memory"
+    return (
+        f"spec.{declared}: the cache-teacher stage runs a whole teacher on each device, {binary_size(need)}, which "
+        f"does not fit in {binary_size(HEADROOM * capacity)} usable of {binary_size(capacity)}; use devices with "
+        "more memory, or train online without teacher.cache (then fsdp shards the teacher)"
+    )
 
 
 def fit_refusal(job: DistillationJob | EvaluationJob) -> str | None:
     """Why the job cannot run on the resources it asks for, or None (it fits, or its size is not known yet)."""
+    if isinstance(job, DistillationJob) and (cache_refusal := _cache_refusal(job)) is not None:
+        return cache_refusal
     plan = memory_plan(job) if isinstance(job, DistillationJob) else None
     if plan is None or plan.fits is not False:
         return None
