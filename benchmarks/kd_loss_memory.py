@@ -19,6 +19,8 @@ import subprocess
 import sys
 import time
 
+from potential_meme.spec.memory import tokens_per_chunk
+
 
 def _rss_kib(field: str) -> int:
     with open("/proc/self/status") as status:
@@ -94,7 +96,7 @@ def _compare(args: argparse.Namespace, vocab: int) -> tuple[float, float]:
     naive, chunked = results["naive"], results["chunked"]
     print(
         f"\nKD loss forward+backward, {args.tokens} tokens x vocab {vocab:,}, hidden {args.hidden}, "
-        f"chunk {args.chunk}, fp32, {naive['device']}"
+        f"chunks of {tokens_per_chunk(args.chunk, vocab)} tokens (chunkSize {args.chunk}), fp32, {naive['device']}"
     )
     print(f"{'':10}{'peak MiB':>12}{'seconds':>10}{'loss':>12}")
     for name, row in results.items():

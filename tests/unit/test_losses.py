@@ -79,3 +79,35 @@ def test_output_matrices_padded_differently_are_aligned_on_the_shared_vocabulary
     torch.testing.assert_close(loss, expected)
     loss.backward()
     assert student_weight.grad[-5:].abs().sum() > 0  # the padding rows are taught, not ignored
+
+
+class _LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
+    """The most numbers any tensor computed under it holds."""
+
+    largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in out if isinstance(out, tuple | list) else (out,):
+            if isinstance(tensor, torch.Tensor):
+                self.largest = max(self.largest, tensor.numel())
+        return out
+
+
+@pytest.mark.parametrize(
+    "vocab,chunk_size,tokens_per_chunk", [(152_064, 4096, 110), (128_256, 256, 130), (512, 64, 64)]
+)
+def test_a_large_vocabulary_takes_fewer_tokens_per_chunk(vocab, chunk_size, tokens_per_chunk):
+    """Whatever chunkSize asks, no tensor of the loss or of perplexity holds a chunk of logits of more than 2^24
+    numbers (the full logits of 300 tokens at 152,064 words are 45.6M), and the results are the reference's."""
+    from potential_meme.spec.memory import CHUNK_LOGITS
+
+    sh, sw, th, tw, labels = (t.float() if t.is_floating_point() else t for t in _inputs(tokens=300, vocab=vocab))
+    kw = dict(alpha=0.5, temperature=2.0, divergence="forwardKL", beta=0.5)
+    with _LargestTensor() as watched:
+        loss, _, _ = chunked_kd_loss(sh, sw, th, tw, labels, chunk_size=chunk_size, **kw)
+        nll, _ = chunked_nll(sh, sw, labels, chunk_size=chunk_size)
+    assert watched.largest == tokens_per_chunk * vocab <= CHUNK_LOGITS  # a chunk's logits, the largest tensor
+    torch.testing.assert_close(loss, _reference(sh, sw, th, tw, labels, **kw), rtol=1e-4, atol=1e-5)
+    expected_nll = torch.nn.functional.cross_entropy(sh @ sw.T, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    torch.testing.assert_close(nll.float(), expected_nll, rtol=1e-4, atol=1e-3)

@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from ..spec.errors import SpecError
+from ..spec.memory import tokens_per_chunk
 from ..spec.models import DistillationJob
 from ..spec.plan import MANIFEST, Stage, stage_manifest
 from ..storage import file_sha256, open_store, read_json, write_json
@@ -48,14 +49,15 @@ def _shard_arrays(teacher, rows: torch.Tensor, k: int, temperature: float, vocab
     """The encoded targets of `rows`, batch by batch, the lm-head applied chunk by chunk."""
     weight = teacher.get_output_embeddings().weight
     parts: list[dict[str, torch.Tensor]] = []
+    chunk = tokens_per_chunk(spec.method.knowledge.chunk_size, weight.shape[0])
     for start in range(0, rows.shape[0], spec.training.batch_size):
         batch = rows[start : start + spec.training.batch_size].to(runtime.device)
         with runtime.autocast():
             hidden = hidden_states(teacher, batch)
         flat = hidden.reshape(-1, hidden.shape[-1])
-        for offset in range(0, flat.shape[0], spec.method.knowledge.chunk_size):
+        for offset in range(0, flat.shape[0], chunk):
             # past the tokenizer's words a teacher's rows are padding no text contains
-            logits = (flat[offset : offset + spec.method.knowledge.chunk_size] @ weight.T)[:, :vocabulary]
+            logits = (flat[offset : offset + chunk] @ weight.T)[:, :vocabulary]
             parts.append(encode(top_k_targets(logits.float().cpu(), k, temperature), vocabulary))
     length = rows.shape[1]
     return {

@@ -13,7 +13,8 @@ et al., 2015). D is one of
 
 Full-vocabulary logits of a batch are the largest tensors of a KD step (8 x 1024 tokens x
 49,152 words in fp32 is 1.6 GB, twice: teacher and student, plus softmaxes). `ChunkedKDLoss`
-never materializes them: it projects `chunk_size` tokens through both lm-heads at a time,
+never materializes them: it projects `chunk_size` tokens (fewer for a vocabulary over 65,536 words:
+`tokens_per_chunk`) through both lm-heads at a time,
 computes the loss and its gradient for that chunk at once, and keeps only the gradients for the
 hidden states and the lm-head weight, so backward needs no second projection. Peak memory is a
 few chunks of logits plus one lm-head gradient, whatever the batch and sequence length.
@@ -26,6 +27,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..spec.memory import tokens_per_chunk
 from .teacher_cache import TopKTargets, student_buckets
 
 IGNORE_INDEX = -100
@@ -193,6 +195,7 @@ class ChunkedKDLoss(torch.autograd.Function):
         beta: float,
         chunk_size: int,
     ):
+        chunk_size = tokens_per_chunk(chunk_size, student_weight.shape[0])
         valid_tokens = max(int((labels != IGNORE_INDEX).sum()), 1)
         grad_hidden = torch.zeros_like(student_hidden)
         accumulate = torch.promote_types(student_weight.dtype, torch.float32)
@@ -293,6 +296,7 @@ def reference_kd_loss(
 def chunked_nll(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int = 256):
     """(sum of token negative log-likelihoods, token count) without materializing all logits."""
     total = torch.zeros((), dtype=torch.float64, device=hidden.device)
+    chunk_size = tokens_per_chunk(chunk_size, weight.shape[0])
     for start in range(0, labels.shape[0], chunk_size):
         logits = _upcast(hidden[start : start + chunk_size] @ weight.T)
         total += F.cross_entropy(

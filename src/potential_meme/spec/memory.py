@@ -20,6 +20,13 @@ STUDENT_BYTES_PER_PARAMETER = FP32 * 4  # weights, gradients and AdamW's two mom
 HEADROOM = 0.85  # of a device's memory: the rest is the CUDA context, allocator fragmentation and the data loader
 DEVICE_MEMORY_ENV = "POTENTIAL_MEME_DEVICE_MEMORY"  # what a training process may use, as the operator judged it
 KD_CHUNK_ARRAYS = 4  # chunk logits of student and teacher, their gradient and the softmax in the chunked loss
+CHUNK_LOGITS = 2**24  # numbers in one chunk's logits at most: 256 tokens at 65,536 words, 64 MiB in fp32
+
+
+def tokens_per_chunk(chunk_size: int, vocabulary: int) -> int:
+    """The tokens a chunk of the lm-head projection takes: method.chunkSize, or fewer where their logits would pass
+    CHUNK_LOGITS numbers, so that a chunk weighs the same whatever the vocabulary (152,064 words: 110 tokens)."""
+    return max(1, min(chunk_size, CHUNK_LOGITS // vocabulary))
 
 
 def architecture_of(reference: str) -> Architecture | None:
@@ -95,7 +102,7 @@ def device_memory(
     tokens = training.batch_size * training.max_seq_length
     stored = activation_elements_per_token(student, training.gradient_checkpointing) * tokens * (BF16 if bf16 else FP32)
     vocabulary = max(student.vocab_size, teacher.vocab_size if teacher else 0)
-    loss = KD_CHUNK_ARRAYS * min(method.chunk_size, tokens) * vocabulary * FP32
+    loss = KD_CHUNK_ARRAYS * min(tokens_per_chunk(method.chunk_size, vocabulary), tokens) * vocabulary * FP32
     teacher_bytes = BF16 if bf16 else FP32
     return DeviceMemory(
         # a gathered student layer has its fp32 weights and, in backward, its unsharded gradients
@@ -227,7 +234,8 @@ def cache_stage_bytes(job: DistillationJob) -> int | None:
         return None
     bf16 = _bf16(job)
     tokens = spec.training.batch_size * spec.training.max_seq_length
-    logits = min(spec.method.selected.chunk_size, tokens) * teacher.vocab_size * FP32 * 2  # and their top-k sort
+    chunk = min(tokens_per_chunk(spec.method.selected.chunk_size, teacher.vocab_size), tokens)
+    logits = chunk * teacher.vocab_size * FP32 * 2  # and their top-k sort
     return teacher.parameters * (BF16 if bf16 else FP32) + teacher_forward_bytes(teacher, tokens, bf16) + logits
 
 

@@ -265,7 +265,12 @@ class KnowledgeMethod(Model):
         description="forwardKL = KL(teacher||student), reverseKL = KL(student||teacher), jsd = generalized JSD(beta).",
     )
     beta: float = Field(default=0.5, gt=0, lt=1, description="Mixture weight of the teacher in the generalized JSD.")
-    chunk_size: int = Field(default=256, ge=1, description="Tokens per chunk of the lm-head projection and loss.")
+    chunk_size: int = Field(
+        default=256,
+        ge=1,
+        description="Tokens per chunk of the lm-head projection and loss; fewer where a vocabulary over 65,536 "
+        "words would make a chunk's logits more than 2^24 numbers (110 tokens at 152,064 words).",
+    )
     on_policy: OnPolicySpec | None = added_later(
         description="On-policy distillation: a share of each batch is the student's own text, scored by the "
         "teacher with `divergence` (reverseKL is the usual choice)."
