@@ -26,7 +26,7 @@ def _student(tmp_path, name: str):
     return tmp_path / "runs" / name / "distill" / "student" / "model.safetensors"
 
 
-def test_fsdp_on_two_and_four_processes_trains_what_one_process_trains(job_file, tmp_path):
+def test_fsdp_on_two_and_four_processes_trains_what_one_process_trains(job_file, tmp_path, tiny_teacher_dir):
     evaluated = {"evalEverySteps": 3, "earlyStoppingPatience": 5}  # the best student is gathered from shards
     reference = job_file("one", training={**TRAINING, **evaluated, "gradientAccumulationSteps": 4})
     assert start_cli("run", str(reference)).wait(timeout=600) == 0
@@ -41,6 +41,8 @@ def test_fsdp_on_two_and_four_processes_trains_what_one_process_trains(job_file,
         )
         output = _run(processes, job)
         assert "strategy fsdp: training.strategy says so" in output
+        for rank in range(1, processes):  # rank 0 alone reads the teacher and derives the student
+            assert f"rank {rank} reads no weights of {tiny_teacher_dir}: its shards of teacher and student" in output
         manifest = _manifest(tmp_path, name)
         assert manifest["worldSize"] == processes and manifest["metrics"]["strategy"] == "fsdp"
         for key in ("tokens", "steps"):

@@ -173,10 +173,10 @@ def load_config(reference: str | ResolvedModel) -> PretrainedConfig:
     return _plain(AutoConfig.from_pretrained(resolved.directory, gguf_file=resolved.gguf_file))
 
 
-def empty_model(reference: str | ResolvedModel, dtype: torch.dtype) -> PreTrainedModel:
+def empty_model(config: PretrainedConfig, dtype: torch.dtype) -> PreTrainedModel:
     """The model's modules on the meta device: shapes without memory, for weights that arrive from elsewhere."""
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(load_config(reference), dtype=dtype)
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
 def load_model(reference: str | ResolvedModel, dtype: torch.dtype = torch.float32) -> PreTrainedModel:

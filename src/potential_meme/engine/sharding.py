@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,7 @@ from transformers import PretrainedConfig
 from ..spec.aliases import Architecture
 from ..spec.memory import DEVICE_MEMORY_ENV, MemoryPlan, plan_memory, quantity_bytes
 from ..spec.models import DistillationJob
-from .models import ResolvedModel, empty_model, load_model
+from .models import ResolvedModel, empty_model, load_config, load_model
 from .objective import decoder
 from .runtime import Runtime
 
@@ -114,30 +114,34 @@ def shard_layers(model: nn.Module, runtime: Runtime) -> None:
         layer.set_reshard_after_forward(True, recurse=False)
 
 
-def load_sharded(reference: ResolvedModel, dtype: torch.dtype, runtime: Runtime) -> nn.Module:
-    """The model at `reference`, its decoder layers sharded over all processes, its weights read by rank 0 alone.
-
-    The other processes build it on the meta device and receive their shards from rank 0, so a node holds one
-    whole copy in host memory while the model loads, not one a process: a 70B teacher in bf16 is 140 GB once,
-    not eight times on an 8-GPU node.
-    """
-    model = load_model(reference, dtype) if runtime.is_main else empty_model(reference, dtype)
-    whole = model.state_dict() if runtime.is_main else {}
+def shard_from_rank0(whole: nn.Module | None, empty: Callable[[], nn.Module], runtime: Runtime) -> nn.Module:
+    """Rank 0's `whole` model with its decoder layers sharded over all processes. The others build it with `empty`
+    (on the meta device: shapes, no memory) and receive their shards from rank 0, so a node holds one whole copy
+    while a model loads, not one a process: a 70B teacher in bf16 is 140 GB once, not eight times on 8 GPUs."""
+    model = whole if runtime.is_main else empty()
+    state = model.state_dict() if runtime.is_main else {}
     persistent = set(model.state_dict())
     shard_layers(model, runtime)
     if not runtime.is_main:
-        log.info("rank %d reads no weights of %s: its shards come from rank 0", runtime.rank, reference.directory)
         model.to_empty(device=runtime.device)
         model.tie_weights()  # to_empty gives tied parameters storage of their own
     model.to(runtime.device)
-    load_full_state(model, whole)
-    del whole
+    load_full_state(model, state)
+    del state
     # Buffers outside the state (the rotary frequencies) are computed when a model is built, which on the meta
     # device computes nothing: rank 0's are the right ones.
     for name, buffer in model.named_buffers():
         if name not in persistent:
             dist.broadcast(buffer, src=0)
-    return model.eval()
+    return model
+
+
+def load_sharded(reference: ResolvedModel, dtype: torch.dtype, runtime: Runtime) -> nn.Module:
+    """The model at `reference`, its decoder layers sharded over all processes, its weights read by rank 0 alone."""
+    if not runtime.is_main:
+        log.info("rank %d reads no weights of %s: its shards come from rank 0", runtime.rank, reference.directory)
+    whole = load_model(reference, dtype) if runtime.is_main else None
+    return shard_from_rank0(whole, lambda: empty_model(load_config(reference), dtype), runtime).eval()
 
 
 def parameter_groups(model: nn.Module) -> list[dict[str, Any]]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import functools
 import json
 import logging
@@ -10,6 +12,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import PretrainedConfig
 
 from ..spec.errors import SpecError, StageError
 from ..spec.models import DerivedStudent, DistillationJob
@@ -19,7 +22,7 @@ from .data import Document, load_documents, load_validation_sets, pack, split_do
 from .finish import finished_manifest
 from .loop import Batches, Teacher
 from .mobile import narrowed, search
-from .models import ResolvedModel, keep_layers, load_config, load_model, load_tokenizer, resolve
+from .models import ResolvedModel, empty_model, keep_layers, load_config, load_model, load_tokenizer, resolve
 from .objective import DistillationObjective, HiddenStateTap, decoder
 from .preflight import CheckedModels
 from .pruning import channel_importance, choose_layers, prune_to
@@ -27,7 +30,7 @@ from .quantize import quantized_student
 from .responses import load_responses, pack_exchanges
 from .runtime import Runtime, perplexity
 from .schedule import lr_lambda
-from .sharding import choose_strategy, is_sharded, load_sharded, parameter_groups, shard_layers
+from .sharding import choose_strategy, is_sharded, load_sharded, parameter_groups, shard_from_rank0, shard_layers
 from .teacher_cache import cache_identity, open_cache
 
 log = logging.getLogger(__name__)
@@ -171,9 +174,13 @@ def _load_models(
     elif job.spec.teacher.cache is not None and job.spec.student.model is not None:
         teacher, student = _named_models(job, None, models.student, runtime)  # the cache stands in for the teacher
     elif (derived := job.spec.student.from_teacher) is not None:
-        teacher = load_model(models.teacher)  # fp32 until the student is built from it: its weights are not rounded
-        student, facts = _derived_student(teacher, derived, train_rows, runtime, facts_before)
-        teacher = _teacher_in(teacher, models.teacher, dtype)
+        teacher_config = load_config(models.teacher)
+        if _shards(job, teacher_config, _derived_config(teacher_config, derived), runtime):
+            teacher, student, facts = _derived_on_rank_zero(derived, models.teacher, train_rows, runtime, facts_before)
+        else:
+            teacher = load_model(models.teacher)  # fp32 until the student is built from it: its weights are not rounded
+            student, facts = _derived_student(teacher, derived, train_rows, runtime, facts_before)
+            teacher = _teacher_in(teacher, models.teacher, dtype)
     else:
         teacher, student = _named_models(job, models.teacher, models.student, runtime)
     if teacher is not None:
@@ -183,17 +190,56 @@ def _load_models(
     return teacher, student, facts
 
 
+def _shards(
+    job: DistillationJob, teacher: PretrainedConfig | None, student: PretrainedConfig, runtime: Runtime
+) -> bool:
+    """Whether the stage shards its models: decided from their configs, before any weight is read, so that rank 0
+    alone reads them."""
+    return runtime.world_size > 1 and choose_strategy(job, teacher, student, runtime)[0] == "fsdp"
+
+
 def _named_models(
     job: DistillationJob, teacher: ResolvedModel | None, student: ResolvedModel, runtime: Runtime
 ) -> tuple[nn.Module | None, nn.Module]:
-    """Teacher (None: an API's or a cache's) and student as their references name them. Where the strategy
-    shards them, chosen from their configs before any weight is read, rank 0 alone reads the weights."""
+    """Teacher (None: an API's or a cache's) and student as their references name them."""
     configs = load_config(teacher) if teacher is not None else None, load_config(student)
-    if runtime.world_size > 1 and choose_strategy(job, *configs, runtime)[0] == "fsdp":
-        load = functools.partial(load_sharded, runtime=runtime)
-    else:
-        load = load_model
+    load = functools.partial(load_sharded, runtime=runtime) if _shards(job, *configs, runtime) else load_model
     return (load(teacher, runtime.teacher_dtype) if teacher is not None else None), load(student, torch.float32)
+
+
+def _derived_config(teacher: PretrainedConfig, derived: DerivedStudent) -> PretrainedConfig:
+    """The shape of the student `derived` describes (which layers it keeps does not change it)."""
+    config = copy.deepcopy(teacher)
+    config.num_hidden_layers = derived.num_layers
+    config.intermediate_size = min(derived.mlp_width or teacher.intermediate_size, teacher.intermediate_size)
+    return config
+
+
+def _derived_on_rank_zero(
+    derived: DerivedStudent,
+    source: ResolvedModel,
+    train_rows: torch.Tensor,
+    runtime: Runtime,
+    facts_before: dict[str, Any] | None,
+) -> tuple[nn.Module, nn.Module, dict[str, Any]]:
+    """Sharded teacher and derived student, both built by rank 0 alone: the other processes read no weights and
+    receive their shards."""
+    if runtime.is_main:
+        teacher = load_model(source)  # fp32 until the student is built from it: its weights are not rounded
+        alone = dataclasses.replace(runtime, world_size=1)  # no other process measures along
+        student, facts = _derived_student(teacher, derived, train_rows, alone, facts_before)
+        teacher = _teacher_in(teacher, source, runtime.teacher_dtype)
+    else:
+        log.info(
+            "rank %d reads no weights of %s: its shards of teacher and student come from rank 0",
+            runtime.rank,
+            source.directory,
+        )
+        teacher = student = facts = None
+    student_config, facts = runtime.from_main((student.config if student is not None else None, facts))
+    student = shard_from_rank0(student, lambda: empty_model(student_config, torch.float32), runtime)
+    teacher = shard_from_rank0(teacher, lambda: empty_model(load_config(source), runtime.teacher_dtype), runtime)
+    return teacher, student, facts
 
 
 def _teacher_in(teacher: nn.Module, source: ResolvedModel, dtype: torch.dtype) -> nn.Module:
