@@ -5,7 +5,9 @@ same loss, data order and number of steps over a slice of the standard-library c
 teacher at every step. The other first runs it once over the slice (its cache-teacher stage: top-k
 log-probabilities and ids per token, plus the tail's mass) and then reads only the cache: the rate
 every epoch after the cache is made, the first included when another job made it. Both students are
-measured on the same held-out split and on text of another kind.
+measured on the same held-out split and on text of another kind. A third job trains the same student
+on the same rows with alpha 1 (plain fine-tuning: no teacher, online or cached): its rate bounds what
+any cache can reach on this machine, and says what share of an online step the teacher's forward is.
 
     python benchmarks/teacher_cache.py [--steps 60] [--characters 150000] [--top-k 32] [--temperature 1]
 """
@@ -50,12 +52,22 @@ def main() -> None:
     student = {"fromTeacher": {"numLayers": args.layers}}
     method = {"knowledge": {"temperature": args.temperature}}
     runs = {}
-    for name, teacher in (("online", {}), ("cached", {"cache": {"topK": args.top_k}})):
+    for name, run_name, teacher, alpha in (
+        ("online", "online", {}, 0.5),
+        ("cached", f"cached-k{args.top_k}", {"cache": {"topK": args.top_k}}, 0.5),
+        ("no-teacher", "no-teacher", {}, 1.0),
+    ):
         planned = job(
-            f"cache-bench-{name}-{args.characters}-t{args.temperature:g}", method, args, student, dataset, teacher
+            f"cache-bench-{run_name}-{args.characters}-t{args.temperature:g}",
+            {"knowledge": method["knowledge"] | {"alpha": alpha}},
+            args,
+            student,
+            dataset,
+            teacher,
         )
         runs[name] = {manifest["stage"]: manifest for manifest in run_job(planned)}
     online, cached = runs["online"]["distill"]["metrics"], runs["cached"]["distill"]["metrics"]
+    alone = runs["no-teacher"]["distill"]["metrics"]
     cache = runs["cached"]["cache-teacher"]
     stored = sum(entry["bytes"] for entry in cache["files"])
     tokens = cache["cache"]["tokens"]
@@ -73,6 +85,12 @@ def main() -> None:
         )
     held_out = cached["studentPerplexityAfter"] / online["studentPerplexityAfter"]
     print(f"\nheld-out perplexity, cached / online: {held_out:.4f}")
+    bound = alone["tokensPerSecond"]
+    print(
+        f"no teacher at all (alpha 1): {bound:,.1f} tokens/s, {bound / online['tokensPerSecond']:.2f}x online: the "
+        f"teacher's forward is {1 - online['tokensPerSecond'] / bound:.0%} of an online step here; the cache reaches "
+        f"{cached['tokensPerSecond'] / bound:.0%} of the no-teacher rate"
+    )
 
 
 if __name__ == "__main__":

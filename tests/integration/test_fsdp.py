@@ -45,6 +45,9 @@ def test_fsdp_on_two_and_four_processes_trains_what_one_process_trains(job_file,
             assert f"rank {rank} reads no weights of {tiny_teacher_dir}: its shards of teacher and student" in output
         manifest = _manifest(tmp_path, name)
         assert manifest["worldSize"] == processes and manifest["metrics"]["strategy"] == "fsdp"
+        peaks = manifest["metrics"]["peakMemoryBytesByRank"]  # the resident sets of distinct processes
+        assert len(peaks) == processes and len(set(peaks)) == processes and min(peaks) > 2**20
+        assert peaks[0] == manifest["metrics"]["peakMemoryBytes"]
         for key in ("tokens", "steps"):
             assert manifest["metrics"][key] == expected["metrics"][key]
         for key in ("finalLoss", "studentPerplexityAfter", "studentPerplexityBefore", "teacherPerplexity"):

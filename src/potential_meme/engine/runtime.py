@@ -53,6 +53,14 @@ class Runtime:
         dist.broadcast_object_list(holder, src=0)
         return holder[0]
 
+    def gather(self, value: Any) -> list[Any]:
+        """Every process's `value`, by rank, on every process."""
+        if self.world_size == 1:
+            return [value]
+        values: list[Any] = [None] * self.world_size
+        dist.all_gather_object(values, value)
+        return values
+
     def all_sum(self, values: list[float]) -> list[float]:
         if self.world_size == 1:
             return values

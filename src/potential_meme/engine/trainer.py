@@ -202,7 +202,8 @@ def run_distill_stage(
             "studentParameters": parameter_count(setup.student),
             "validationTokens": int(setup.validation_rows.numel()),
             "heldBytesPerProcess": held,
-            "peakMemoryBytes": peak_memory_bytes(runtime.device),
+            "peakMemoryBytes": peak_memory_bytes(runtime.device),  # rank 0's
+            "peakMemoryBytesByRank": runtime.gather(peak_memory_bytes(runtime.device)),
             **adapters,
             **setup.facts,
         },
