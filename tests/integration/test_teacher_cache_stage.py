@@ -1,5 +1,6 @@
 """The cache-teacher stage and KD from its cache: the tiny teacher's targets over the corpus, kept once."""
 
+import json
 import re
 
 import pytest
@@ -112,3 +113,27 @@ def test_a_cache_is_refused_where_the_method_needs_the_teacher(job_file):
         load_job(job_file("layered", method=layerwise, teacher={"cache": {"topK": 8}}))
     with pytest.raises(SpecError, match="set exactly one of topK"):
         load_job(job_file("both", teacher={"cache": {"topK": 8, "uri": "s3://b/c/"}}))
+
+
+def test_a_teacher_sharded_over_two_processes_makes_the_cache_one_process_makes(job_file, tmp_path):
+    """With fsdp the cache-teacher stage shards the teacher, read by rank 0 alone. The processes write every
+    other shard of the corpus, and the one with fewer runs as many forwards as the other, so that every layer
+    is gathered by both: the shards are the bytes one process writes."""
+    from helpers import Ranks
+
+    whole = run_job(load_job(job_file("whole", training={"maxSteps": 1}, teacher={"cache": {"topK": 16}})))[0]
+    job = job_file(
+        "sharded",
+        training={"maxSteps": 1, "strategy": "fsdp"},
+        teacher={"cache": {"topK": 16}},
+        resources={"gpusPerNode": 2},
+    )
+    ranks = Ranks(2, ["train", "--job", str(job), "--stage", "cache-teacher"])
+    output = ranks.communicate(timeout=600)[0]
+    assert ranks.returncode == 0, output[-4000:]
+    assert "teacher cache: the teacher sharded over 2 processes" in output
+    assert "rank 1 reads no weights" in output
+    sharded = json.loads((_stage(tmp_path, "sharded", "cache-teacher") / "manifest.json").read_text())
+    assert len(whole["files"]) == 5  # 3 for rank 0, 2 for rank 1, which then keeps rank 0's pace
+    assert [(f["path"], f["sha256"]) for f in sharded["files"]] == [(f["path"], f["sha256"]) for f in whole["files"]]
+    assert sharded["metrics"]["teacherPerplexity"] == pytest.approx(whole["metrics"]["teacherPerplexity"], rel=1e-5)

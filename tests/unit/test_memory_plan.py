@@ -102,7 +102,7 @@ def test_the_design_documents_70b_to_7b_needs_sharding_on_80gb_gpus():
 
 def test_a_cached_teacher_is_not_counted_but_the_stage_that_makes_the_cache_is_judged():
     """Training from a cache holds no teacher, but a 7B student with its optimizer state (120 GiB) is still
-    sharded by auto. Making the cache runs the whole teacher on each device, which a 70B teacher does not fit."""
+    sharded by auto. Making the cache runs the teacher forward-only: a 70B one fits 8 x 80 GB sharded, not whole."""
     resources = {"gpusPerNode": 8, "gpuMemory": "80Gi"}
     online = memory_plan(parse_job(job("llama3-70b", {"model": "llama3-7b"}, resources)))
     reading = job("llama3-70b", {"model": "llama3-7b"}, resources)
@@ -115,10 +115,21 @@ def test_a_cached_teacher_is_not_counted_but_the_stage_that_makes_the_cache_is_j
     assert "no teacher" in cached.describe() and " fits in 68.0 GiB" in cached.describe()
     assert fit_refusal(parse_job(reading)) is None  # made elsewhere: this job runs no cache-teacher stage
 
-    reading["spec"]["teacher"]["cache"] = {"topK": 32}
-    refusal = fit_refusal(parse_job(reading))
-    assert refusal.startswith("spec.resources.gpuMemory: the cache-teacher stage runs a whole teacher on each device")
-    assert "train online without teacher.cache" in refusal
+    making = job("llama3-70b", {"model": "llama3-7b"}, resources)
+    making["spec"]["teacher"]["cache"] = {"topK": 32}
+    assert fit_refusal(parse_job(making)) is None  # auto shards the teacher over the node's 8 GPUs
+    making["spec"]["training"]["strategy"] = "ddp"
+    refusal = fit_refusal(parse_job(making))
+    assert refusal.startswith(
+        "spec.resources.gpuMemory: the cache-teacher stage needs 134.5 GiB per device with a whole teacher on each "
+        "device, which does not fit in 68.0 GiB usable of 80.0 GiB"
+    )
+    assert "set training.strategy fsdp (or auto)" in refusal
+    making["spec"]["training"]["strategy"] = "auto"
+    making["spec"]["resources"] = {**resources, "gpuMemory": "24Gi"}
+    refusal = fit_refusal(parse_job(making))
+    assert "needs 26.1 GiB per device with the teacher sharded over 8 process(es)" in refusal
+    assert "run on 2 nodes (resources.nodes)" in refusal
     smaller = job("llama3-8b", {"fromTeacher": {"numLayers": 4}}, resources)
     smaller["spec"]["teacher"]["cache"] = {"topK": 32}
     assert fit_refusal(parse_job(smaller)) is None

@@ -21,10 +21,11 @@ from ..spec.memory import tokens_per_chunk
 from ..spec.models import DistillationJob
 from ..spec.plan import MANIFEST, Stage, stage_manifest
 from ..storage import file_sha256, open_store, read_json, write_json
-from .models import load_model, load_tokenizer
+from .models import load_config, load_model, load_tokenizer
 from .objective import hidden_states
 from .preflight import CheckedModels
 from .runtime import Runtime, perplexity
+from .sharding import load_sharded, shards_teacher_pass
 from .stage_setup import corpus_rows, validation_rows
 from .teacher_cache import (
     SHARD_ROWS,
@@ -76,7 +77,16 @@ def run_cache_stage(job: DistillationJob, stage: Stage, runtime: Runtime, models
         raise SpecError([("spec.teacher.cache.topK", f"{k} is more than the {vocabulary:,} words of the tokenizer")])
     identity = cache_identity(job, tokenizer, rows.train)
     key = cache_key(identity | {"topK": k, "seqLength": spec.training.max_seq_length})
-    teacher = load_model(models.teacher, dtype=runtime.teacher_dtype).to(runtime.device).eval().requires_grad_(False)
+    sharded = shards_teacher_pass(job, load_config(models.teacher), runtime)
+    if sharded:
+        teacher = load_sharded(models.teacher, runtime.teacher_dtype, runtime)
+    else:
+        teacher = load_model(models.teacher, dtype=runtime.teacher_dtype).to(runtime.device)
+    teacher.eval().requires_grad_(False)
+    if runtime.is_main:
+        log.info(
+            "teacher cache: the teacher %s", f"sharded over {runtime.world_size} processes" if sharded else "whole"
+        )
     store = open_store(stage.output_uri)
     shards = [shard_name(key, index) for index in range(-(-rows.train.shape[0] // SHARD_ROWS))]
     mine = [index for index in range(len(shards)) if index % runtime.world_size == runtime.rank]
@@ -84,6 +94,11 @@ def run_cache_stage(job: DistillationJob, stage: Stage, runtime: Runtime, models
     if done:
         log.info("teacher cache: %d of this process's %d shards already written: resuming", len(done), len(mine))
     todo = [index for index in mine if index not in done]
+    batch = spec.training.batch_size
+    forwards = sum(-(-rows.train[index * SHARD_ROWS : (index + 1) * SHARD_ROWS].shape[0] // batch) for index in todo)
+    # Each forward of a sharded teacher gathers every layer from all processes at once: all run as many as the
+    # busiest, which every process must know before its first forward.
+    most = max(runtime.gather(forwards)) if sharded else forwards
     for index in tqdm(todo, desc=f"{job.metadata.name}/{stage.name}", unit="shard", disable=not runtime.is_main):
         chunk = rows.train[index * SHARD_ROWS : (index + 1) * SHARD_ROWS]
         arrays = _shard_arrays(teacher, chunk, k, temperature, vocabulary, runtime, spec)
@@ -99,6 +114,9 @@ def run_cache_stage(job: DistillationJob, stage: Stage, runtime: Runtime, models
                 "tailMass": float(arrays["tail"].float().exp().mean()),
             }
             write_json(store, _record(shards[index]), record)
+    with torch.no_grad(), runtime.autocast():
+        for _ in range(most - forwards):
+            hidden_states(teacher, rows.train[:1].to(runtime.device))
     teacher_metrics = {"teacherPerplexity": perplexity(
         teacher, rows.validation, runtime, spec.training.batch_size, spec.method.knowledge.chunk_size
     )}  # fmt: skip

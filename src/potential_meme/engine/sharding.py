@@ -41,7 +41,7 @@ from torch.distributed.tensor import DTensor
 from transformers import PretrainedConfig
 
 from ..spec.aliases import Architecture
-from ..spec.memory import DEVICE_MEMORY_ENV, MemoryPlan, plan_memory, quantity_bytes
+from ..spec.memory import DEVICE_MEMORY_ENV, MemoryPlan, plan_memory, plan_teacher_pass, quantity_bytes
 from ..spec.models import DistillationJob
 from .models import ResolvedModel, empty_model, load_config, load_model
 from .objective import decoder
@@ -93,11 +93,24 @@ def choose_strategy(
     teacher_shape, student_shape = shape_of(teacher) if teacher is not None else None, shape_of(student)
     if student_shape is None or (teacher is not None and teacher_shape is None):
         return ("ddp" if asked == "auto" else asked), "the models are not Llama-family: no estimate", None
-    processes_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    capacity = device_capacity(runtime.device, processes_here)
     bf16 = runtime.autocast_dtype is not None
-    plan = plan_memory(job, (teacher_shape, student_shape), runtime.world_size, capacity, bf16)
+    plan = plan_memory(job, (teacher_shape, student_shape), runtime.world_size, _capacity_here(runtime), bf16)
     return plan.strategy, plan.reason, plan
+
+
+def shards_teacher_pass(job: DistillationJob, teacher: PretrainedConfig, runtime: Runtime) -> bool:
+    """Whether the cache-teacher stage shards the teacher: from its config and this device's memory."""
+    if runtime.world_size == 1:
+        return False
+    shape = shape_of(teacher)
+    if shape is None:
+        return job.spec.training.strategy == "fsdp"
+    bf16 = runtime.teacher_dtype != torch.float32
+    return plan_teacher_pass(job, shape, runtime.world_size, _capacity_here(runtime), bf16)[0]
+
+
+def _capacity_here(runtime: Runtime) -> int | None:
+    return device_capacity(runtime.device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def _layers(model: nn.Module) -> nn.ModuleList:

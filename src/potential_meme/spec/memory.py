@@ -224,30 +224,55 @@ def _bf16(job: DistillationJob) -> bool:
     return precision == "bf16" or (precision == "auto" and job.spec.resources.gpus_per_node > 0)
 
 
-def cache_stage_bytes(job: DistillationJob) -> int | None:
-    """What the cache-teacher stage holds on each device (a whole teacher in the compute precision and one
-    batch's forward: each process runs its own rows), or None when the job makes no cache or its size is unknown."""
-    spec = job.spec
+def teacher_pass_bytes(teacher: Architecture, training: TrainingSpec, chunk_size: int, bf16: bool, shards: int) -> int:
+    """What a forward-only pass of the teacher over its own batches (the cache-teacher stage's) holds on each
+    device: its weights in the compute precision (with `shards` over 1, its layers' share and two layers
+    gathered), one batch's forward, and the lm-head's logits over one chunk with their top-k sort."""
+    tokens = training.batch_size * training.max_seq_length
+    weight_bytes = BF16 if bf16 else FP32
+    logits = min(tokens_per_chunk(chunk_size, teacher.vocab_size), tokens) * teacher.vocab_size * FP32 * 2
+    weights = _held(teacher, weight_bytes, weight_bytes, shards)
+    return round(weights) + teacher_forward_bytes(teacher, tokens, bf16) + logits
+
+
+def plan_teacher_pass(
+    job: DistillationJob, teacher: Architecture, processes: int, capacity: int | None, bf16: bool
+) -> tuple[bool, int]:
+    """(whether the cache-teacher stage shards the teacher, bytes per device). training.strategy decides as for
+    training: auto shards when a whole teacher does not fit the device with headroom."""
+    training, chunk_size = job.spec.training, job.spec.method.selected.chunk_size
+    whole = teacher_pass_bytes(teacher, training, chunk_size, bf16, 1)
+    asked = training.strategy
+    too_big = capacity is not None and whole > HEADROOM * capacity
+    if processes == 1 or asked == "ddp" or (asked == "auto" and not too_big):
+        return False, whole
+    return True, teacher_pass_bytes(teacher, training, chunk_size, bf16, processes)
+
+
+def _cache_refusal(job: DistillationJob, nodes: int | None = None) -> str | None:
+    """Why the job's cache-teacher stage cannot run on its resources (on `nodes` nodes of them), or None."""
+    spec, resources = job.spec, job.spec.resources
     makes_cache = spec.teacher.cache is not None and spec.teacher.cache.top_k is not None
     teacher = architecture_of(spec.teacher.model) if makes_cache else None
-    if teacher is None:
+    capacity = device_capacity(resources)
+    if teacher is None or capacity is None:
         return None
-    bf16 = _bf16(job)
-    tokens = spec.training.batch_size * spec.training.max_seq_length
-    chunk = min(tokens_per_chunk(spec.method.selected.chunk_size, teacher.vocab_size), tokens)
-    logits = chunk * teacher.vocab_size * FP32 * 2  # and their top-k sort
-    return teacher.parameters * (BF16 if bf16 else FP32) + teacher_forward_bytes(teacher, tokens, bf16) + logits
-
-
-def _cache_refusal(job: DistillationJob) -> str | None:
-    need, capacity = cache_stage_bytes(job), device_capacity(job.spec.resources)
-    if need is None or capacity is None or need <= HEADROOM * capacity:
+    processes = (nodes or resources.nodes) * max(resources.gpus_per_node, 1)
+    sharded, need = plan_teacher_pass(job, teacher, processes, capacity, _bf16(job))
+    if need <= HEADROOM * capacity:
         return None
-    declared = "resources.gpuMemory" if job.spec.resources.gpus_per_node else "resources.memory"
+    declared = "resources.gpuMemory" if resources.gpus_per_node else "resources.memory"
+    how = f"the teacher sharded over {processes} process(es)" if sharded else "a whole teacher on each device"
+    remedies = ["use devices with more memory"]
+    if not sharded:
+        remedies.append("set training.strategy fsdp (or auto) and more GPUs or nodes")
+    elif nodes is None:
+        enough = next((n for n in range(resources.nodes + 1, MAX_NODES + 1) if not _cache_refusal(job, n)), None)
+        if enough is not None:
+            remedies.append(f"run on {enough} nodes (resources.nodes)")
     return (
-        f"spec.{declared}: the cache-teacher stage runs a whole teacher on each device, {binary_size(need)}, which "
-        f"does not fit in {binary_size(HEADROOM * capacity)} usable of {binary_size(capacity)}; use devices with "
-        "more memory, or train online without teacher.cache (then fsdp shards the teacher)"
+        f"spec.{declared}: the cache-teacher stage needs {binary_size(need)} per device with {how}, which does not "
+        f"fit in {binary_size(HEADROOM * capacity)} usable of {binary_size(capacity)}; {', '.join(remedies)}"
     )
 
 
