@@ -3,13 +3,15 @@
 Two jobs train the same student (15 of the real teacher's 30 layers, chosen by importance) with the
 same loss, data order and number of steps over a slice of the standard-library corpus. One runs the
 teacher at every step. The other first runs it once over the slice (its cache-teacher stage: top-k
-log-probabilities and ids per token, plus the tail's mass) and then reads only the cache: the rate
+log-probabilities and ids per token plus the tail's mass, or with --targets sampled k draws from the
+teacher's distribution at their shares) and then reads only the cache: the rate
 every epoch after the cache is made, the first included when another job made it. Both students are
 measured on the same held-out split and on text of another kind. A third job trains the same student
 on the same rows with alpha 1 (plain fine-tuning: no teacher, online or cached): its rate bounds what
 any cache can reach on this machine, and says what share of an online step the teacher's forward is.
 
-    python benchmarks/teacher_cache.py [--steps 60] [--characters 150000] [--top-k 32] [--temperature 1]
+    python benchmarks/teacher_cache.py [--steps 60] [--characters 150000] [--top-k 32] [--targets top|sampled]
+        [--temperature 1]
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ def main() -> None:
     parser = arguments(__doc__.splitlines()[0], steps=60)
     parser.add_argument("--characters", type=int, default=150_000, help="size of the corpus slice")
     parser.add_argument("--top-k", type=int, default=32)
+    parser.add_argument("--targets", choices=["top", "sampled"], default="top", help="teacher.cache.targets")
     parser.add_argument(
         "--temperature", type=float, default=1.0, help="of both jobs' KD (the cache keeps the top k at it)"
     )
@@ -54,7 +57,12 @@ def main() -> None:
     runs = {}
     for name, run_name, teacher, alpha in (
         ("online", "online", {}, 0.5),
-        ("cached", f"cached-k{args.top_k}", {"cache": {"topK": args.top_k}}, 0.5),
+        (
+            "cached",
+            f"cached-{args.targets}-k{args.top_k}",
+            {"cache": {"topK": args.top_k, "targets": args.targets}},
+            0.5,
+        ),
         ("no-teacher", "no-teacher", {}, 1.0),
     ):
         planned = job(
@@ -72,9 +80,9 @@ def main() -> None:
     stored = sum(entry["bytes"] for entry in cache["files"])
     tokens = cache["cache"]["tokens"]
     print(f"\ncorpus slice: {tokens:,} training tokens; {args.steps} steps of {args.batch_size} x {args.seq_length}")
-    print(f"cache: top {args.top_k}, {cache['cache']['bytesPerToken']} bytes a token planned, ", end="")
+    print(f"cache: {args.targets} {args.top_k}, {cache['cache']['bytesPerToken']} bytes a token planned, ", end="")
     print(f"{stored / tokens:.1f} on disk ({stored:,} bytes in {len(cache['files'])} shard(s)); ", end="")
-    print(f"{cache['cache']['tailMass']:.1%} of the teacher's probability outside the top {args.top_k}")
+    print(f"{cache['cache']['tailMass']:.1%} of the teacher's probability in the tail bucket")
     names = other_text_names(args)
     print(f"\n{'teacher':10}{'tokens/s':>10}{'x online':>10}" + perplexity_header(names))
     for name, metrics in (("online", online), ("cached", cached)):

@@ -45,6 +45,30 @@ def assert_close_weights(first, second):
         assert (value - b[name]).abs().max() < 5e-3, name  # rounding of the stored log-probabilities, 4 steps
 
 
+def test_a_sampled_cache_keeps_each_drawn_token_at_its_share_and_trains_a_student(job_file, tmp_path):
+    """teacher.cache.targets sampled: k draws a position, stored as counts over k with nothing in the tail, the
+    same bytes when made again; KD from it trains the student as KD from the top k does."""
+    job = job_file("sampled", training={"maxSteps": 4}, teacher={"cache": {"topK": 16, "targets": "sampled"}})
+    cache, distill = run_job(load_job(job))
+    assert cache["cache"]["targets"] == "sampled" and cache["cache"]["tailMass"] == 0
+    folder = _stage(tmp_path, "sampled", "cache-teacher")
+    arrays = load_file(folder / cache["files"][0]["path"])
+    steps = arrays["steps"].float() / 16  # nats below the most drawn token
+    drawn = steps < 15.9  # the rest sit at the floor
+    counts = torch.where(drawn, (-steps).exp(), torch.zeros_like(steps)).sum(-1)  # shares over the top one's
+    assert torch.allclose(counts * arrays["top"].float().exp(), torch.ones_like(counts), atol=0.05)
+    assert distill["metrics"]["studentPerplexityAfter"] < distill["metrics"]["studentPerplexityBefore"]
+
+    top = job_file("top", training={"maxSteps": 4}, teacher={"cache": {"topK": 16}})
+    assert run_job(load_job(top))[0]["files"][0]["path"] != cache["files"][0]["path"]  # another cache, not mixed
+    (folder / "manifest.json").unlink()
+    for record in folder.glob("*.json"):
+        record.unlink()
+    (tmp_path / "runs" / "sampled" / "distill" / "manifest.json").unlink()
+    again = run_job(load_job(job))[0]
+    assert again["files"] == cache["files"]  # seeded by shard: the same draws
+
+
 def test_a_top_k_cache_is_read_by_another_student_and_refused_for_another_corpus(job_file, tmp_path, corpus_dir):
     maker = job_file("maker", training={"maxSteps": 2}, teacher={"cache": {"topK": 16}})
     cache, _ = run_job(load_job(maker))

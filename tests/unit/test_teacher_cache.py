@@ -8,6 +8,7 @@ from potential_meme.engine.teacher_cache import (
     bytes_per_token,
     decode,
     encode,
+    sampled_targets,
     student_buckets,
     top_k_targets,
 )
@@ -130,3 +131,44 @@ def test_kd_from_stored_targets_is_close_to_kd_from_exact_ones():
     stored = decode(encode(exact, VOCAB), VOCAB)
     exact_kd, stored_kd = loss_and_gradients(exact)[1], loss_and_gradients(stored)[1]
     assert abs(float(stored_kd - exact_kd)) < 0.01 * float(exact_kd)
+
+
+def test_sampled_targets_estimate_the_teacher_distribution_and_its_kd_gradient_without_bias():
+    """Averaged over draws, the shares of k sampled tokens approach the teacher's probabilities, and forward KL's
+    gradient from them the online one, their error halving for four times the draws (noise, no bias); the top k
+    at the same k miss the tail's shape for good."""
+    *_, teacher_logits, _ = batch()
+    k = 8
+    probs = torch.softmax(teacher_logits / 2.0, dim=-1)
+    online = loss_and_gradients()[3]
+
+    def errors(shares: torch.Tensor, gradient: torch.Tensor) -> tuple[float, float]:
+        """(L1 distance to the teacher's distribution, a token; relative distance to the online gradient)"""
+        return float((shares - probs).abs().sum(-1).mean()), float((gradient - online).norm() / online.norm())
+
+    mean_shares, mean_gradient, measured = torch.zeros_like(probs), torch.zeros(VOCAB, HIDDEN), {}
+    for seed in range(800):
+        targets = sampled_targets(teacher_logits, k, 2.0, torch.Generator().manual_seed(seed))
+        mean_shares += torch.zeros_like(probs).scatter_(-1, targets.ids, targets.log_probs[:, :-1].exp())
+        mean_gradient += loss_and_gradients(targets)[3]
+        if seed + 1 in (200, 800):
+            measured[seed + 1] = errors(mean_shares / (seed + 1), mean_gradient / (seed + 1))
+    top = top_k_targets(teacher_logits, k, 2.0)
+    top_shares = torch.zeros_like(probs).scatter_(-1, top.ids, top.log_probs[:, :-1].exp())
+    top_errors = errors(top_shares, loss_and_gradients(top)[3])
+    for few, many, fixed in zip(measured[200], measured[800], top_errors, strict=True):
+        assert many < 0.6 * few and many < fixed / 4, (measured, top_errors)
+
+
+def test_sampled_targets_round_trip_as_shares_of_the_draws():
+    *_, teacher_logits, _ = batch()
+    targets = sampled_targets(teacher_logits, 32, 1.0, torch.Generator().manual_seed(0))
+    shares = targets.log_probs[:, :-1].exp()
+    assert torch.allclose(shares.sum(-1), torch.ones(TOKENS))  # every draw counted once
+    assert torch.allclose(shares * 32, (shares * 32).round(), atol=1e-4)  # counts of the 32 draws
+    assert bool((shares[:, :-1] >= shares[:, 1:]).all())  # the most drawn first: encode measures from it
+    stored = decode(encode(targets, VOCAB), VOCAB)
+    assert torch.equal(stored.ids, targets.ids) and bool((stored.log_probs[:, -1] == -torch.inf).all())
+    drawn = shares > 0
+    assert (stored.log_probs[:, :-1][drawn] - targets.log_probs[:, :-1][drawn]).abs().max() < 0.05
+    assert stored.log_probs[:, :-1][~drawn].exp().max() < 1e-6  # the floor: 16 nats below the top share

@@ -7,8 +7,10 @@ a distill stage reading it checks that against its own teacher, tokenizer, rows 
 
 from __future__ import annotations
 
+import functools
 import logging
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +31,12 @@ from .sharding import load_sharded, shards_teacher_pass
 from .stage_setup import corpus_rows, validation_rows
 from .teacher_cache import (
     SHARD_ROWS,
+    TopKTargets,
     bytes_per_token,
     cache_identity,
     cache_key,
     encode,
+    sampled_targets,
     shard_name,
     top_k_targets,
 )
@@ -46,8 +50,11 @@ def _record(shard: str) -> str:
 
 
 @torch.no_grad()
-def _shard_arrays(teacher, rows: torch.Tensor, k: int, temperature: float, vocabulary: int, runtime: Runtime, spec):
-    """The encoded targets of `rows`, batch by batch, the lm-head applied chunk by chunk."""
+def _shard_arrays(
+    teacher, rows: torch.Tensor, select: Callable[[torch.Tensor], TopKTargets], vocabulary: int, runtime: Runtime, spec
+):
+    """The encoded targets `select` takes from the logits of `rows`, batch by batch, the lm-head applied chunk by
+    chunk."""
     weight = teacher.get_output_embeddings().weight
     parts: list[dict[str, torch.Tensor]] = []
     chunk = tokens_per_chunk(spec.method.knowledge.chunk_size, weight.shape[0])
@@ -59,7 +66,7 @@ def _shard_arrays(teacher, rows: torch.Tensor, k: int, temperature: float, vocab
         for offset in range(0, flat.shape[0], chunk):
             # past the tokenizer's words a teacher's rows are padding no text contains
             logits = (flat[offset : offset + chunk] @ weight.T)[:, :vocabulary]
-            parts.append(encode(top_k_targets(logits.float().cpu(), k, temperature), vocabulary))
+            parts.append(encode(select(logits.float().cpu()), vocabulary))
     length = rows.shape[1]
     return {
         name: torch.cat([part[name] for part in parts]).reshape(rows.shape[0], length, *parts[0][name].shape[1:])
@@ -76,7 +83,9 @@ def run_cache_stage(job: DistillationJob, stage: Stage, runtime: Runtime, models
     if k > vocabulary:
         raise SpecError([("spec.teacher.cache.topK", f"{k} is more than the {vocabulary:,} words of the tokenizer")])
     identity = cache_identity(job, tokenizer, rows.train)
-    key = cache_key(identity | {"topK": k, "seqLength": spec.training.max_seq_length})
+    sampled = spec.teacher.cache.targets == "sampled"
+    made = {"topK": k, "seqLength": spec.training.max_seq_length} | ({"targets": "sampled"} if sampled else {})
+    key = cache_key(identity | made)
     sharded = shards_teacher_pass(job, load_config(models.teacher), runtime)
     if sharded:
         teacher = load_sharded(models.teacher, runtime.teacher_dtype, runtime)
@@ -101,7 +110,12 @@ def run_cache_stage(job: DistillationJob, stage: Stage, runtime: Runtime, models
     most = max(runtime.gather(forwards)) if sharded else forwards
     for index in tqdm(todo, desc=f"{job.metadata.name}/{stage.name}", unit="shard", disable=not runtime.is_main):
         chunk = rows.train[index * SHARD_ROWS : (index + 1) * SHARD_ROWS]
-        arrays = _shard_arrays(teacher, chunk, k, temperature, vocabulary, runtime, spec)
+        if sampled:  # seeded by the shard: the same draws whichever process makes it, and when it is made again
+            draws = torch.Generator().manual_seed(spec.training.seed * 100_003 + index)
+            select = functools.partial(sampled_targets, k=k, temperature=temperature, generator=draws)
+        else:
+            select = functools.partial(top_k_targets, k=k, temperature=temperature)
+        arrays = _shard_arrays(teacher, chunk, select, vocabulary, runtime, spec)
         with tempfile.TemporaryDirectory(prefix="potential-meme-cache-") as tmp:
             path = Path(tmp) / shards[index]
             save_file({name: array.contiguous() for name, array in arrays.items()}, str(path))
@@ -133,6 +147,7 @@ def run_cache_stage(job: DistillationJob, stage: Stage, runtime: Runtime, models
         cache={
             "identity": identity,
             "topK": k,
+            "targets": spec.teacher.cache.targets,
             "vocabulary": vocabulary,
             "shardRows": SHARD_ROWS,
             "shards": shards,
@@ -146,22 +161,21 @@ def run_cache_stage(job: DistillationJob, stage: Stage, runtime: Runtime, models
         tail = sum(entry["tailMass"] * entry["tokens"] for entry in files) / sum(entry["tokens"] for entry in files)
         manifest["cache"]["tailMass"] = round(tail, 4)
         write_json(store, MANIFEST, manifest)
+        kept = f"{k} draws a position" if sampled else f"top {k}, {100 * tail:.1f} % of the probability outside"
         log.info(
-            "teacher cache: %d rows, %d tokens, top %d, %d bytes a token, %.1f %% of the teacher's probability "
-            "outside the top %d, in %s",
+            "teacher cache: %d rows, %d tokens, %s, %d bytes a token, in %s",
             rows.train.shape[0],
             rows.train.numel(),
-            k,
+            kept,
             bytes_per_token(k, vocabulary),
-            100 * tail,
-            k,
             stage.output_uri,
         )
         if tail > 0.5:  # the student then learns most of the distribution as one bucket, its shape its own
             log.warning(
                 "most of the teacher's probability (%.0f %%) is outside the cached top %d at temperature %g: "
-                "raise spec.teacher.cache.topK or lower spec.method.knowledge.temperature (the softer the "
-                "distribution, the more of it the tail holds)",
+                "set spec.teacher.cache.targets sampled (which keeps the tail's shape in expectation), raise "
+                "topK or lower spec.method.knowledge.temperature (the softer the distribution, the more of it "
+                "the tail holds)",
                 100 * tail,
                 k,
                 temperature,

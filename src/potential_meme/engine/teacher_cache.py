@@ -51,6 +51,22 @@ def top_k_targets(teacher_logits: torch.Tensor, k: int, temperature: float) -> T
     return TopKTargets(ids, torch.cat([top, rest], dim=-1))
 
 
+def sampled_targets(
+    teacher_logits: torch.Tensor, k: int, temperature: float, generator: torch.Generator
+) -> TopKTargets:
+    """k draws a position from the teacher's distribution at `temperature`: the ids drawn, each at its share of
+    the draws, and nothing in the tail. The shares estimate the distribution without bias, so forward KL's
+    gradient from them (student minus shares) is the full distribution's in expectation, where top-k targets
+    leave the tail's shape out for good. Slots that repeated draws leave free hold the likeliest ids not
+    drawn, at the cache's floor (16 nats below the top entry)."""
+    probs = F.softmax(teacher_logits.float() / temperature, dim=-1)
+    draws = torch.multinomial(probs, k, replacement=True, generator=generator)
+    counts = torch.zeros_like(probs).scatter_add_(-1, draws, torch.ones_like(draws, dtype=probs.dtype))
+    ids = (counts * 2 + probs).topk(k, dim=-1).indices  # drawn ids first (a count outweighs any probability)
+    shares = (counts.gather(-1, ids) / k).log()
+    return TopKTargets(ids, torch.cat([shares, torch.full_like(shares[:, :1], -torch.inf)], dim=-1))
+
+
 def student_buckets(student_log_probs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """The student's log-probabilities [N, V] over the same k + 1 outcomes as the teacher's cached targets."""
     top = student_log_probs.gather(-1, ids)

@@ -99,6 +99,12 @@ class TeacherCacheSpec(Model):
         description="Make the cache in this job's cache-teacher stage, keeping this many tokens per position "
         "(4 + k x 3 bytes a token for vocabularies up to 65,536).",
     )
+    targets: Literal["top", "sampled"] = added_later(
+        "top",
+        description="top: the k likeliest tokens and the probability left to the rest (one bucket). sampled: k "
+        "draws from the teacher's distribution, each token drawn at its share of the draws: unbiased, so the "
+        "student learns the tail's shape too (the tail bucket then holds nothing).",
+    )
     uri: str | None = Field(
         default=None,
         min_length=1,
