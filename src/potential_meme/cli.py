@@ -142,7 +142,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_render(args: argparse.Namespace) -> int:
     from .operator.render import Defaults, render_job, to_yaml_stream
-    from .spec.memory import fit_refusal, memory_plan
+    from .spec.memory import cache_stage_plan, fit_refusal, memory_plan
 
     job = load_job(args.job)
     if isinstance(job, EvaluationJob) or args.distillation_job:
@@ -155,6 +155,11 @@ def cmd_render(args: argparse.Namespace) -> int:
     if refusal is not None:
         print(f"{job.metadata.name}: not rendered, the operator would refuse it: {refusal}", file=sys.stderr)
         return 2
+    if isinstance(job, DistillationJob) and (teacher_pass := cache_stage_plan(job)) is not None:
+        print(
+            f"{job.metadata.name}: memory estimate of the cache-teacher stage {teacher_pass.describe()}",
+            file=sys.stderr,
+        )
     plan = memory_plan(job) if isinstance(job, DistillationJob) else None
     if plan is not None:
         print(f"{job.metadata.name}: memory estimate {plan.describe()}", file=sys.stderr)

@@ -4,6 +4,7 @@ any pod starts when they cannot fit."""
 import pytest
 import torch
 import transformers
+import yaml
 
 from potential_meme.spec import parse_job
 from potential_meme.spec.aliases import Architecture
@@ -100,7 +101,7 @@ def test_the_design_documents_70b_to_7b_needs_sharding_on_80gb_gpus():
     assert memory_plan(parse_job(document)).fits and memory_plan(parse_job(document)).processes == 168
 
 
-def test_a_cached_teacher_is_not_counted_but_the_stage_that_makes_the_cache_is_judged():
+def test_a_cached_teacher_is_not_counted_but_the_stage_that_makes_the_cache_is_judged(tmp_path):
     """Training from a cache holds no teacher, but a 7B student with its optimizer state (120 GiB) is still
     sharded by auto. Making the cache runs the teacher forward-only: a 70B one fits 8 x 80 GB sharded, not whole."""
     resources = {"gpusPerNode": 8, "gpuMemory": "80Gi"}
@@ -118,11 +119,19 @@ def test_a_cached_teacher_is_not_counted_but_the_stage_that_makes_the_cache_is_j
     making = job("llama3-70b", {"model": "llama3-7b"}, resources)
     making["spec"]["teacher"]["cache"] = {"topK": 32}
     assert fit_refusal(parse_job(making)) is None  # auto shards the teacher over the node's 8 GPUs
+    (tmp_path / "cached.yaml").write_text(yaml.safe_dump(making))
+    rendered = cli("render", str(tmp_path / "cached.yaml"))
+    assert rendered.returncode == 0, rendered.stderr
+    assert (
+        "memory estimate of the cache-teacher stage 26.1 GiB per device with the teacher sharded over 8 process(es); "
+        "fits in 68.0 GiB usable of 80.0 GiB"
+    ) in rendered.stderr
+    assert "memory estimate fsdp over 8 process(es), 35.6 GiB per device" in rendered.stderr  # the distill stage
     making["spec"]["training"]["strategy"] = "ddp"
     refusal = fit_refusal(parse_job(making))
     assert refusal.startswith(
         "spec.resources.gpuMemory: the cache-teacher stage needs 134.5 GiB per device with a whole teacher on each "
-        "device, which does not fit in 68.0 GiB usable of 80.0 GiB"
+        "device; does not fit in 68.0 GiB usable of 80.0 GiB"
     )
     assert "set training.strategy fsdp (or auto)" in refusal
     making["spec"]["training"]["strategy"] = "auto"
@@ -166,7 +175,6 @@ def test_quantities_in_bytes(quantity, count):
 
 
 def test_render_refuses_what_the_operator_would_and_shows_the_estimate_of_the_rest(tmp_path):
-    import yaml
 
     too_big = tmp_path / "too-big.yaml"
     too_big.write_text(

@@ -249,31 +249,64 @@ def plan_teacher_pass(
     return True, teacher_pass_bytes(teacher, training, chunk_size, bf16, processes)
 
 
-def _cache_refusal(job: DistillationJob, nodes: int | None = None) -> str | None:
-    """Why the job's cache-teacher stage cannot run on its resources (on `nodes` nodes of them), or None."""
+@dataclass(frozen=True)
+class TeacherPassPlan:
+    """What the cache-teacher stage holds on each device."""
+
+    sharded: bool
+    processes: int
+    per_device: int
+    capacity: int | None
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.capacity is None else self.per_device <= HEADROOM * self.capacity
+
+    def describe(self) -> str:
+        how = (
+            f"the teacher sharded over {self.processes} process(es)"
+            if self.sharded
+            else "a whole teacher on each device"
+        )
+        need = f"{binary_size(self.per_device)} per device with {how}"
+        if self.capacity is None:
+            return need + " (device memory not declared)"
+        verdict = "fits" if self.fits else "does not fit"
+        return f"{need}; {verdict} in {binary_size(HEADROOM * self.capacity)} usable of {binary_size(self.capacity)}"
+
+
+def cache_stage_plan(job: DistillationJob, nodes: int | None = None) -> TeacherPassPlan | None:
+    """The cache-teacher stage's plan on the resources the job asks for (or on `nodes` nodes of them); None when
+    the job makes no cache or the teacher's shape is not known before it loads."""
     spec, resources = job.spec, job.spec.resources
     makes_cache = spec.teacher.cache is not None and spec.teacher.cache.top_k is not None
     teacher = architecture_of(spec.teacher.model) if makes_cache else None
-    capacity = device_capacity(resources)
-    if teacher is None or capacity is None:
+    if teacher is None:
         return None
     processes = (nodes or resources.nodes) * max(resources.gpus_per_node, 1)
+    capacity = device_capacity(resources)
     sharded, need = plan_teacher_pass(job, teacher, processes, capacity, _bf16(job))
-    if need <= HEADROOM * capacity:
+    return TeacherPassPlan(sharded, processes, need, capacity)
+
+
+def _cache_refusal(job: DistillationJob) -> str | None:
+    """Why the job's cache-teacher stage cannot run on its resources, or None."""
+    plan = cache_stage_plan(job)
+    if plan is None or plan.fits is not False:
         return None
+    resources = job.spec.resources
     declared = "resources.gpuMemory" if resources.gpus_per_node else "resources.memory"
-    how = f"the teacher sharded over {processes} process(es)" if sharded else "a whole teacher on each device"
     remedies = ["use devices with more memory"]
-    if not sharded:
+    if not plan.sharded:
         remedies.append("set training.strategy fsdp (or auto) and more GPUs or nodes")
-    elif nodes is None:
-        enough = next((n for n in range(resources.nodes + 1, MAX_NODES + 1) if not _cache_refusal(job, n)), None)
+    else:
+        enough = next(
+            (n for n in range(resources.nodes + 1, MAX_NODES + 1) if cache_stage_plan(job, n).fits),  # type: ignore[union-attr]
+            None,
+        )
         if enough is not None:
             remedies.append(f"run on {enough} nodes (resources.nodes)")
-    return (
-        f"spec.{declared}: the cache-teacher stage needs {binary_size(need)} per device with {how}, which does not "
-        f"fit in {binary_size(HEADROOM * capacity)} usable of {binary_size(capacity)}; {', '.join(remedies)}"
-    )
+    return f"spec.{declared}: the cache-teacher stage needs {plan.describe()}; {', '.join(remedies)}"
 
 
 def fit_refusal(job: DistillationJob | EvaluationJob) -> str | None:
