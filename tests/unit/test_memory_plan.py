@@ -175,7 +175,6 @@ def test_quantities_in_bytes(quantity, count):
 
 
 def test_render_refuses_what_the_operator_would_and_shows_the_estimate_of_the_rest(tmp_path):
-
     too_big = tmp_path / "too-big.yaml"
     too_big.write_text(
         yaml.safe_dump(job("llama3-70b", {"model": "llama3-7b"}, {"gpusPerNode": 8, "gpuMemory": "40Gi"}))
