@@ -97,7 +97,7 @@ class TeacherCacheSpec(Model):
         default=None,
         ge=1,
         description="Make the cache in this job's cache-teacher stage, keeping this many tokens per position "
-        "(4 + k x 3 bytes a token for vocabularies up to 65,536).",
+        "(with targets sampled, this many draws) in 4 + k x 3 bytes a token for vocabularies up to 65,536.",
     )
     targets: Literal["top", "sampled"] = added_later(
         "top",
