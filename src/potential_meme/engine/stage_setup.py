@@ -379,7 +379,7 @@ def set_up(
         facts["memoryEstimateBytesPerDevice"] = plan.per_device.total
     if runtime.world_size > 1 and strategy == "fsdp":
         for sharded in (student, teacher_model):
-            if sharded is not None and not is_sharded(sharded):  # a derived student, its teacher
+            if sharded is not None and not is_sharded(sharded):  # progressive and mobile students are built whole
                 shard_layers(sharded, runtime)
     elif runtime.world_size > 1:
         model = nn.parallel.DistributedDataParallel(
