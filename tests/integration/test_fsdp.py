@@ -114,7 +114,7 @@ def test_a_student_of_its_own_is_read_by_rank_zero_alone_and_trains_what_one_pro
 SHARDED_LOADING = """
 import json, sys
 import torch
-from potential_meme.engine.models import load_model, resolve
+from potential_meme.engine.models import load_config, load_model, resolve
 from potential_meme.engine.runtime import start_runtime
 from potential_meme.engine.sharding import load_sharded
 
@@ -125,7 +125,8 @@ def resident(field):
 runtime = start_runtime("fp32")
 open("/proc/self/clear_refs", "w").write("5")  # the peak resident set starts again from here
 before = resident("VmRSS")
-model = load_sharded(resolve(sys.argv[1]), torch.float32, runtime)
+reference = resolve(sys.argv[1])
+model = load_sharded(reference, load_config(reference), torch.float32, runtime)
 grown = resident("VmHWM") - before
 tokens = torch.arange(64).reshape(2, 32) * 7 % model.config.vocab_size
 with torch.no_grad():

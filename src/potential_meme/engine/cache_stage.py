@@ -86,9 +86,10 @@ def run_cache_stage(job: DistillationJob, stage: Stage, runtime: Runtime, models
     sampled = spec.teacher.cache.targets == "sampled"
     made = {"topK": k, "seqLength": spec.training.max_seq_length} | ({"targets": "sampled"} if sampled else {})
     key = cache_key(identity | made)
-    sharded = shards_teacher_pass(job, load_config(models.teacher), runtime)
+    config = load_config(models.teacher)
+    sharded = shards_teacher_pass(job, config, runtime)
     if sharded:
-        teacher = load_sharded(models.teacher, runtime.teacher_dtype, runtime)
+        teacher = load_sharded(models.teacher, config, runtime.teacher_dtype, runtime)
     else:
         teacher = load_model(models.teacher, dtype=runtime.teacher_dtype).to(runtime.device)
     teacher.eval().requires_grad_(False)

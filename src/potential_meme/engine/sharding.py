@@ -7,9 +7,9 @@ gathers a unit's parameters only inside that unit's forward. So each layer is ga
 layerwise projections stay whole on every process, their gradients averaged as DDP would. Those are a
 few per cent of a large model's parameters (the memory plan counts them whole).
 
-A teacher and student named by reference are read by rank 0 alone (`load_sharded`): the other processes
-build them on the meta device and receive their shards. A student derived from the teacher is built whole on
-every process, from a teacher each of them reads.
+Rank 0 alone reads a teacher and student named by reference (`load_sharded`), or builds a student derived
+from the teacher: the other processes build them on the meta device and receive their shards
+(`shard_from_rank0`). Progressive and mobile students are still built whole on every process.
 
 Checkpoints and the published student go through torch.distributed.checkpoint's state-dict API as full
 tensors on rank 0, in the same files as a ddp run: a run resumes with another number of processes, or
@@ -43,7 +43,7 @@ from transformers import PretrainedConfig
 from ..spec.aliases import Architecture
 from ..spec.memory import DEVICE_MEMORY_ENV, MemoryPlan, plan_memory, plan_teacher_pass, quantity_bytes
 from ..spec.models import DistillationJob
-from .models import ResolvedModel, empty_model, load_config, load_model
+from .models import ResolvedModel, empty_model, load_model
 from .objective import decoder
 from .runtime import Runtime
 
@@ -84,17 +84,26 @@ def device_capacity(device: torch.device, processes_here: int) -> int | None:
     return min(physical, _cgroup_limit() or physical) // processes_here
 
 
-def choose_strategy(
-    job: DistillationJob, teacher: PretrainedConfig | None, student: PretrainedConfig, runtime: Runtime
-) -> tuple[str, str, MemoryPlan | None]:
-    """(strategy, why, estimate) of this stage, from the models' configs and this device's memory.
-    `teacher` None: the stage holds none (a cache or an API's answers stand in for it)."""
-    asked = job.spec.training.strategy
+def plan_shapes(
+    teacher: PretrainedConfig | None, student: PretrainedConfig
+) -> tuple[Architecture | None, Architecture] | None:
+    """The shapes the memory plan reads: the teacher's None where the stage holds none (a cache or an API's answers
+    stand in for it); None altogether where a model is not Llama-family."""
     teacher_shape, student_shape = shape_of(teacher) if teacher is not None else None, shape_of(student)
     if student_shape is None or (teacher is not None and teacher_shape is None):
+        return None
+    return teacher_shape, student_shape
+
+
+def choose_strategy(
+    job: DistillationJob, shapes: tuple[Architecture | None, Architecture] | None, runtime: Runtime
+) -> tuple[str, str, MemoryPlan | None]:
+    """(strategy, why, estimate) of this stage, from the models' shapes (`plan_shapes`) and this device's memory."""
+    if shapes is None:
+        asked = job.spec.training.strategy
         return ("ddp" if asked == "auto" else asked), "the models are not Llama-family: no estimate", None
     bf16 = runtime.autocast_dtype is not None
-    plan = plan_memory(job, (teacher_shape, student_shape), runtime.world_size, _capacity_here(runtime), bf16)
+    plan = plan_memory(job, shapes, runtime.world_size, _capacity_here(runtime), bf16)
     return plan.strategy, plan.reason, plan
 
 
@@ -132,8 +141,8 @@ def shard_from_rank0(whole: nn.Module | None, empty: Callable[[], nn.Module], ru
     (on the meta device: shapes, no memory) and receive their shards from rank 0, so a node holds one whole copy
     while a model loads, not one a process: a 70B teacher in bf16 is 140 GB once, not eight times on 8 GPUs."""
     model = whole if runtime.is_main else empty()
-    state = model.state_dict() if runtime.is_main else {}
-    persistent = set(model.state_dict())
+    own = model.state_dict()  # on the meta device, its names alone
+    persistent, state = set(own), own if runtime.is_main else {}
     shard_layers(model, runtime)
     if not runtime.is_main:
         model.to_empty(device=runtime.device)
@@ -149,12 +158,13 @@ def shard_from_rank0(whole: nn.Module | None, empty: Callable[[], nn.Module], ru
     return model
 
 
-def load_sharded(reference: ResolvedModel, dtype: torch.dtype, runtime: Runtime) -> nn.Module:
-    """The model at `reference`, its decoder layers sharded over all processes, its weights read by rank 0 alone."""
+def load_sharded(reference: ResolvedModel, config: PretrainedConfig, dtype: torch.dtype, runtime: Runtime) -> nn.Module:
+    """The model at `reference` (its `config`), its decoder layers sharded over all processes, its weights read by
+    rank 0 alone."""
     if not runtime.is_main:
         log.info("rank %d reads no weights of %s: its shards come from rank 0", runtime.rank, reference.directory)
     whole = load_model(reference, dtype) if runtime.is_main else None
-    return shard_from_rank0(whole, lambda: empty_model(load_config(reference), dtype), runtime).eval()
+    return shard_from_rank0(whole, lambda: empty_model(config, dtype), runtime).eval()
 
 
 def parameter_groups(model: nn.Module) -> list[dict[str, Any]]:

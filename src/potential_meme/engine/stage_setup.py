@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import functools
 import json
 import logging
 from dataclasses import dataclass, field
@@ -14,6 +12,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
+from ..spec.aliases import Architecture
 from ..spec.errors import SpecError, StageError
 from ..spec.models import DerivedStudent, DistillationJob
 from ..spec.plan import AUGMENTED, STUDENT_DIR, Stage, StageKind, plan_stages, responses_uri, teacher_cache_uri
@@ -30,7 +29,16 @@ from .quantize import quantized_student
 from .responses import load_responses, pack_exchanges
 from .runtime import Runtime, perplexity
 from .schedule import lr_lambda
-from .sharding import choose_strategy, is_sharded, load_sharded, parameter_groups, shard_from_rank0, shard_layers
+from .sharding import (
+    choose_strategy,
+    is_sharded,
+    load_sharded,
+    parameter_groups,
+    plan_shapes,
+    shape_of,
+    shard_from_rank0,
+    shard_layers,
+)
 from .teacher_cache import cache_identity, open_cache
 
 log = logging.getLogger(__name__)
@@ -175,8 +183,16 @@ def _load_models(
         teacher, student = _named_models(job, None, models.student, runtime)  # the cache stands in for the teacher
     elif (derived := job.spec.student.from_teacher) is not None:
         teacher_config = load_config(models.teacher)
-        if _shards(job, teacher_config, _derived_config(teacher_config, derived), runtime):
-            teacher, student, facts = _derived_on_rank_zero(derived, models.teacher, train_rows, runtime, facts_before)
+        teacher_shape = shape_of(teacher_config)
+        shapes = (
+            None
+            if teacher_shape is None
+            else (teacher_shape, teacher_shape.derived(derived.num_layers, derived.mlp_width))
+        )
+        if _shards(job, shapes, runtime):
+            teacher, student, facts = _derived_on_rank_zero(
+                derived, models.teacher, teacher_config, train_rows, runtime, facts_before
+            )
         else:
             teacher = load_model(models.teacher)  # fp32 until the student is built from it: its weights are not rounded
             student, facts = _derived_student(teacher, derived, train_rows, runtime, facts_before)
@@ -190,34 +206,29 @@ def _load_models(
     return teacher, student, facts
 
 
-def _shards(
-    job: DistillationJob, teacher: PretrainedConfig | None, student: PretrainedConfig, runtime: Runtime
-) -> bool:
-    """Whether the stage shards its models: decided from their configs, before any weight is read, so that rank 0
+def _shards(job: DistillationJob, shapes: tuple[Architecture | None, Architecture] | None, runtime: Runtime) -> bool:
+    """Whether the stage shards its models: decided from their shapes, before any weight is read, so that rank 0
     alone reads them."""
-    return runtime.world_size > 1 and choose_strategy(job, teacher, student, runtime)[0] == "fsdp"
+    return runtime.world_size > 1 and choose_strategy(job, shapes, runtime)[0] == "fsdp"
 
 
 def _named_models(
     job: DistillationJob, teacher: ResolvedModel | None, student: ResolvedModel, runtime: Runtime
 ) -> tuple[nn.Module | None, nn.Module]:
     """Teacher (None: an API's or a cache's) and student as their references name them."""
-    configs = load_config(teacher) if teacher is not None else None, load_config(student)
-    load = functools.partial(load_sharded, runtime=runtime) if _shards(job, *configs, runtime) else load_model
-    return (load(teacher, runtime.teacher_dtype) if teacher is not None else None), load(student, torch.float32)
-
-
-def _derived_config(teacher: PretrainedConfig, derived: DerivedStudent) -> PretrainedConfig:
-    """The shape of the student `derived` describes (which layers it keeps does not change it)."""
-    config = copy.deepcopy(teacher)
-    config.num_hidden_layers = derived.num_layers
-    config.intermediate_size = min(derived.mlp_width or teacher.intermediate_size, teacher.intermediate_size)
-    return config
+    teacher_config, student_config = load_config(teacher) if teacher is not None else None, load_config(student)
+    if _shards(job, plan_shapes(teacher_config, student_config), runtime):
+        sharded_teacher = (
+            None if teacher is None else load_sharded(teacher, teacher_config, runtime.teacher_dtype, runtime)
+        )
+        return sharded_teacher, load_sharded(student, student_config, torch.float32, runtime)
+    return (load_model(teacher, runtime.teacher_dtype) if teacher is not None else None), load_model(student)
 
 
 def _derived_on_rank_zero(
     derived: DerivedStudent,
     source: ResolvedModel,
+    source_config: PretrainedConfig,
     train_rows: torch.Tensor,
     runtime: Runtime,
     facts_before: dict[str, Any] | None,
@@ -238,7 +249,7 @@ def _derived_on_rank_zero(
         teacher = student = facts = None
     student_config, facts = runtime.from_main((student.config if student is not None else None, facts))
     student = shard_from_rank0(student, lambda: empty_model(student_config, torch.float32), runtime)
-    teacher = shard_from_rank0(teacher, lambda: empty_model(load_config(source), runtime.teacher_dtype), runtime)
+    teacher = shard_from_rank0(teacher, lambda: empty_model(source_config, runtime.teacher_dtype), runtime)
     return teacher, student, facts
 
 
@@ -369,9 +380,8 @@ def set_up(
     teacher_width = (teacher_model or student).config.hidden_size
     objective = DistillationObjective(student, method, teacher_width).to(runtime.device)
     model: nn.Module = objective
-    strategy, why, plan = choose_strategy(
-        job, teacher_model.config if teacher_model is not None else None, student.config, runtime
-    )
+    shapes = plan_shapes(teacher_model.config if teacher_model is not None else None, student.config)
+    strategy, why, plan = choose_strategy(job, shapes, runtime)
     if runtime.is_main:
         log.info("strategy %s: %s%s", strategy, why, f"; estimated {plan.describe()}" if plan else "")
     facts |= {"strategy": strategy, "strategyReason": why}

@@ -59,10 +59,10 @@ class Architecture(Model):
         return embeddings + self.num_layers * self.layer_parameters + self.hidden_size
 
     def derived(self, num_layers: int, intermediate_size: int | None) -> Architecture:
-        """The shape of a student that keeps `num_layers` of these layers (and `intermediate_size` MLP channels)."""
-        return self.model_copy(
-            update={"num_layers": num_layers, "intermediate_size": intermediate_size or self.intermediate_size}
-        )
+        """The shape of a student that keeps `num_layers` of these layers (and at most `intermediate_size` MLP
+        channels: narrowing never widens)."""
+        kept = min(intermediate_size or self.intermediate_size, self.intermediate_size)
+        return self.model_copy(update={"num_layers": num_layers, "intermediate_size": kept})
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> Architecture:
