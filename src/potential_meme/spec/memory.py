@@ -9,11 +9,13 @@ the operator and `potential-meme render` can tell that a job cannot fit before i
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from .aliases import Architecture, lookup
 from .models import MAX_NODES, DistillationJob, EvaluationJob, KnowledgeMethod, ResourcesSpec, TrainingSpec
+from .plan import StageKind, plan_stages
 
 FP32, BF16 = 4, 2
 STUDENT_BYTES_PER_PARAMETER = FP32 * 4  # weights, gradients and AdamW's two moments, all fp32
@@ -142,7 +144,7 @@ class MemoryPlan:
 
     @property
     def fits(self) -> bool | None:
-        return None if self.capacity is None else self.per_device.total <= HEADROOM * self.capacity
+        return _fits(self.per_device.total, self.capacity)
 
     def describe(self) -> str:
         need = self.per_device
@@ -152,11 +154,36 @@ class MemoryPlan:
             f"{f'teacher {binary_size(need.teacher)}' if need.teacher else 'no teacher'}, activations "
             f"{binary_size(need.activations)}"
         )
-        if self.capacity is None:
-            return parts + " (device memory not declared: set resources.gpuMemory, or resources.memory on CPU)"
-        usable = binary_size(HEADROOM * self.capacity)
-        verdict = "fits" if self.fits else "does not fit"
-        return f"{parts}; {verdict} in {usable} usable of {binary_size(self.capacity)}"
+        return _judged(parts, self.per_device.total, self.capacity)
+
+
+def _fits(need: int, capacity: int | None) -> bool | None:
+    """Whether `need` bytes fit a device of `capacity` with headroom; None when its memory is not known."""
+    return None if capacity is None else need <= HEADROOM * capacity
+
+
+def _judged(description: str, need: int, capacity: int | None) -> str:
+    """`description` of an estimate of `need` bytes, with whether it fits a device of `capacity`."""
+    if capacity is None:
+        return description + " (device memory not declared: set resources.gpuMemory, or resources.memory on CPU)"
+    verdict = "fits" if _fits(need, capacity) else "does not fit"
+    return f"{description}; {verdict} in {binary_size(HEADROOM * capacity)} usable of {binary_size(capacity)}"
+
+
+def _processes(resources: ResourcesSpec, nodes: int | None) -> int:
+    """Training processes of a stage on `nodes` nodes of `resources` (its own nodes when None): one a GPU, or a pod."""
+    return (nodes or resources.nodes) * max(resources.gpus_per_node, 1)
+
+
+def _refusal(job: DistillationJob, need: str, remedies: list[str]) -> str:
+    """A refusal naming the field that declares a device's memory, what the job needs and how to make it fit."""
+    declared = "resources.gpuMemory" if job.spec.resources.gpus_per_node else "resources.memory"
+    return f"spec.{declared}: {need}; {', '.join(remedies)}"
+
+
+def _nodes_that_fit(job: DistillationJob, fits_on: Callable[[int], bool | None]) -> int | None:
+    """The fewest nodes, more than the job asks for, on which `fits_on(nodes)`; None when no count up to MAX_NODES."""
+    return next((n for n in range(job.spec.resources.nodes + 1, MAX_NODES + 1) if fits_on(n)), None)
 
 
 def job_shapes(job: DistillationJob) -> tuple[Architecture | None, Architecture] | None:
@@ -215,8 +242,7 @@ def memory_plan(job: DistillationJob, nodes: int | None = None) -> MemoryPlan | 
     if shapes is None:
         return None
     resources = job.spec.resources
-    processes = (nodes or resources.nodes) * max(resources.gpus_per_node, 1)
-    return plan_memory(job, shapes, processes, device_capacity(resources), _bf16(job))
+    return plan_memory(job, shapes, _processes(resources, nodes), device_capacity(resources), _bf16(job))
 
 
 def _bf16(job: DistillationJob) -> bool:
@@ -260,7 +286,7 @@ class TeacherPassPlan:
 
     @property
     def fits(self) -> bool | None:
-        return None if self.capacity is None else self.per_device <= HEADROOM * self.capacity
+        return _fits(self.per_device, self.capacity)
 
     def describe(self) -> str:
         how = (
@@ -268,23 +294,18 @@ class TeacherPassPlan:
             if self.sharded
             else "a whole teacher on each device"
         )
-        need = f"{binary_size(self.per_device)} per device with {how}"
-        if self.capacity is None:
-            return need + " (device memory not declared)"
-        verdict = "fits" if self.fits else "does not fit"
-        return f"{need}; {verdict} in {binary_size(HEADROOM * self.capacity)} usable of {binary_size(self.capacity)}"
+        return _judged(f"{binary_size(self.per_device)} per device with {how}", self.per_device, self.capacity)
 
 
 def cache_stage_plan(job: DistillationJob, nodes: int | None = None) -> TeacherPassPlan | None:
     """The cache-teacher stage's plan on the resources the job asks for (or on `nodes` nodes of them); None when
     the job makes no cache or the teacher's shape is not known before it loads."""
     spec, resources = job.spec, job.spec.resources
-    makes_cache = spec.teacher.cache is not None and spec.teacher.cache.top_k is not None
+    makes_cache = plan_stages(job)[0].kind is StageKind.CACHE_TEACHER
     teacher = architecture_of(spec.teacher.model) if makes_cache else None
     if teacher is None:
         return None
-    processes = (nodes or resources.nodes) * max(resources.gpus_per_node, 1)
-    capacity = device_capacity(resources)
+    processes, capacity = _processes(resources, nodes), device_capacity(resources)
     sharded, need = plan_teacher_pass(job, teacher, processes, capacity, _bf16(job))
     return TeacherPassPlan(sharded, processes, need, capacity)
 
@@ -294,19 +315,12 @@ def _cache_refusal(job: DistillationJob) -> str | None:
     plan = cache_stage_plan(job)
     if plan is None or plan.fits is not False:
         return None
-    resources = job.spec.resources
-    declared = "resources.gpuMemory" if resources.gpus_per_node else "resources.memory"
     remedies = ["use devices with more memory"]
     if not plan.sharded:
         remedies.append("set training.strategy fsdp (or auto) and more GPUs or nodes")
-    else:
-        enough = next(
-            (n for n in range(resources.nodes + 1, MAX_NODES + 1) if cache_stage_plan(job, n).fits),  # type: ignore[union-attr]
-            None,
-        )
-        if enough is not None:
-            remedies.append(f"run on {enough} nodes (resources.nodes)")
-    return f"spec.{declared}: the cache-teacher stage needs {plan.describe()}; {', '.join(remedies)}"
+    elif (enough := _nodes_that_fit(job, lambda nodes: cache_stage_plan(job, nodes).fits)) is not None:  # type: ignore[union-attr]
+        remedies.append(f"run on {enough} nodes (resources.nodes)")
+    return _refusal(job, f"the cache-teacher stage needs {plan.describe()}", remedies)
 
 
 def fit_refusal(job: DistillationJob | EvaluationJob) -> str | None:
@@ -316,19 +330,13 @@ def fit_refusal(job: DistillationJob | EvaluationJob) -> str | None:
     plan = memory_plan(job) if isinstance(job, DistillationJob) else None
     if plan is None or plan.fits is not False:
         return None
-    resources = job.spec.resources
-    declared = "resources.gpuMemory" if resources.gpus_per_node else "resources.memory"
     remedies = ["use devices with more memory"]
     if plan.strategy == "fsdp":
-        enough = next(
-            (n for n in range(resources.nodes + 1, MAX_NODES + 1) if memory_plan(job, n).fits),  # type: ignore[union-attr]
-            None,
-        )
-        if enough is not None:
+        if (enough := _nodes_that_fit(job, lambda nodes: memory_plan(job, nodes).fits)) is not None:  # type: ignore[union-attr]
             remedies.append(f"run on {enough} nodes (resources.nodes)")
     elif job.spec.training.strategy == "ddp":
         remedies.append("set training.strategy fsdp (or auto) and more nodes or GPUs")
     if not job.spec.training.gradient_checkpointing:
         remedies.append("set training.gradientCheckpointing")
     remedies.append("lower training.batchSize or maxSeqLength, or choose a smaller teacher or student")
-    return f"spec.{declared}: the first training stage needs {plan.describe()}; {', '.join(remedies)}"
+    return _refusal(job, f"the first training stage needs {plan.describe()}", remedies)
