@@ -182,6 +182,7 @@ def run_distill_stage(
         if runtime.is_main and dataset != metrics.HELD_OUT_SPLIT:
             log.info("validation perplexity on %s: student after %.2f", dataset, values["studentPerplexityAfter"])
     steps_run = step - (resumed_from or 0)
+    peaks = runtime.gather(peak_memory_bytes(runtime.device))
     manifest = stage_manifest(
         job,
         stage,
@@ -202,8 +203,8 @@ def run_distill_stage(
             "studentParameters": parameter_count(setup.student),
             "validationTokens": int(setup.validation_rows.numel()),
             "heldBytesPerProcess": held,
-            "peakMemoryBytes": peak_memory_bytes(runtime.device),  # rank 0's
-            "peakMemoryBytesByRank": runtime.gather(peak_memory_bytes(runtime.device)),
+            "peakMemoryBytes": peaks[0],
+            "peakMemoryBytesByRank": peaks,
             **adapters,
             **setup.facts,
         },
