@@ -161,3 +161,32 @@ def test_a_teacher_sharded_over_two_processes_makes_the_cache_one_process_makes(
     assert len(whole["files"]) == 5  # 3 for rank 0, 2 for rank 1, which then keeps rank 0's pace
     assert [(f["path"], f["sha256"]) for f in sharded["files"]] == [(f["path"], f["sha256"]) for f in whole["files"]]
     assert sharded["metrics"]["teacherPerplexity"] == pytest.approx(whole["metrics"]["teacherPerplexity"], rel=1e-5)
+
+
+def test_a_sharded_cache_stage_stopped_midway_resumes_with_the_processes_out_of_step(job_file, tmp_path):
+    """A two-process stage stopped after some shards: rank 0 has two of its three left, rank 1 none of its two,
+    so rank 1 runs only the forwards that keep rank 0's layers gathered; the cache is the same bytes."""
+    from helpers import Ranks
+
+    job = job_file(
+        "stopped",
+        training={"maxSteps": 1, "strategy": "fsdp"},
+        teacher={"cache": {"topK": 16, "targets": "sampled"}},
+        resources={"gpusPerNode": 2},
+    )
+    folder = _stage(tmp_path, "stopped", "cache-teacher")
+
+    def make() -> dict:
+        ranks = Ranks(2, ["train", "--job", str(job), "--stage", "cache-teacher"])
+        output = ranks.communicate(timeout=600)[0]
+        assert ranks.returncode == 0, output[-4000:]
+        return json.loads((folder / "manifest.json").read_text())
+
+    first = make()
+    shards = first["cache"]["shards"]
+    assert len(shards) == 5  # rank 0 writes 0, 2 and 4; rank 1 writes 1 and 3
+    (folder / "manifest.json").unlink()
+    for name in (shards[2], shards[4]):  # as if stopped before these were recorded
+        (folder / name).unlink()
+        (folder / name.replace(".safetensors", ".json")).unlink()
+    assert make()["files"] == first["files"]
