@@ -11,16 +11,17 @@ from helpers import cli, cli_env, free_port
 
 
 def assert_same_weights(first, second):
-    """Equal up to summation order. Rows of the tied embedding whose tokens never occur get gradients
-    near rounding noise, which Adam scales up to +-lr: allow a few of those entries to differ."""
+    """Equal up to summation order, entry by entry, but for a few entries of any tensor: Adam's first update is
+    lr * g / (|g| + eps), so an entry whose gradient is within rounding of zero (most rows of the tied embedding,
+    whose tokens never occur, and the odd entry elsewhere) moves by up to lr either way on another CPU's kernels."""
     a, b = load_file(first), load_file(second)
     assert a.keys() == b.keys()
     for name, value in b.items():
-        if name == "model.embed_tokens.weight":
-            differing = ~torch.isclose(a[name], value, rtol=1e-4, atol=1e-5)
-            assert differing.float().mean() < 0.01, f"{name}: {differing.float().mean():.2%} of entries differ"
-        else:
-            torch.testing.assert_close(a[name], value, rtol=1e-4, atol=1e-5, msg=name)
+        differing = ~torch.isclose(a[name], value, rtol=1e-4, atol=1e-5)
+        largest = (a[name] - value).abs().max().item()
+        assert differing.float().mean() < 0.01, (
+            f"{name}: {differing.sum()} of {value.numel()} entries differ, by up to {largest:.2e}"
+        )
 
 
 def test_two_process_ddp_matches_one_process_with_the_same_global_batch(job_file, tmp_path):
