@@ -2,6 +2,7 @@
 processes train exactly what one process trains, and a run sharded over 4 resumes on 2."""
 
 import json
+import shutil
 
 from test_ddp import assert_same_weights
 from test_interruptions import _kill_after_a_checkpoint
@@ -55,7 +56,7 @@ def test_fsdp_on_two_and_four_processes_trains_what_one_process_trains(job_file,
         assert_same_weights(_student(tmp_path, "one"), _student(tmp_path, name))
 
 
-def test_a_run_sharded_over_four_processes_resumes_on_two(job_file, tmp_path):
+def test_a_run_sharded_over_four_processes_resumes_on_two_or_whole_on_one(job_file, tmp_path):
     training = {**TRAINING, "maxSteps": 10}
     reference = job_file("reference", training={**training, "gradientAccumulationSteps": 4})
     assert start_cli("run", str(reference)).wait(timeout=600) == 0
@@ -67,11 +68,27 @@ def test_a_run_sharded_over_four_processes_resumes_on_two(job_file, tmp_path):
     )
     stage = tmp_path / "runs" / "resized" / "distill"
     saved = _kill_after_a_checkpoint(Ranks(4, ["train", "--job", str(job), "--stage", "distill"]), stage)
+    written = stage / f"checkpoints/step-{saved:08d}"
+    # Each process wrote its own shards; no process gathered the student or its optimizer state.
+    shards = {path.name: path.stat().st_size for path in (written / "student").iterdir()}
+    assert len(shards) == 4 and not (written / "student.pt").exists()
+    student_bytes = _student(tmp_path, "reference").stat().st_size  # the weights alone, whole
+    assert sum(shards.values()) > 3 * student_bytes > 2 * max(shards.values())  # weights and two moments, spread
+    assert (written / "training_state.pt").stat().st_size < student_bytes / 4
+    shutil.copytree(stage, tmp_path / "runs" / "whole" / "distill")
+
     output = _run(2, job)
     assert "resuming on 2 process(es) x 2 to keep its global batch of 4 sequences per step" in output
     manifest = json.loads((stage / "manifest.json").read_text())
     assert manifest["resumedFromStep"] >= saved and manifest["worldSize"] == 2
     assert_same_weights(_student(tmp_path, "reference"), stage / "student" / "model.safetensors")
+
+    # The same shards into one process holding a whole student, as ddp does.
+    whole = job_file("whole", training={**training, "strategy": "ddp"}, checkpoint={"everySteps": 2})
+    output = _run(1, whole)
+    assert f"resuming whole/distill from checkpoint at step {saved}" in output
+    assert _manifest(tmp_path, "whole")["metrics"]["strategy"] == "ddp"
+    assert_same_weights(_student(tmp_path, "reference"), _student(tmp_path, "whole"))
 
 
 def test_auto_shards_only_what_cannot_fit_whole(job_file, tmp_path, monkeypatch):

@@ -105,9 +105,9 @@ def test_layerwise_with_different_widths_checkpoints_projections_and_exports_a_p
     saved_keys = []
     original_save = checkpoint.save
 
-    def spy(store, step, state, training_state, keep):
+    def spy(store, step, state, training_state, keep, **sharded):
         saved_keys.append(set(state))
-        original_save(store, step, state, training_state, keep)
+        original_save(store, step, state, training_state, keep, **sharded)
 
     monkeypatch.setattr(checkpoint, "save", spy)
     layerwise = {"teacherLayers": [0, 2, 4], "studentLayers": [0, 1, 2], "layerLossWeights": [0.5, 1.0, 1.0]}

@@ -9,8 +9,10 @@ import boto3
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save
 
 from potential_meme.engine import checkpoint
+from potential_meme.engine.sharding import load_shards, save_shards
 from potential_meme.storage import LocalStore, file_sha256, open_store, sync_down
 
 
@@ -132,3 +134,49 @@ def test_keys_that_lead_outside_the_scratch_folder_are_refused(s3_endpoint, tmp_
     with pytest.raises(ValueError, match=r"runs/student/\.\./\.\./\.\./\.\./escaped: a key that leads outside"):
         sync_down(open_store("s3://models/runs"), "student", tmp_path / "scratch" / "in")
     assert not list(tmp_path.rglob("escaped")) and not (tmp_path / "scratch" / "in" / "config.json").exists()
+
+
+def _trained_pair(seed: int):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Linear(8, 3))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    model(torch.randn(4, 6)).square().sum().backward()
+    optimizer.step()
+    return model, optimizer
+
+
+def _save_sharded(store, step, model, optimizer, local):
+    groups = save_shards(model, optimizer, local / checkpoint.STUDENT_SHARDS)
+    shards = checkpoint.upload(store, step, local)
+    checkpoint.save(store, step, None, {"step": step, "optimizer": {"param_groups": groups}}, keep=3, shards=shards)
+
+
+def test_a_sharded_checkpoint_loads_back_and_never_reads_a_file_its_marker_does_not_list(tmp_path):
+    store = open_store(str(tmp_path / "store"))
+    model, optimizer = _trained_pair(0)
+    _save_sharded(store, 2, model, optimizer, tmp_path / "written")
+    # What a crashed attempt at the same step by more processes leaves: another shard of the same tensors.
+    stray = "checkpoints/step-00000002/student/shard-00003-model-00001-of-00001.safetensors"
+    store.write_bytes(stray, save({name: torch.zeros_like(value) for name, value in model.state_dict().items()}))
+
+    restored = checkpoint.load_newest(store)
+    assert restored.step == 2 and restored.student_state is None
+    assert [path.name for path in restored.shards_folder.iterdir()] == ["shard-00001-model-00001-of-00001.safetensors"]
+    fresh, fresh_optimizer = _trained_pair(1)
+    load_shards(fresh, fresh_optimizer, restored.shards_folder, restored.training_state["optimizer"]["param_groups"])
+    for name, value in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[name], value), name
+    for kept, loaded in zip(optimizer.state.values(), fresh_optimizer.state.values(), strict=True):
+        assert torch.equal(kept["exp_avg_sq"], loaded["exp_avg_sq"]) and torch.equal(kept["step"], loaded["step"])
+
+
+def test_a_damaged_shard_falls_back_to_the_checkpoint_before(tmp_path, caplog):
+    store = open_store(str(tmp_path / "store"))
+    for step in (2, 4):
+        _save_sharded(store, step, *_trained_pair(step), tmp_path / f"written-{step}")
+    shard = next((tmp_path / "store/checkpoints/step-00000004/student").iterdir())
+    shard.write_bytes(shard.read_bytes()[:-8] + bytes(8))
+    with caplog.at_level(logging.WARNING):
+        restored = checkpoint.load_newest(store)
+    assert restored.step == 2
+    assert f"step-00000004/ is unusable: student/{shard.name} is" in caplog.text

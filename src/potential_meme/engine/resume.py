@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 import signal
+import tempfile
 import threading
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,7 +24,15 @@ from ..storage import ArtifactStore
 from . import checkpoint
 from .loop import EarlyStopping
 from .runtime import Runtime
-from .sharding import full_optimizer_state, load_full_optimizer_state, load_trained_state, trained_state
+from .sharding import (
+    full_optimizer_state,
+    is_sharded,
+    load_full_optimizer_state,
+    load_shards,
+    load_trained_state,
+    save_shards,
+    trained_state,
+)
 from .stage_setup import StageSetup
 
 log = logging.getLogger(__name__)
@@ -91,12 +101,25 @@ def restore(
             f"{where} holds checkpoints of a different spec; change metadata.name or "
             "output.uri, or delete that folder to start over"
         )
-    load_trained_state(setup.objective, restored.student_state)
-    load_full_optimizer_state(setup.objective, setup.optimizer, state["optimizer"])
-    setup.scheduler.load_state_dict(state["scheduler"])
+    if restored.shards is not None:
+        load_shards(setup.objective, setup.optimizer, restored.shards_folder, state["optimizer"]["param_groups"])
+        restored.shards.cleanup()  # a large student's files need not stay on disk while it trains
+    else:
+        load_trained_state(setup.objective, restored.student_state)
+        load_full_optimizer_state(setup.objective, setup.optimizer, state["optimizer"])
+    setup.scheduler.load_state_dict(_fitted(state["scheduler"], len(setup.optimizer.param_groups)))
     checkpoint.restore_rng(state["rng"])
     early.restore(state["early_stopping"])
     return state["before"]
+
+
+def _fitted(scheduler: dict[str, Any], groups: int) -> dict[str, Any]:
+    """A scheduler's state for `groups` parameter groups: another strategy groups the same parameters otherwise
+    (`sharding.parameter_groups`), and every group follows one schedule, so each list's first entry serves all."""
+    written_for = len(scheduler["base_lrs"])
+    if written_for == groups:
+        return scheduler
+    return {k: [v[0]] * groups if isinstance(v, list) and len(v) == written_for else v for k, v in scheduler.items()}
 
 
 def save(
@@ -107,15 +130,23 @@ def save(
     before: dict[str, float],
     early: EarlyStopping,
 ) -> None:
-    """Rank 0 writes; every process waits for it (within checkpoint.uploadTimeoutMinutes). Every process takes
-    part in gathering the states first: a sharded student's are spread over all of them."""
-    student = trained_state(setup.objective)
-    optimizer = full_optimizer_state(setup.objective, setup.optimizer)
-    if setup.runtime.is_main:
+    """Rank 0 writes the checkpoint; every process waits for it (within checkpoint.uploadTimeoutMinutes).
+    A sharded student is not gathered: every process uploads its own shards first."""
+    runtime, shards = setup.runtime, None
+    if is_sharded(setup.objective):
+        with tempfile.TemporaryDirectory(prefix="potential-meme-shards-") as local:
+            groups = save_shards(setup.objective, setup.optimizer, Path(local) / checkpoint.STUDENT_SHARDS)
+            uploaded = checkpoint.upload(store, step, Path(local))
+        shards = {name: facts for files in runtime.gather(uploaded) for name, facts in files.items()}
+        student, optimizer = None, {"param_groups": groups}
+    else:
+        student = trained_state(setup.objective)
+        optimizer = full_optimizer_state(setup.objective, setup.optimizer)
+    if runtime.is_main:
         state = training_state(job, setup, step, before, early, optimizer)
-        checkpoint.save(store, step, student, state, keep=job.spec.checkpoint.keep)
+        checkpoint.save(store, step, student, state, keep=job.spec.checkpoint.keep, shards=shards)
         log.info("checkpoint written at step %d", step)
-    setup.runtime.barrier()
+    runtime.barrier()
 
 
 class Preemption:

@@ -11,9 +11,10 @@ Rank 0 alone reads a teacher and student named by reference (`load_sharded`), or
 from the teacher: the other processes build them on the meta device and receive their shards
 (`shard_from_rank0`). Progressive and mobile students are still built whole on every process.
 
-Checkpoints and the published student go through torch.distributed.checkpoint's state-dict API as full
-tensors on rank 0, in the same files as a ddp run: a run resumes with another number of processes, or
-another strategy.
+A sharded run's checkpoints are written by torch.distributed.checkpoint, each process its own shards of
+the student and of its optimizer state, in safetensors files whose headers say where each shard belongs
+(`save_shards`): no process gathers a whole student. They load into any number of processes and either
+strategy (`load_shards`). The published student is gathered whole on rank 0, as it is read whole.
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -259,7 +262,45 @@ def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer
     if all(isinstance(key, int) for key in state["state"]):  # an older checkpoint: by position, not by name
         optimizer.load_state_dict(state)
         return
+    own_groups = get_optimizer_state_dict(model, optimizer)["param_groups"]
+    state = {**state, "param_groups": _regrouped(state["param_groups"], own_groups)}
     set_optimizer_state_dict(model, optimizer, state, options=_loading(model))
+
+
+def _own_shards(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """This process's shards of the model's state and of the optimizer's (tensors alone), and the optimizer's
+    parameter groups (plain values, parameters by name)."""
+    optimizer_state = get_optimizer_state_dict(model, optimizer)
+    return {"model": get_model_state_dict(model), "optimizer": optimizer_state["state"]}, optimizer_state[
+        "param_groups"
+    ]
+
+
+def save_shards(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> list[dict[str, Any]]:
+    """Write this process's shards of the model and its optimizer state into `folder`, a safetensors file with
+    each shard's place in its tensor (a tensor every process holds whole is written by one); returns the
+    parameter groups, which are the same on every process. Every process must call it."""
+    state, groups = _own_shards(model, optimizer)
+    dcp.save(state, storage_writer=HuggingFaceStorageWriter(str(folder), save_distributed=True))
+    return groups
+
+
+def load_shards(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path, groups: list[dict[str, Any]]) -> None:
+    """Put the shards every process of a run wrote (`save_shards`) back into `model` and `optimizer`, each process
+    reading the parts it holds, whatever the number of processes or the strategy that wrote them."""
+    state, own_groups = _own_shards(model, optimizer)
+    dcp.load(state, storage_reader=HuggingFaceStorageReader(str(folder)))
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(
+        model, optimizer, {"state": state["optimizer"], "param_groups": _regrouped(groups, own_groups)}
+    )
+
+
+def _regrouped(saved: list[dict[str, Any]], own: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The saved groups' settings over this optimizer's groups, parameters by name: fsdp keeps sharded and whole
+    parameters in groups apart (`parameter_groups`), one whole model has one group."""
+    settings = {name: {k: v for k, v in group.items() if k != "params"} for group in saved for name in group["params"]}
+    return [{**settings[group["params"][0]], "params": group["params"]} for group in own]
 
 
 def trained_state(module: nn.Module) -> dict[str, torch.Tensor]:
