@@ -12,8 +12,8 @@ from helpers import Ranks, save_tiny_llama, start_cli
 TRAINING = {"batchSize": 1, "maxSteps": 6, "maxGradNorm": 0.5}  # clipped: the norm spans shards and whole tensors
 
 
-def _run(processes: int, job) -> str:
-    ranks = Ranks(processes, ["train", "--job", str(job), "--stage", "distill"])
+def _run(processes: int, job, stage: str = "distill") -> str:
+    ranks = Ranks(processes, ["train", "--job", str(job), "--stage", stage])
     output = ranks.communicate(timeout=900)[0]
     assert ranks.returncode == 0, output[-4000:]
     return output
@@ -89,6 +89,54 @@ def test_a_run_sharded_over_four_processes_resumes_on_two_or_whole_on_one(job_fi
     assert f"resuming whole/distill from checkpoint at step {saved}" in output
     assert _manifest(tmp_path, "whole")["metrics"]["strategy"] == "ddp"
     assert_same_weights(_student(tmp_path, "reference"), _student(tmp_path, "whole"))
+
+
+def test_a_whole_checkpoint_resumes_sharded(job_file, tmp_path):
+    training = {**TRAINING, "maxSteps": 10, "gradientAccumulationSteps": 4}
+    reference = job_file("reference", training=training)
+    assert start_cli("run", str(reference)).wait(timeout=600) == 0
+    job = job_file("later-sharded", training={**training, "strategy": "ddp"}, checkpoint={"everySteps": 2})
+    stage = tmp_path / "runs" / "later-sharded" / "distill"
+    saved = _kill_after_a_checkpoint(Ranks(1, ["train", "--job", str(job), "--stage", "distill"]), stage)
+    assert (stage / f"checkpoints/step-{saved:08d}/student.pt").is_file()
+    job = job_file(
+        "later-sharded",
+        training={**training, "strategy": "fsdp"},
+        checkpoint={"everySteps": 2},
+        resources={"gpusPerNode": 2},
+    )
+    output = _run(2, job)
+    assert "resuming on 2 process(es) x 2 to keep its global batch of 4 sequences per step" in output
+    manifest = _manifest(tmp_path, "later-sharded")
+    assert manifest["resumedFromStep"] >= saved and manifest["metrics"]["strategy"] == "fsdp"
+    assert_same_weights(_student(tmp_path, "reference"), _student(tmp_path, "later-sharded"))
+
+
+def test_a_progressive_chain_pruned_by_rank_zero_alone_trains_what_one_process_trains(
+    job_file, tmp_path, tiny_teacher_dir
+):
+    progressive = {"progressive": {"intermediateSizes": [150_000], "finalSize": "100k", "chunkSize": 64}}
+    stages = ("distill-150k", "distill-100k")
+
+    def chain(name: str, processes: int, **training) -> str:
+        job = job_file(name, student=None, method=progressive, training={**TRAINING, **training})
+        return "".join(_run(processes, job, stage) for stage in stages)
+
+    chain("one", 1, gradientAccumulationSteps=2)
+    output = chain("sharded", 2, gradientAccumulationSteps=1, strategy="fsdp")
+    # Each stage's source (the teacher, then the stage before's student) is read and pruned by rank 0 alone.
+    assert f"rank 1 reads no weights of {tiny_teacher_dir}: its shards of teacher and student" in output
+    assert output.count("rank 1 reads no weights of") == 2 and "rank 0 reads no weights" not in output
+    for stage in stages:
+        one, sharded = (
+            json.loads((tmp_path / "runs" / name / stage / "manifest.json").read_text()) for name in ("one", "sharded")
+        )
+        assert sharded["metrics"]["strategy"] == "fsdp" and sharded["worldSize"] == 2
+        assert sharded["metrics"]["keptLayers"] == one["metrics"]["keptLayers"]
+        assert sharded["metrics"]["parametersAfter"] == one["metrics"]["parametersAfter"]
+        assert abs(sharded["metrics"]["finalLoss"] - one["metrics"]["finalLoss"]) < 1e-3 * one["metrics"]["finalLoss"]
+        student = f"{stage}/student/model.safetensors"
+        assert_same_weights(tmp_path / "runs/one" / student, tmp_path / "runs/sharded" / student)
 
 
 def test_auto_shards_only_what_cannot_fit_whole(job_file, tmp_path, monkeypatch):

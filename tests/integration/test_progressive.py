@@ -12,7 +12,8 @@ from potential_meme.distillation import ProgressiveDistiller
 from potential_meme.engine.data import load_documents, pack
 from potential_meme.engine.loop import EarlyStopping
 from potential_meme.engine.models import keep_layers, load_model, load_tokenizer, parameter_count
-from potential_meme.engine.pruning import choose_layers, layer_influence, prune_to
+from potential_meme.engine.pruning import choose_layers, layer_influence, prune_to, pruned_size
+from potential_meme.engine.sharding import shape_of
 from potential_meme.spec import SpecError, parse_job, plan_stages
 from potential_meme.spec.models import DatasetSpec, format_parameter_count, parse_parameter_count
 
@@ -116,6 +117,18 @@ def test_pruning_drops_the_layer_that_changes_least_then_narrows_the_mlp(tiny_te
         prune_to(teacher, total, calibration)
     with pytest.raises(ValueError, match="below the smallest prunable model"):
         prune_to(teacher, 1000, calibration)
+
+
+def test_the_pruned_shape_follows_from_the_config_before_any_weight_is_read(tiny_teacher_dir, calibration):
+    teacher = load_model(str(tiny_teacher_dir))
+    shape = shape_of(teacher.config)
+    counts = (shape.parameters, shape.layer_parameters, shape.num_layers, shape.hidden_size, shape.intermediate_size)
+    assert counts[:2] == (parameter_count(teacher), sum(p.numel() for p in teacher.model.layers[0].parameters()))
+    per_layer = shape.layer_parameters
+    for target in (shape.parameters - 1, shape.parameters - per_layer, shape.parameters - per_layer - 10_000, 100_000):
+        student, report = prune_to(teacher, target, calibration)
+        assert pruned_size(*counts, target) == (student.config.num_hidden_layers, student.config.intermediate_size)
+        assert report.parameters_after <= target
 
 
 def test_a_derived_student_keeps_the_layers_that_matter_or_evenly_spaced_ones(tiny_teacher_dir, calibration):

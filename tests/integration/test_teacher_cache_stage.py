@@ -148,7 +148,7 @@ def test_a_teacher_sharded_over_two_processes_makes_the_cache_one_process_makes(
     whole = run_job(load_job(job_file("whole", training={"maxSteps": 1}, teacher={"cache": {"topK": 16}})))[0]
     job = job_file(
         "sharded",
-        training={"maxSteps": 1, "strategy": "fsdp"},
+        training={"maxSteps": 1, "strategy": "fsdp", "batchSize": 2},  # 2 x 2 rows a step, as whole's 4
         teacher={"cache": {"topK": 16}},
         resources={"gpusPerNode": 2},
     )
@@ -161,6 +161,15 @@ def test_a_teacher_sharded_over_two_processes_makes_the_cache_one_process_makes(
     assert len(whole["files"]) == 5  # 3 for rank 0, 2 for rank 1, which then keeps rank 0's pace
     assert [(f["path"], f["sha256"]) for f in sharded["files"]] == [(f["path"], f["sha256"]) for f in whole["files"]]
     assert sharded["metrics"]["teacherPerplexity"] == pytest.approx(whole["metrics"]["teacherPerplexity"], rel=1e-5)
+
+    # The distill stage reads the cache: the teacher only gives the student its layers and is never sharded.
+    ranks = Ranks(2, ["train", "--job", str(job), "--stage", "distill"])
+    output = ranks.communicate(timeout=600)[0]
+    assert ranks.returncode == 0, output[-4000:]
+    assert "its shards of the student come from rank 0" in output and "teacher and student" not in output
+    assert re.search(r"strategy fsdp: .*estimated fsdp over 2 process\(es\), .*, no teacher, activations", output)
+    assert json.loads((_stage(tmp_path, "sharded", "distill") / "manifest.json").read_text())["worldSize"] == 2
+    assert_close_weights(_stage(tmp_path, "whole", "distill"), _stage(tmp_path, "sharded", "distill"))
 
 
 def test_a_sharded_cache_stage_stopped_midway_resumes_with_the_processes_out_of_step(job_file, tmp_path):

@@ -187,6 +187,27 @@ def keep_channels(model: PreTrainedModel, keep: int, importance: list[torch.Tens
     return narrower
 
 
+def pruned_size(
+    parameters: int, layer_parameters: int, layers: int, hidden_size: int, intermediate_size: int, target: int
+) -> tuple[int, int]:
+    """(decoder layers, MLP channels a layer) that `prune_to` keeps of a model of these counts: as many layers as
+    stay within `target` parameters, then as many channels. Known from the config alone, so the strategy of a
+    pruned stage is chosen before any weight is read."""
+    if target >= parameters:
+        raise ValueError(f"size {target:,} is not below the model's {parameters:,} parameters")
+    fixed = parameters - layer_parameters * layers  # embeddings, final norm, untied lm-head
+    smallest = fixed + layer_parameters - (intermediate_size - 1) * 3 * hidden_size
+    if target < smallest:
+        raise ValueError(
+            f"size {target:,} is below the smallest prunable model ({smallest:,}: embeddings and one layer)"
+        )
+    depth = layers
+    while depth > 1 and fixed + layer_parameters * (depth - 1) >= target:
+        depth -= 1
+    excess = fixed + layer_parameters * depth - target
+    return depth, intermediate_size - max(0, math.ceil(excess / (3 * hidden_size * depth)))
+
+
 def prune_to(model: PreTrainedModel, target: int, calibration: torch.Tensor) -> tuple[PreTrainedModel, PruningReport]:
     """A copy of `model` with at most `target` parameters (depth first, then MLP width)."""
     report = PruningReport(
@@ -194,29 +215,19 @@ def prune_to(model: PreTrainedModel, target: int, calibration: torch.Tensor) -> 
         layers_before=model.config.num_hidden_layers,
         intermediate_size_before=model.config.intermediate_size,
     )
-    if target >= report.parameters_before:
-        raise ValueError(f"size {target:,} is not below the model's {report.parameters_before:,} parameters")
     layers = decoder_layers(model)
-    per_layer = sum(p.numel() for p in layers[0].parameters())
-    fixed = report.parameters_before - per_layer * len(layers)  # embeddings, final norm, untied lm-head
-    smallest = fixed + per_layer - (model.config.intermediate_size - 1) * 3 * model.config.hidden_size
-    if target < smallest:
-        raise ValueError(
-            f"size {target:,} is below the smallest prunable model ({smallest:,}: embeddings and one layer)"
-        )
-
-    depth = len(layers)
-    while depth > 1 and fixed + per_layer * (depth - 1) >= target:
-        depth -= 1
+    depth, channels = pruned_size(
+        report.parameters_before,
+        sum(p.numel() for p in layers[0].parameters()),
+        len(layers),
+        model.config.hidden_size,
+        model.config.intermediate_size,
+        target,
+    )
     model, report.layers = drop_least_influential_layers(model, depth, calibration)
-
-    current = parameter_count(model)
-    if current > target:
-        per_channel = 3 * model.config.hidden_size * depth
-        remove = math.ceil((current - target) / per_channel)
-        keep = model.config.intermediate_size - remove
-        log.info("keeping %d of %d MLP channels per layer", keep, model.config.intermediate_size)
-        model = keep_channels(model, keep, channel_importance(model, calibration))
+    if channels < model.config.intermediate_size:
+        log.info("keeping %d of %d MLP channels per layer", channels, model.config.intermediate_size)
+        model = keep_channels(model, channels, channel_importance(model, calibration))
     report.parameters_after = parameter_count(model)
     report.intermediate_size_after = model.config.intermediate_size
     return model, report

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +26,7 @@ from .mobile import narrowed, search
 from .models import ResolvedModel, empty_model, keep_layers, load_config, load_model, load_tokenizer, resolve
 from .objective import DistillationObjective, HiddenStateTap, decoder
 from .preflight import CheckedModels
-from .pruning import channel_importance, choose_layers, prune_to
+from .pruning import channel_importance, choose_layers, prune_to, pruned_size
 from .quantize import quantized_student
 from .responses import load_responses, pack_exchanges
 from .runtime import Runtime, perplexity
@@ -150,16 +152,20 @@ def _load_models(
     if stage.kind is StageKind.PROGRESSIVE:
         # Each stage learns from the model the stage before produced; the first from the teacher.
         source = resolve(previous.output_uri + STUDENT_DIR) if previous else models.teacher
-        teacher = load_model(source)  # fp32 until the student is pruned from it: its weights are not rounded
-        method = job.spec.method.progressive
-        try:
-            student, report = prune_to(teacher, stage.target_parameters, train_rows[: method.calibration_sequences])
-        except ValueError as exc:
-            last = stage.index == len(method.sizes) - 1
-            field = "finalSize" if last else f"intermediateSizes.{stage.index}"
-            raise SpecError([(f"spec.method.progressive.{field}", str(exc))], job.metadata.name) from None
-        facts = report.as_metrics()
-        teacher = _teacher_in(teacher, source, dtype)
+        source_config = load_config(source)
+        calibration = train_rows[: job.spec.method.progressive.calibration_sequences]
+
+        def pruned(teacher: nn.Module, _: Runtime) -> tuple[nn.Module, dict[str, Any]]:
+            with _size_refused(job, stage):
+                student, report = prune_to(teacher, stage.target_parameters, calibration)
+            return student, report.as_metrics()
+
+        if _shards(job, _pruned_shapes(job, stage, source_config), runtime):
+            teacher, student, facts = _built_on_rank_zero(pruned, source, source_config, runtime)
+        else:
+            teacher = load_model(source)  # fp32 until the student is pruned from it: its weights are not rounded
+            student, facts = pruned(teacher, runtime)
+            teacher = _teacher_in(teacher, source, dtype)
     elif stage.kind is StageKind.QUANTIZE:
         teacher = load_model(models.teacher, dtype=dtype)
         student, facts = quantized_student(job, stage, runtime.device)  # quantized on the device, in its precision
@@ -184,19 +190,24 @@ def _load_models(
     elif (derived := job.spec.student.from_teacher) is not None:
         teacher_config = load_config(models.teacher)
         teacher_shape = shape_of(teacher_config)
+        taught = job.spec.teacher.cache is None  # else the teacher only gives the student its layers
         shapes = (
             None
             if teacher_shape is None
-            else (teacher_shape, teacher_shape.derived(derived.num_layers, derived.mlp_width))
+            else (teacher_shape if taught else None, teacher_shape.derived(derived.num_layers, derived.mlp_width))
         )
         if _shards(job, shapes, runtime):
-            teacher, student, facts = _derived_on_rank_zero(
-                derived, models.teacher, teacher_config, train_rows, runtime, facts_before
+            teacher, student, facts = _built_on_rank_zero(
+                lambda teacher, alone: _derived_student(teacher, derived, train_rows, alone, facts_before),
+                models.teacher,
+                teacher_config,
+                runtime,
+                keep_teacher=taught,
             )
         else:
             teacher = load_model(models.teacher)  # fp32 until the student is built from it: its weights are not rounded
             student, facts = _derived_student(teacher, derived, train_rows, runtime, facts_before)
-            teacher = _teacher_in(teacher, models.teacher, dtype)
+            teacher = _teacher_in(teacher, models.teacher, dtype) if taught else None
     else:
         teacher, student = _named_models(job, models.teacher, models.student, runtime)
     if teacher is not None:
@@ -225,31 +236,62 @@ def _named_models(
     return (load_model(teacher, runtime.teacher_dtype) if teacher is not None else None), load_model(student)
 
 
-def _derived_on_rank_zero(
-    derived: DerivedStudent,
+@contextlib.contextmanager
+def _size_refused(job: DistillationJob, stage: Stage) -> Iterator[None]:
+    """A progressive stage's size that pruning cannot reach, as an error naming its field."""
+    try:
+        yield
+    except ValueError as exc:
+        last = stage.index == len(job.spec.method.progressive.sizes) - 1
+        field = "finalSize" if last else f"intermediateSizes.{stage.index}"
+        raise SpecError([(f"spec.method.progressive.{field}", str(exc))], job.metadata.name) from None
+
+
+def _pruned_shapes(
+    job: DistillationJob, stage: Stage, source_config: PretrainedConfig
+) -> tuple[Architecture, Architecture] | None:
+    """(source, pruned student) shapes of a progressive stage, from the source's config (None: not a shape the
+    plan knows)."""
+    shape = shape_of(source_config)
+    if shape is None:
+        return None
+    with _size_refused(job, stage):
+        layers, channels = pruned_size(
+            shape.parameters,
+            shape.layer_parameters,
+            shape.num_layers,
+            shape.hidden_size,
+            shape.intermediate_size,
+            stage.target_parameters,
+        )
+    return shape, shape.derived(layers, channels)
+
+
+def _built_on_rank_zero(
+    build: Callable[[nn.Module, Runtime], tuple[nn.Module, dict[str, Any]]],
     source: ResolvedModel,
     source_config: PretrainedConfig,
-    train_rows: torch.Tensor,
     runtime: Runtime,
-    facts_before: dict[str, Any] | None,
-) -> tuple[nn.Module, nn.Module, dict[str, Any]]:
-    """Sharded teacher and derived student, both built by rank 0 alone: the other processes read no weights and
-    receive their shards."""
+    keep_teacher: bool = True,
+) -> tuple[nn.Module | None, nn.Module, dict[str, Any]]:
+    """Sharded teacher (read from `source`; None unless `keep_teacher`) and the student `build` makes of it, with
+    its facts, both built by rank 0 alone: the other processes read no weights and receive their shards."""
     if runtime.is_main:
         teacher = load_model(source)  # fp32 until the student is built from it: its weights are not rounded
-        alone = dataclasses.replace(runtime, world_size=1)  # no other process measures along
-        student, facts = _derived_student(teacher, derived, train_rows, alone, facts_before)
-        teacher = _teacher_in(teacher, source, runtime.teacher_dtype)
+        student, facts = build(teacher, dataclasses.replace(runtime, world_size=1))  # no other process measures
+        teacher = _teacher_in(teacher, source, runtime.teacher_dtype) if keep_teacher else None
     else:
         log.info(
-            "rank %d reads no weights of %s: its shards of teacher and student come from rank 0",
+            "rank %d reads no weights of %s: its shards of %s come from rank 0",
             runtime.rank,
             source.directory,
+            "teacher and student" if keep_teacher else "the student",
         )
         teacher = student = facts = None
     student_config, facts = runtime.from_main((student.config if student is not None else None, facts))
     student = shard_from_rank0(student, lambda: empty_model(student_config, torch.float32), runtime)
-    teacher = shard_from_rank0(teacher, lambda: empty_model(source_config, runtime.teacher_dtype), runtime)
+    if keep_teacher:
+        teacher = shard_from_rank0(teacher, lambda: empty_model(source_config, runtime.teacher_dtype), runtime)
     return teacher, student, facts
 
 
@@ -389,7 +431,7 @@ def set_up(
         facts["memoryEstimateBytesPerDevice"] = plan.per_device.total
     if runtime.world_size > 1 and strategy == "fsdp":
         for sharded in (student, teacher_model):
-            if sharded is not None and not is_sharded(sharded):  # progressive and mobile students are built whole
+            if sharded is not None and not is_sharded(sharded):  # a mobile stage builds both whole
                 shard_layers(sharded, runtime)
     elif runtime.world_size > 1:
         model = nn.parallel.DistributedDataParallel(
