@@ -117,6 +117,45 @@ def test_a_run_checkpointing_to_s3_resumes_from_s3(job_file, s3_endpoint):
     assert re.search(r"resuming remote/distill from checkpoint at step \d+", output)
 
 
+def test_a_sharded_run_checkpointing_to_s3_resumes_from_its_shards_there(job_file, s3_endpoint):
+    job = job_file(
+        "remote-sharded",
+        training={"maxSteps": 30, "strategy": "fsdp", "batchSize": 2},
+        checkpoint={"everySteps": 5},
+        output={"uri": "s3://models/r"},
+        resources={"gpusPerNode": 2},
+    )
+    client = boto3.client("s3", endpoint_url=s3_endpoint)
+    prefix = "r/remote-sharded/distill/checkpoints/"
+
+    def keys() -> list[str]:
+        return [key["Key"] for key in client.list_objects_v2(Bucket="models", Prefix=prefix).get("Contents", [])]
+
+    ranks = Ranks(2, ["train", "--job", str(job), "--stage", "distill"])
+    deadline = time.monotonic() + 300
+    while not any(key.endswith("/COMPLETE") for key in keys()):
+        assert ranks.poll() is None, ranks.stdout.read()
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    ranks.kill()
+    ranks.wait()
+    complete = min(key for key in keys() if key.endswith("/COMPLETE")).removesuffix("COMPLETE")
+    assert sorted(key.removeprefix(complete) for key in keys() if key.startswith(complete)) == [
+        "COMPLETE",
+        "student/shard-00001-model-00001-of-00001.safetensors",
+        "student/shard-00002-model-00001-of-00001.safetensors",
+        "training_state.pt",
+    ]
+    rerun = Ranks(2, ["train", "--job", str(job), "--stage", "distill"])
+    output = rerun.communicate(timeout=600)[0]
+    assert rerun.returncode == 0, output[-4000:]
+    manifest = json.loads(
+        client.get_object(Bucket="models", Key="r/remote-sharded/distill/manifest.json")["Body"].read()
+    )
+    assert manifest["resumedFromStep"] >= 5 and manifest["metrics"]["steps"] == 30
+    assert manifest["metrics"]["strategy"] == "fsdp"
+
+
 SLOW_RANK_ZERO = """
 import sys, time
 from potential_meme.engine import checkpoint
