@@ -1,9 +1,12 @@
 """Sharded training (FSDP2) under gloo: the decoder layers of student and teacher split over 2 and 4 CPU
-processes train exactly what one process trains, and a run sharded over 4 resumes on 2."""
+processes train exactly what one process trains, step by step, and a run sharded over 4 resumes on 2, or
+whole on 1, from the shards each process checkpointed."""
 
 import json
+import re
 import shutil
 
+import pytest
 from test_ddp import assert_same_weights
 from test_interruptions import _kill_after_a_checkpoint
 
@@ -23,6 +26,11 @@ def _manifest(tmp_path, name: str) -> dict:
     return json.loads((tmp_path / "runs" / name / "distill" / "manifest.json").read_text())
 
 
+def _loss_curve(output: str) -> list[float]:
+    """Each step's loss, as the log says it (`logEverySteps` 1)."""
+    return [float(loss) for loss in re.findall(r"step \d+/\d+ loss (\d+\.\d+)", output)]
+
+
 def _student(tmp_path, name: str):
     return tmp_path / "runs" / name / "distill" / "student" / "model.safetensors"
 
@@ -30,8 +38,11 @@ def _student(tmp_path, name: str):
 def test_fsdp_on_two_and_four_processes_trains_what_one_process_trains(job_file, tmp_path, tiny_teacher_dir):
     evaluated = {"evalEverySteps": 3, "earlyStoppingPatience": 5}  # the best student is gathered from shards
     reference = job_file("one", training={**TRAINING, **evaluated, "gradientAccumulationSteps": 4})
-    assert start_cli("run", str(reference)).wait(timeout=600) == 0
-    expected = _manifest(tmp_path, "one")
+    one = start_cli("run", str(reference))
+    output = one.communicate(timeout=600)[0]
+    assert one.returncode == 0, output[-4000:]
+    expected, expected_curve = _manifest(tmp_path, "one"), _loss_curve(output)
+    assert len(expected_curve) == TRAINING["maxSteps"]
     for processes in (2, 4):
         name = f"sharded-{processes}"
         accumulation = 4 // processes
@@ -42,6 +53,7 @@ def test_fsdp_on_two_and_four_processes_trains_what_one_process_trains(job_file,
         )
         output = _run(processes, job)
         assert "strategy fsdp: training.strategy says so" in output
+        assert _loss_curve(output) == pytest.approx(expected_curve, rel=1e-3)  # step by step, as logged
         for rank in range(1, processes):  # rank 0 alone reads the teacher and derives the student
             assert f"rank {rank} reads no weights of {tiny_teacher_dir}: its shards of teacher and student" in output
         manifest = _manifest(tmp_path, name)
