@@ -151,6 +151,28 @@ def test_a_progressive_chain_pruned_by_rank_zero_alone_trains_what_one_process_t
         assert_same_weights(tmp_path / "runs/one" / student, tmp_path / "runs/sharded" / student)
 
 
+def test_a_mobile_student_searched_and_built_by_rank_zero_alone_trains_what_one_process_trains(
+    job_file, tmp_path, tiny_teacher_dir
+):
+    # Roomy targets: every candidate fits, and accuracy takes the largest, whatever the latencies measured.
+    mobile = {"mobile": {"targetSizeMb": 1000, "targetLatencyMs": 10_000, "formats": ["onnx"], "chunkSize": 64}}
+    for name, processes, training in (
+        ("one", 1, {"gradientAccumulationSteps": 2}),
+        ("sharded", 2, {"gradientAccumulationSteps": 1, "strategy": "fsdp"}),
+    ):
+        output = _run(processes, job_file(name, student=None, method=mobile, training={**TRAINING, **training}))
+    assert output.count("mobile student: ") == 1  # rank 0 alone measured the candidates
+    assert f"rank 1 reads no weights of {tiny_teacher_dir}: its shards of teacher and student" in output
+    one, sharded = _manifest(tmp_path, "one"), _manifest(tmp_path, "sharded")
+    assert sharded["metrics"]["strategy"] == "fsdp"
+    chosen = ("layers", "mlpWidth", "precision")  # the same choice; its measured latency and energy differ
+    assert [sharded["metrics"]["architecture"][key] for key in chosen] == [
+        one["metrics"]["architecture"][key] for key in chosen
+    ]
+    assert sharded["metrics"]["keptLayers"] == one["metrics"]["keptLayers"]
+    assert_same_weights(_student(tmp_path, "one"), _student(tmp_path, "sharded"))
+
+
 def test_auto_shards_only_what_cannot_fit_whole(job_file, tmp_path, monkeypatch):
     """auto keeps whole copies when the estimate fits the device, and shards when told the device is small."""
     roomy = job_file("roomy", training={**TRAINING, "maxSteps": 2}, resources={"gpusPerNode": 2})

@@ -8,8 +8,8 @@ layerwise projections stay whole on every process, their gradients averaged as D
 few per cent of a large model's parameters (the memory plan counts them whole).
 
 Rank 0 alone reads a teacher and student named by reference (`load_sharded`), or builds a student derived
-or pruned (progressive) from the teacher: the other processes build them on the meta device and receive
-their shards (`shard_from_rank0`). Mobile students, small by their targets, are built on every process.
+from the teacher, pruned from it (progressive) or searched for (mobile): the other processes build them on
+the meta device and receive their shards (`shard_from_rank0`).
 
 A sharded run's checkpoints are written by torch.distributed.checkpoint, each process its own shards of
 the student and of its optimizer state, in safetensors files whose headers say where each shard belongs

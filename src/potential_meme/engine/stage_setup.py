@@ -170,44 +170,28 @@ def _load_models(
         teacher = load_model(models.teacher, dtype=dtype)
         student, facts = quantized_student(job, stage, runtime.device)  # quantized on the device, in its precision
     elif (mobile := job.spec.method.mobile) is not None:
-        teacher = load_model(models.teacher).to(runtime.device)  # fp32 until the student is built from it
+        searched = None  # the teacher as rank 0 read it to build and measure the candidates
         if facts_before and "architecture" in facts_before:  # resumed: the architecture is chosen
             facts = facts_before
         else:
-            tokenizer = load_tokenizer(models.teacher)
-            chosen = search(teacher, tokenizer, mobile, job.metadata.name) if runtime.is_main else None
-            facts = runtime.from_main(chosen)  # one measurement decides for every rank
+            chosen = None
+            if runtime.is_main:  # one measurement decides for every rank
+                searched = load_model(models.teacher).to(runtime.device)  # fp32 until the student is built from it
+                chosen = search(searched, load_tokenizer(models.teacher), mobile, job.metadata.name)
+            facts = runtime.from_main(chosen)
         architecture = DerivedStudent(
             num_layers=facts["architecture"]["layers"],
             mlp_width=facts["architecture"]["mlpWidth"],
             calibration_sequences=mobile.calibration_sequences,
         )
-        student, kept = _derived_student(teacher, architecture, train_rows, runtime, facts_before)
+        teacher, student, kept = _derived_models(
+            job, architecture, models.teacher, train_rows, runtime, facts_before, searched
+        )
         facts = {**facts, **kept}
-        teacher = _teacher_in(teacher, models.teacher, dtype)
     elif job.spec.teacher.cache is not None and job.spec.student.model is not None:
         teacher, student = _named_models(job, None, models.student, runtime)  # the cache stands in for the teacher
     elif (derived := job.spec.student.from_teacher) is not None:
-        teacher_config = load_config(models.teacher)
-        teacher_shape = shape_of(teacher_config)
-        taught = job.spec.teacher.cache is None  # else the teacher only gives the student its layers
-        shapes = (
-            None
-            if teacher_shape is None
-            else (teacher_shape if taught else None, teacher_shape.derived(derived.num_layers, derived.mlp_width))
-        )
-        if _shards(job, shapes, runtime):
-            teacher, student, facts = _built_on_rank_zero(
-                lambda teacher, alone: _derived_student(teacher, derived, train_rows, alone, facts_before),
-                models.teacher,
-                teacher_config,
-                runtime,
-                keep_teacher=taught,
-            )
-        else:
-            teacher = load_model(models.teacher)  # fp32 until the student is built from it: its weights are not rounded
-            student, facts = _derived_student(teacher, derived, train_rows, runtime, facts_before)
-            teacher = _teacher_in(teacher, models.teacher, dtype) if taught else None
+        teacher, student, facts = _derived_models(job, derived, models.teacher, train_rows, runtime, facts_before)
     else:
         teacher, student = _named_models(job, models.teacher, models.student, runtime)
     if teacher is not None:
@@ -267,17 +251,48 @@ def _pruned_shapes(
     return shape, shape.derived(layers, channels)
 
 
+def _derived_models(
+    job: DistillationJob,
+    derived: DerivedStudent,
+    source: ResolvedModel,
+    train_rows: torch.Tensor,
+    runtime: Runtime,
+    facts_before: dict[str, Any] | None,
+    loaded: nn.Module | None = None,
+) -> tuple[nn.Module | None, nn.Module, dict[str, Any]]:
+    """Teacher (None under a cache: it only gives the student its layers) and the student `derived` describes,
+    with its facts: built by rank 0 alone when the stage shards, else on every process. `loaded`: the teacher in
+    fp32 where this process has read it already."""
+    config = load_config(source)
+    shape = shape_of(config)
+    taught = job.spec.teacher.cache is None
+    shapes = (
+        None if shape is None else (shape if taught else None, shape.derived(derived.num_layers, derived.mlp_width))
+    )
+
+    def build(teacher: nn.Module, builder: Runtime) -> tuple[nn.Module, dict[str, Any]]:
+        return _derived_student(teacher, derived, train_rows, builder, facts_before)
+
+    if _shards(job, shapes, runtime):
+        return _built_on_rank_zero(build, source, config, runtime, keep_teacher=taught, loaded=loaded)
+    teacher = loaded if loaded is not None else load_model(source)  # fp32 until the student is built from it
+    student, facts = build(teacher, runtime)
+    return (_teacher_in(teacher, source, runtime.teacher_dtype) if taught else None), student, facts
+
+
 def _built_on_rank_zero(
     build: Callable[[nn.Module, Runtime], tuple[nn.Module, dict[str, Any]]],
     source: ResolvedModel,
     source_config: PretrainedConfig,
     runtime: Runtime,
     keep_teacher: bool = True,
+    loaded: nn.Module | None = None,
 ) -> tuple[nn.Module | None, nn.Module, dict[str, Any]]:
-    """Sharded teacher (read from `source`; None unless `keep_teacher`) and the student `build` makes of it, with
-    its facts, both built by rank 0 alone: the other processes read no weights and receive their shards."""
+    """Sharded teacher (read from `source` unless `loaded`; None unless `keep_teacher`) and the student `build`
+    makes of it, with its facts, both built by rank 0 alone: the other processes read no weights and receive
+    their shards."""
     if runtime.is_main:
-        teacher = load_model(source)  # fp32 until the student is built from it: its weights are not rounded
+        teacher = loaded if loaded is not None else load_model(source)  # fp32 until the student is built from it
         student, facts = build(teacher, dataclasses.replace(runtime, world_size=1))  # no other process measures
         teacher = _teacher_in(teacher, source, runtime.teacher_dtype) if keep_teacher else None
     else:
@@ -431,7 +446,7 @@ def set_up(
         facts["memoryEstimateBytesPerDevice"] = plan.per_device.total
     if runtime.world_size > 1 and strategy == "fsdp":
         for sharded in (student, teacher_model):
-            if sharded is not None and not is_sharded(sharded):  # a mobile stage builds both whole
+            if sharded is not None and not is_sharded(sharded):  # each is sharded as it loads, should one not be
                 shard_layers(sharded, runtime)
     elif runtime.world_size > 1:
         model = nn.parallel.DistributedDataParallel(
