@@ -271,9 +271,8 @@ def _own_shards(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dic
     """This process's shards of the model's state and of the optimizer's (tensors alone), and the optimizer's
     parameter groups (plain values, parameters by name)."""
     optimizer_state = get_optimizer_state_dict(model, optimizer)
-    return {"model": get_model_state_dict(model), "optimizer": optimizer_state["state"]}, optimizer_state[
-        "param_groups"
-    ]
+    tensors = {"model": get_model_state_dict(model), "optimizer": optimizer_state["state"]}
+    return tensors, optimizer_state["param_groups"]
 
 
 def save_shards(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> list[dict[str, Any]]:
