@@ -103,6 +103,26 @@ def test_a_run_sharded_over_four_processes_resumes_on_two_or_whole_on_one(job_fi
     assert_same_weights(_student(tmp_path, "reference"), _student(tmp_path, "whole"))
 
 
+def test_shards_written_by_two_processes_resume_on_three_that_split_every_tensor_unevenly(job_file, tmp_path):
+    # Hidden size 64 and the tiny teacher's other dimensions do not divide by 3: FSDP pads the last shard.
+    training = {**TRAINING, "maxSteps": 8}
+    reference = job_file("reference", training={**training, "gradientAccumulationSteps": 6})
+    assert start_cli("run", str(reference)).wait(timeout=600) == 0
+    job = job_file(
+        "odd",
+        training={**training, "strategy": "fsdp", "gradientAccumulationSteps": 3},
+        checkpoint={"everySteps": 2},
+        resources={"gpusPerNode": 2},
+    )
+    stage = tmp_path / "runs" / "odd" / "distill"
+    saved = _kill_after_a_checkpoint(Ranks(2, ["train", "--job", str(job), "--stage", "distill"]), stage)
+    output = _run(3, job)
+    assert "resuming on 3 process(es) x 2 to keep its global batch of 6 sequences per step" in output
+    manifest = _manifest(tmp_path, "odd")
+    assert manifest["resumedFromStep"] >= saved and manifest["worldSize"] == 3
+    assert_same_weights(_student(tmp_path, "reference"), _student(tmp_path, "odd"))
+
+
 def test_a_whole_checkpoint_resumes_sharded(job_file, tmp_path):
     training = {**TRAINING, "maxSteps": 10, "gradientAccumulationSteps": 4}
     reference = job_file("reference", training=training)
