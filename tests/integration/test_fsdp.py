@@ -5,8 +5,10 @@ whole on 1, from the shards each process checkpointed."""
 import json
 import re
 import shutil
+import time
 
 import pytest
+import torch
 from test_ddp import assert_same_weights
 from test_interruptions import _kill_after_a_checkpoint
 
@@ -121,6 +123,40 @@ def test_shards_written_by_two_processes_resume_on_three_that_split_every_tensor
     manifest = _manifest(tmp_path, "odd")
     assert manifest["resumedFromStep"] >= saved and manifest["worldSize"] == 3
     assert_same_weights(_student(tmp_path, "reference"), _student(tmp_path, "odd"))
+
+
+def test_the_best_student_is_kept_as_shards_through_a_checkpoint_and_published(job_file, tmp_path):
+    # A rate that overshoots from the first step: the best student is the one training started from.
+    training = {**TRAINING, "maxSteps": 10, "learningRate": 0.5, "evalEverySteps": 1, "earlyStoppingPatience": 20}
+    reference = job_file("reference", training={**training, "gradientAccumulationSteps": 2})
+    assert start_cli("run", str(reference)).wait(timeout=600) == 0
+    expected = _manifest(tmp_path, "reference")["metrics"]
+    assert expected["bestStep"] < expected["steps"] - 2
+    job = job_file(
+        "best",
+        training={**training, "strategy": "fsdp"},
+        checkpoint={"everySteps": 2},
+        resources={"gpusPerNode": 2},
+    )
+    stage = tmp_path / "runs" / "best" / "distill"
+    ranks = Ranks(2, ["train", "--job", str(job), "--stage", "distill"])
+    deadline = time.monotonic() + 300
+    while not list(stage.glob(f"checkpoints/step-{expected['steps'] - 2:08d}/COMPLETE")):  # past the best
+        assert ranks.poll() is None, ranks.stdout.read()
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    ranks.kill()
+    ranks.wait()
+    training_state = torch.load(next(stage.glob("checkpoints/step-*/training_state.pt")), weights_only=True)[
+        "early_stopping"
+    ]
+    assert training_state["best_in_shards"] and training_state["best_state"] is None  # rank 0 gathered nothing
+    output = _run(2, job)
+    assert "resuming best/distill from checkpoint" in output
+    manifest = _manifest(tmp_path, "best")["metrics"]
+    assert manifest["bestStep"] == expected["bestStep"]
+    assert manifest["studentPerplexityAfter"] == pytest.approx(expected["studentPerplexityAfter"], rel=1e-3)
+    assert_same_weights(_student(tmp_path, "reference"), _student(tmp_path, "best"))
 
 
 def test_a_whole_checkpoint_resumes_sharded(job_file, tmp_path):

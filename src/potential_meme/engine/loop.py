@@ -15,7 +15,7 @@ from .data import epoch_order, shifted_labels
 from .objective import HiddenStateTap, hidden_states
 from .on_policy import pieces
 from .runtime import Runtime
-from .sharding import average_whole_gradients, gradient_sync, is_sharded, trained_state
+from .sharding import average_whole_gradients, gradient_sync, is_sharded, kept_copy
 from .teacher_cache import CachedTeacher
 
 
@@ -130,7 +130,7 @@ class EarlyStopping:
         """Record an evaluation; True when training should stop."""
         if value < self.best:
             self.best, self.best_step, self.misses = value, step, 0
-            self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in trained_state(student).items()}
+            self.best_state = kept_copy(student)
         else:
             self.misses += 1
         return self.patience is not None and self.misses >= self.patience

@@ -74,7 +74,7 @@ def training_state(
     setup: StageSetup,
     step: int,
     before: dict[str, float],
-    early: EarlyStopping,
+    early_stopping: dict[str, Any],
     optimizer: dict[str, Any],
 ) -> dict[str, Any]:
     return {
@@ -87,7 +87,7 @@ def training_state(
         "spec_hash": spec_hash(job),
         "before": before,
         "facts": setup.facts,
-        "early_stopping": early.state(),
+        "early_stopping": early_stopping,
     }
 
 
@@ -101,15 +101,19 @@ def restore(
             f"{where} holds checkpoints of a different spec; change metadata.name or "
             "output.uri, or delete that folder to start over"
         )
+    early.restore(state["early_stopping"])
     if restored.shards is not None:
-        load_shards(setup.objective, setup.optimizer, restored.shards_folder, state["optimizer"]["param_groups"])
+        best_of = setup.student if state["early_stopping"].get("best_in_shards") else None
+        groups = state["optimizer"]["param_groups"]
+        best = load_shards(setup.objective, setup.optimizer, restored.shards_folder, groups, best_of)
         restored.shards.cleanup()  # a large student's files need not stay on disk while it trains
+        if best is not None:
+            early.best_state = best
     else:
         load_trained_state(setup.objective, restored.student_state)
         load_full_optimizer_state(setup.objective, setup.optimizer, state["optimizer"])
     setup.scheduler.load_state_dict(_fitted(state["scheduler"], len(setup.optimizer.param_groups)))
     checkpoint.restore_rng(state["rng"])
-    early.restore(state["early_stopping"])
     return state["before"]
 
 
@@ -132,18 +136,21 @@ def save(
 ) -> None:
     """Rank 0 writes the checkpoint; every process waits for it (within checkpoint.uploadTimeoutMinutes).
     A sharded student is not gathered: every process uploads its own shards first."""
-    runtime, shards = setup.runtime, None
+    runtime, shards, early_stopping = setup.runtime, None, early.state()
     if is_sharded(setup.objective):
+        # The best student so far is this process's shards of it, written with the others.
+        best = None if early.best_state is None else (setup.student, early.best_state)
         with tempfile.TemporaryDirectory(prefix="potential-meme-shards-") as local:
-            groups = save_shards(setup.objective, setup.optimizer, Path(local) / checkpoint.STUDENT_SHARDS)
+            groups = save_shards(setup.objective, setup.optimizer, Path(local) / checkpoint.STUDENT_SHARDS, best)
             uploaded = checkpoint.upload(store, step, Path(local))
         shards = {name: facts for files in runtime.gather(uploaded) for name, facts in files.items()}
         student, optimizer = None, {"param_groups": groups}
+        early_stopping |= {"best_state": None, "best_in_shards": best is not None}
     else:
         student = trained_state(setup.objective)
         optimizer = full_optimizer_state(setup.objective, setup.optimizer)
     if runtime.is_main:
-        state = training_state(job, setup, step, before, early, optimizer)
+        state = training_state(job, setup, step, before, early_stopping, optimizer)
         checkpoint.save(store, step, student, state, keep=job.spec.checkpoint.keep, shards=shards)
         log.info("checkpoint written at step %d", step)
     runtime.barrier()

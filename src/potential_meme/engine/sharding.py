@@ -12,9 +12,10 @@ from the teacher, pruned from it (progressive) or searched for (mobile): the oth
 the meta device and receive their shards (`shard_from_rank0`).
 
 A sharded run's checkpoints are written by torch.distributed.checkpoint, each process its own shards of
-the student and of its optimizer state, in safetensors files whose headers say where each shard belongs
-(`save_shards`): no process gathers a whole student. They load into any number of processes and either
-strategy (`load_shards`). The published student is gathered whole on rank 0, as it is read whole.
+the student, of its optimizer state and of the best student so far (`kept_copy`), in safetensors files
+whose headers say where each shard belongs (`save_shards`): no process gathers a whole student. They load
+into any number of processes and either strategy (`load_shards`). The published student is gathered whole
+on rank 0, as it is read whole.
 """
 
 from __future__ import annotations
@@ -275,24 +276,57 @@ def _own_shards(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dic
     return tensors, optimizer_state["param_groups"]
 
 
-def save_shards(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> list[dict[str, Any]]:
+def save_shards(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    folder: Path,
+    best: tuple[nn.Module, dict[str, torch.Tensor]] | None = None,
+) -> list[dict[str, Any]]:
     """Write this process's shards of the model and its optimizer state into `folder`, a safetensors file with
     each shard's place in its tensor (a tensor every process holds whole is written by one); returns the
-    parameter groups, which are the same on every process. Every process must call it."""
+    parameter groups, which are the same on every process. `best`: a module and a `kept_copy` of it (the best
+    student so far), written beside them. Every process must call it."""
     state, groups = _own_shards(model, optimizer)
+    if best is not None:
+        module, copy = best
+        state["best"] = {
+            name: _placed_as(value, copy[name].to(_local(value).device))
+            for name, value in get_model_state_dict(module).items()
+        }
     dcp.save(state, storage_writer=HuggingFaceStorageWriter(str(folder), save_distributed=True))
     return groups
 
 
-def load_shards(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path, groups: list[dict[str, Any]]) -> None:
+def _placed_as(model_tensor: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    """`local`, this process's part of a tensor shaped and sharded as `model_tensor`, as DCP needs to place it."""
+    if not isinstance(model_tensor, DTensor):
+        return local
+    return DTensor.from_local(
+        local, model_tensor.device_mesh, model_tensor.placements, shape=model_tensor.shape, stride=model_tensor.stride()
+    )
+
+
+def load_shards(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    folder: Path,
+    groups: list[dict[str, Any]],
+    best_of: nn.Module | None = None,
+) -> dict[str, torch.Tensor] | None:
     """Put the shards every process of a run wrote (`save_shards`) back into `model` and `optimizer`, each process
-    reading the parts it holds, whatever the number of processes or the strategy that wrote them."""
+    reading the parts it holds, whatever the number of processes or the strategy that wrote them. `best_of`: the
+    module a best copy was written of; returns that copy, as `kept_copy` would have taken it here."""
     state, own_groups = _own_shards(model, optimizer)
+    if best_of is not None:
+        state["best"] = {name: value.detach().clone() for name, value in get_model_state_dict(best_of).items()}
     dcp.load(state, storage_reader=HuggingFaceStorageReader(str(folder)))
     set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(
         model, optimizer, {"state": state["optimizer"], "param_groups": _regrouped(groups, own_groups)}
     )
+    if best_of is None:
+        return None
+    return {name: _local(value).to("cpu", copy=True) for name, value in state["best"].items()}
 
 
 def _regrouped(saved: list[dict[str, Any]], own: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -300,6 +334,24 @@ def _regrouped(saved: list[dict[str, Any]], own: list[dict[str, Any]]) -> list[d
     parameters in groups apart (`parameter_groups`), one whole model has one group."""
     settings = {name: {k: v for k, v in group.items() if k != "params"} for group in saved for name in group["params"]}
     return [{**settings[group["params"][0]], "params": group["params"]} for group in own]
+
+
+def kept_copy(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A CPU copy of what training changes in `module`, to put back with `restore_copy`: where it is sharded, this
+    process's shards (no process gathers it), else `trained_state`."""
+    state = get_model_state_dict(module) if is_sharded(module) else trained_state(module)
+    return {name: _local(value).detach().to("cpu", copy=True) for name, value in state.items()}
+
+
+def restore_copy(module: nn.Module, copy: dict[str, torch.Tensor]) -> None:
+    """Put back a `kept_copy` of `module`, or a whole state (kept before a run was resized, or by a whole run)."""
+    own = get_model_state_dict(module) if is_sharded(module) else None
+    if own is None or any(copy[name].shape != _local(value).shape for name, value in own.items()):
+        load_trained_state(module, copy)
+        return
+    with torch.no_grad():
+        for name, value in own.items():
+            _local(value).copy_(copy[name])
 
 
 def trained_state(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -331,8 +383,13 @@ def load_trained_state(module: nn.Module, state: dict[str, torch.Tensor]) -> Non
         )
 
 
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's part of `tensor`: its shard, or the whole of a tensor it holds whole."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
 def _local_bytes(tensor: torch.Tensor) -> int:
-    local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+    local = _local(tensor)
     return local.numel() * local.element_size()
 
 

@@ -37,7 +37,7 @@ from .models import parameter_count
 from .progress import Progress, shown_perplexity
 from .quantize import add_quantization_report, as_loaded, is_adapted, publish_adapters
 from .runtime import Runtime, start_runtime
-from .sharding import clip_gradients, full_state, held_bytes, is_sharded, load_trained_state, peak_memory_bytes
+from .sharding import clip_gradients, full_state, held_bytes, is_sharded, peak_memory_bytes, restore_copy
 from .stage_setup import set_up
 
 log = logging.getLogger(__name__)
@@ -151,7 +151,7 @@ def run_distill_stage(
     progress.close()
     train_seconds = time.monotonic() - started
     if early.best_state is not None:
-        load_trained_state(setup.student, early.best_state)  # the best evaluated student, not the last
+        restore_copy(setup.student, early.best_state)  # the best evaluated student, not the last
     adapters, adapter_files, published = {}, [], setup.student
     if is_adapted(setup.student):  # QAT: the adapters as trained, then the merged student as users load it
         adapters["adaptersPerplexity"] = setup.perplexity(setup.student)
