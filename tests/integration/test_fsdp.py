@@ -17,8 +17,17 @@ from helpers import Ranks, save_tiny_llama, start_cli
 TRAINING = {"batchSize": 1, "maxSteps": 6, "maxGradNorm": 0.5}  # clipped: the norm spans shards and whole tensors
 
 
+def _ranks(processes: int, job, stage: str = "distill") -> Ranks:
+    return Ranks(processes, ["train", "--job", str(job), "--stage", stage])
+
+
+def _run_alone(job) -> None:
+    """`potential-meme run` of `job` in one process: the reference a sharded run must match."""
+    assert start_cli("run", str(job)).wait(timeout=600) == 0
+
+
 def _run(processes: int, job, stage: str = "distill") -> str:
-    ranks = Ranks(processes, ["train", "--job", str(job), "--stage", stage])
+    ranks = _ranks(processes, job, stage)
     output = ranks.communicate(timeout=900)[0]
     assert ranks.returncode == 0, output[-4000:]
     return output
@@ -73,7 +82,7 @@ def test_fsdp_on_two_and_four_processes_trains_what_one_process_trains(job_file,
 def test_a_run_sharded_over_four_processes_resumes_on_two_or_whole_on_one(job_file, tmp_path):
     training = {**TRAINING, "maxSteps": 10}
     reference = job_file("reference", training={**training, "gradientAccumulationSteps": 4})
-    assert start_cli("run", str(reference)).wait(timeout=600) == 0
+    _run_alone(reference)
     job = job_file(
         "resized",
         training={**training, "strategy": "fsdp"},
@@ -81,7 +90,7 @@ def test_a_run_sharded_over_four_processes_resumes_on_two_or_whole_on_one(job_fi
         resources={"gpusPerNode": 4},
     )
     stage = tmp_path / "runs" / "resized" / "distill"
-    saved = _kill_after_a_checkpoint(Ranks(4, ["train", "--job", str(job), "--stage", "distill"]), stage)
+    saved = _kill_after_a_checkpoint(_ranks(4, job), stage)
     written = stage / f"checkpoints/step-{saved:08d}"
     # Each process wrote its own shards; no process gathered the student or its optimizer state.
     shards = {path.name: path.stat().st_size for path in (written / "student").iterdir()}
@@ -109,7 +118,7 @@ def test_shards_written_by_two_processes_resume_on_three_that_split_every_tensor
     # Hidden size 64 and the tiny teacher's other dimensions do not divide by 3: FSDP pads the last shard.
     training = {**TRAINING, "maxSteps": 8}
     reference = job_file("reference", training={**training, "gradientAccumulationSteps": 6})
-    assert start_cli("run", str(reference)).wait(timeout=600) == 0
+    _run_alone(reference)
     job = job_file(
         "odd",
         training={**training, "strategy": "fsdp", "gradientAccumulationSteps": 3},
@@ -117,7 +126,7 @@ def test_shards_written_by_two_processes_resume_on_three_that_split_every_tensor
         resources={"gpusPerNode": 2},
     )
     stage = tmp_path / "runs" / "odd" / "distill"
-    saved = _kill_after_a_checkpoint(Ranks(2, ["train", "--job", str(job), "--stage", "distill"]), stage)
+    saved = _kill_after_a_checkpoint(_ranks(2, job), stage)
     output = _run(3, job)
     assert "resuming on 3 process(es) x 2 to keep its global batch of 6 sequences per step" in output
     manifest = _manifest(tmp_path, "odd")
@@ -129,7 +138,7 @@ def test_the_best_student_is_kept_as_shards_through_a_checkpoint_and_published(j
     # A rate that overshoots from the first step: the best student is the one training started from.
     training = {**TRAINING, "maxSteps": 10, "learningRate": 0.5, "evalEverySteps": 1, "earlyStoppingPatience": 20}
     reference = job_file("reference", training={**training, "gradientAccumulationSteps": 2})
-    assert start_cli("run", str(reference)).wait(timeout=600) == 0
+    _run_alone(reference)
     expected = _manifest(tmp_path, "reference")["metrics"]
     assert expected["bestStep"] < expected["steps"] - 2
     job = job_file(
@@ -139,7 +148,7 @@ def test_the_best_student_is_kept_as_shards_through_a_checkpoint_and_published(j
         resources={"gpusPerNode": 2},
     )
     stage = tmp_path / "runs" / "best" / "distill"
-    ranks = Ranks(2, ["train", "--job", str(job), "--stage", "distill"])
+    ranks = _ranks(2, job)
     deadline = time.monotonic() + 300
     while not list(stage.glob(f"checkpoints/step-{expected['steps'] - 2:08d}/COMPLETE")):  # past the best
         assert ranks.poll() is None, ranks.stdout.read()
@@ -162,10 +171,10 @@ def test_the_best_student_is_kept_as_shards_through_a_checkpoint_and_published(j
 def test_a_whole_checkpoint_resumes_sharded(job_file, tmp_path):
     training = {**TRAINING, "maxSteps": 10, "gradientAccumulationSteps": 4}
     reference = job_file("reference", training=training)
-    assert start_cli("run", str(reference)).wait(timeout=600) == 0
+    _run_alone(reference)
     job = job_file("later-sharded", training={**training, "strategy": "ddp"}, checkpoint={"everySteps": 2})
     stage = tmp_path / "runs" / "later-sharded" / "distill"
-    saved = _kill_after_a_checkpoint(Ranks(1, ["train", "--job", str(job), "--stage", "distill"]), stage)
+    saved = _kill_after_a_checkpoint(_ranks(1, job), stage)
     assert (stage / f"checkpoints/step-{saved:08d}/student.pt").is_file()
     job = job_file(
         "later-sharded",
@@ -251,10 +260,10 @@ def test_a_student_of_its_own_is_read_by_rank_zero_alone_and_trains_what_one_pro
     student = tmp_path / "student"
     save_tiny_llama(student, load_tokenizer(str(tiny_teacher_dir)), hidden_size=32, layers=3, seed=1)
     named = {"student": {"model": str(student), "fromTeacher": None}, "training": TRAINING}
-    assert start_cli("run", str(job_file("whole", **named))).wait(timeout=600) == 0
+    _run_alone(job_file("whole", **named))
     job = job_file("sharded", **named | {"training": {**TRAINING, "strategy": "fsdp", "gradientAccumulationSteps": 1}})
     reference = job_file("whole-batch-4", **named | {"training": {**TRAINING, "gradientAccumulationSteps": 4}})
-    assert start_cli("run", str(reference)).wait(timeout=600) == 0
+    _run_alone(reference)
     output = _run(4, job)
     for rank in (1, 2, 3):
         assert f"rank {rank} reads no weights of {tiny_teacher_dir}" in output
