@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import math
 import os
 from dataclasses import dataclass
@@ -86,6 +88,8 @@ def start_runtime(precision: str, timeout: timedelta | None = None) -> Runtime:
     device = default_device()
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    else:
+        keep_freed_memory()
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
     rank = dist.get_rank() if world_size > 1 else 0
@@ -99,6 +103,25 @@ def start_runtime(precision: str, timeout: timedelta | None = None) -> Runtime:
         torch.bfloat16 if use_bf16 else None,
         torch.bfloat16 if teacher_bf16 else torch.float32,
     )
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory for reuse instead of returning it to the system; False where the C
+    library is not glibc. A CPU step allocates and frees tensors of tens of MB (each chunk's logits, the
+    activations): glibc serves every block over 32 MB by mmap and unmaps it when freed, so the next step
+    page-faults all of it in again, which took a quarter of an fp32 KD step here (benchmarks/README.md). Served
+    from the heap and kept, the memory is reused; it is released when the top 2 GiB of the heap lie free."""
+    library = ctypes.util.find_library("c")
+    try:
+        mallopt = ctypes.CDLL(library).mallopt if library else None
+    except (AttributeError, OSError):
+        mallopt = None
+    if mallopt is None:
+        return False
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 def native_bf16_matmul(device: torch.device) -> bool:
