@@ -21,7 +21,7 @@ def _reference(sh, sw, th, tw, labels, **kw):
 
 @pytest.mark.parametrize("divergence", ["forwardKL", "reverseKL", "jsd"])
 @pytest.mark.parametrize("chunk_size", [1, 8, 64])
-@pytest.mark.parametrize("alpha,temperature,beta", [(0.5, 2.0, 0.5), (0.0, 1.0, 0.1), (0.9, 4.0, 0.9)])
+@pytest.mark.parametrize("alpha,temperature,beta", [(0.5, 2.0, 0.5), (0.0, 1.0, 0.1), (0.9, 4.0, 0.9), (0.5, 1.0, 0.5)])
 def test_chunked_matches_reference_values_and_gradients(divergence, chunk_size, alpha, temperature, beta):
     sh, sw, th, tw, labels = _inputs()
     kw = dict(alpha=alpha, temperature=temperature, divergence=divergence, beta=beta)

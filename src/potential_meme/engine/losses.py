@@ -115,43 +115,59 @@ def _forward_kl_closed_form(
     labels: torch.Tensor,
     alpha: float,
     temperature: float,
+    scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(CE sum, T^2-scaled forward KL sum, gradient of alpha * CE + (1 - alpha) * T^2 * KL with respect to the
-    student's logits) over one chunk's valid tokens; `teacher`: its logits, or a cache's top-k targets. Forward
-    KL is the default divergence and most of a step's elementwise work: its gradient written out (T times the
-    gradient with respect to the softened logits, plus alpha (softmax(z) - onehot) for the CE) takes a few
-    in-place passes over the chunk's logits where autograd of the plain formula takes dozens."""
+    """(CE sum, T^2-scaled forward KL sum, `scale` times the gradient of alpha * CE + (1 - alpha) * T^2 * KL with
+    respect to the student's logits) over one chunk's valid tokens; `teacher`: its logits, or a cache's top-k
+    targets. Forward KL is the default divergence and most of a step's elementwise work: its gradient written out
+    (T times the gradient with respect to the softened logits, plus alpha (softmax(z) - onehot) for the CE) takes
+    a few in-place passes over the chunk's logits where autograd of the plain formula takes dozens, and every
+    constant factor is applied in one of them."""
     valid = labels != IGNORE_INDEX
     rows = torch.arange(labels.shape[0], device=labels.device)
     known = labels.clamp_min(0)
     student_logp = _log_softmax_at(student_logits, temperature)
     plain_logp = student_logp if temperature == 1 else _log_softmax_at(student_logits, 1.0)
     ce = -plain_logp[rows, known][valid].sum()
-    plain_p = plain_logp.exp() if alpha else None  # before student_logp (maybe the same tensor) is overwritten
+    # At T = 1 the CE's softmax is the KD's own: (1 - alpha)(p_s - p_t) + alpha p_s = p_s - (1 - alpha) p_t,
+    # one gradient with the teacher's share scaled; at other temperatures the CE's softmax is added apart.
+    shared = temperature == 1
+    teacher_share = 1 - alpha if shared else 1.0
+    plain_p = plain_logp.exp() if alpha and not shared else None  # before student_logp is overwritten
     if isinstance(teacher, TopKTargets):
-        kd, grad = _bucket_kl_and_gradient(student_logp, teacher)
+        kd, grad = _bucket_kl_and_gradient(student_logp, teacher, teacher_share)
     else:
-        kd, grad = _full_kl_and_gradient(student_logp, _log_softmax_at(teacher, temperature))
-    grad.mul_((1 - alpha) * temperature)
+        kd, grad = _full_kl_and_gradient(student_logp, _log_softmax_at(teacher, temperature), teacher_share)
+    factor = scale if shared else scale * (1 - alpha) * temperature
+    if factor != 1:
+        grad.mul_(factor)
+    if plain_p is not None:
+        grad.add_(plain_p, alpha=alpha * scale)
     if alpha:
-        grad.add_(plain_p, alpha=alpha)
-        grad[rows, known] -= alpha
-    return ce, temperature**2 * kd[valid].sum(), grad.mul_(valid.unsqueeze(1))
+        grad[rows, known] -= alpha * scale
+    if not bool(valid.all()):
+        grad[~valid] = 0
+    return ce, temperature**2 * kd[valid].sum(), grad
 
 
-def _full_kl_and_gradient(student_logp: torch.Tensor, teacher_logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token KL(p_t || p_s) and its gradient with respect to the student's (softened) logits, p_s - p_t.
-    Both inputs are overwritten."""
+def _full_kl_and_gradient(
+    student_logp: torch.Tensor, teacher_logp: torch.Tensor, teacher_share: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token KL(p_t || p_s) and p_s - teacher_share * p_t: its gradient with respect to the student's
+    (softened) logits where `teacher_share` is 1. Both inputs are overwritten."""
     teacher_p = teacher_logp.exp()
     kd = teacher_logp.sub_(student_logp).mul_(teacher_p).sum(-1)
-    return kd, student_logp.exp_().sub_(teacher_p)
+    return kd, student_logp.exp_().sub_(teacher_p, alpha=teacher_share)
 
 
-def _bucket_kl_and_gradient(student_logp: torch.Tensor, targets: TopKTargets) -> tuple[torch.Tensor, torch.Tensor]:
+def _bucket_kl_and_gradient(
+    student_logp: torch.Tensor, targets: TopKTargets, teacher_share: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token KL over a cache's k + 1 outcomes (`student_buckets`) and its gradient with respect to the
-    student's (softened) logits: p_s - p_t at the top-k ids; elsewhere p_s (1 - t_tail / q_tail), q_tail being
-    the student's probability outside the top k (the tail's share moves by the ratio, its shape is the
-    student's own). `student_logp` is overwritten."""
+    student's (softened) logits where `teacher_share` is 1: p_s - p_t at the top-k ids; elsewhere
+    p_s (1 - t_tail / q_tail), q_tail being the student's probability outside the top k (the tail's share moves
+    by the ratio, its shape is the student's own). The teacher's probabilities weigh `teacher_share` in the
+    gradient. `student_logp` is overwritten."""
     buckets = student_buckets(student_logp, targets.ids)
     kd = divergence_of(buckets, targets.log_probs, "forwardKL")
     student_rest = buckets[:, -1].exp()
@@ -160,8 +176,9 @@ def _bucket_kl_and_gradient(student_logp: torch.Tensor, targets: TopKTargets) ->
     tail_ratio = torch.where(
         teacher_tail > 0, teacher_tail / student_rest.clamp_min(torch.finfo(student_rest.dtype).tiny), 0.0
     )
-    grad = student_logp.exp_().mul_((1 - tail_ratio).unsqueeze(-1))
-    return kd, grad.scatter_(-1, targets.ids, buckets[:, :-1].exp() - teacher_p[:, :-1])
+    grad = student_logp.exp_().mul_((1 - teacher_share * tail_ratio).unsqueeze(-1))
+    top_gradient = buckets[:, :-1].exp() - teacher_share * teacher_p[:, :-1]
+    return kd, grad.scatter_(-1, targets.ids, top_gradient)
 
 
 PADDING_LOGIT = -1e4  # exp() of it is 0 at any temperature in use: no teacher probability there
@@ -217,8 +234,9 @@ class ChunkedKDLoss(torch.autograd.Function):
                 )
             if teacher is not None and alpha < 1 and divergence == "forwardKL":
                 logits = hidden @ weight.T
-                ce, kd, grad_logits = _forward_kl_closed_form(logits, teacher, chunk_labels, alpha, temperature)
-                grad_logits.div_(valid_tokens)
+                ce, kd, grad_logits = _forward_kl_closed_form(
+                    logits, teacher, chunk_labels, alpha, temperature, 1 / valid_tokens
+                )
             else:
                 with torch.enable_grad():
                     logits = _upcast(hidden @ weight.T).requires_grad_()
