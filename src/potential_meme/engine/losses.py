@@ -133,14 +133,12 @@ def _forward_kl_closed_form(
     # one gradient with the teacher's share scaled; at other temperatures the CE's softmax is added apart.
     shared = temperature == 1
     teacher_share = 1 - alpha if shared else 1.0
+    factor = scale if shared else scale * (1 - alpha) * temperature
     plain_p = plain_logp.exp() if alpha and not shared else None  # before student_logp is overwritten
     if isinstance(teacher, TopKTargets):
-        kd, grad = _bucket_kl_and_gradient(student_logp, teacher, teacher_share)
+        kd, grad = _bucket_kl_and_gradient(student_logp, teacher, teacher_share, factor)
     else:
-        kd, grad = _full_kl_and_gradient(student_logp, _log_softmax_at(teacher, temperature), teacher_share)
-    factor = scale if shared else scale * (1 - alpha) * temperature
-    if factor != 1:
-        grad.mul_(factor)
+        kd, grad = _full_kl_and_gradient(student_logp, _log_softmax_at(teacher, temperature), teacher_share, factor)
     if plain_p is not None:
         grad.add_(plain_p, alpha=alpha * scale)
     if alpha:
@@ -151,33 +149,37 @@ def _forward_kl_closed_form(
 
 
 def _full_kl_and_gradient(
-    student_logp: torch.Tensor, teacher_logp: torch.Tensor, teacher_share: float
+    student_logp: torch.Tensor, teacher_logp: torch.Tensor, teacher_share: float, factor: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token KL(p_t || p_s) and p_s - teacher_share * p_t: its gradient with respect to the student's
-    (softened) logits where `teacher_share` is 1. Both inputs are overwritten."""
+    """Per-token KL(p_t || p_s) and factor (p_s - teacher_share p_t): with both 1, its gradient with respect to
+    the student's (softened) logits. Both inputs are overwritten."""
     teacher_p = teacher_logp.exp()
     kd = teacher_logp.sub_(student_logp).mul_(teacher_p).sum(-1)
-    return kd, student_logp.exp_().sub_(teacher_p, alpha=teacher_share)
+    grad = student_logp.exp_().sub_(teacher_p, alpha=teacher_share)
+    return kd, grad.mul_(factor) if factor != 1 else grad
 
 
 def _bucket_kl_and_gradient(
-    student_logp: torch.Tensor, targets: TopKTargets, teacher_share: float
+    student_logp: torch.Tensor, targets: TopKTargets, teacher_share: float, factor: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token KL over a cache's k + 1 outcomes (`student_buckets`) and its gradient with respect to the
-    student's (softened) logits where `teacher_share` is 1: p_s - p_t at the top-k ids; elsewhere
-    p_s (1 - t_tail / q_tail), q_tail being the student's probability outside the top k (the tail's share moves
-    by the ratio, its shape is the student's own). The teacher's probabilities weigh `teacher_share` in the
-    gradient. `student_logp` is overwritten."""
-    buckets = student_buckets(student_logp, targets.ids)
+    """Per-token KL over a cache's k + 1 outcomes (as `student_buckets` forms them) and, with `teacher_share` and
+    `factor` 1, its gradient with respect to the student's (softened) logits: p_s - p_t at the top-k ids;
+    elsewhere p_s (1 - t_tail / q_tail), q_tail being the student's probability outside the top k (the tail's
+    share moves by the ratio, its shape is the student's own). The teacher's probabilities weigh `teacher_share`
+    in the gradient, all of which is multiplied by `factor`. `student_logp` is overwritten: its exp, with the
+    top k zeroed, is the tail whose sum q_tail is, and then the gradient."""
+    top_logp = student_logp.gather(-1, targets.ids)
+    tail_p = student_logp.exp_().scatter_(-1, targets.ids, 0.0)
+    student_rest = tail_p.sum(-1)
+    buckets = torch.cat([top_logp, student_rest.log().unsqueeze(-1)], dim=-1)
     kd = divergence_of(buckets, targets.log_probs, "forwardKL")
-    student_rest = buckets[:, -1].exp()
     teacher_p = targets.log_probs.exp()
     teacher_tail = teacher_p[:, -1]
     tail_ratio = torch.where(
         teacher_tail > 0, teacher_tail / student_rest.clamp_min(torch.finfo(student_rest.dtype).tiny), 0.0
     )
-    grad = student_logp.exp_().mul_((1 - teacher_share * tail_ratio).unsqueeze(-1))
-    top_gradient = buckets[:, :-1].exp() - teacher_share * teacher_p[:, :-1]
+    grad = tail_p.mul_((factor * (1 - teacher_share * tail_ratio)).unsqueeze(-1))
+    top_gradient = factor * (top_logp.exp() - teacher_share * teacher_p[:, :-1])
     return kd, grad.scatter_(-1, targets.ids, top_gradient)
 
 
