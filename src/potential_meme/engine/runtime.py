@@ -88,8 +88,6 @@ def start_runtime(precision: str, timeout: timedelta | None = None) -> Runtime:
     device = default_device()
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    else:
-        keep_freed_memory()
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
     rank = dist.get_rank() if world_size > 1 else 0
@@ -105,23 +103,40 @@ def start_runtime(precision: str, timeout: timedelta | None = None) -> Runtime:
     )
 
 
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4  # glibc's mallopt parameters (malloc.h)
+# What glibc's own settings come to once a process has freed a large block (its thresholds adapt up to these);
+# setting any of them by mallopt stops that adapting.
+_GLIBC_SETTLED = {_M_MMAP_MAX: 65536, _M_MMAP_THRESHOLD: 32 * 2**20, _M_TRIM_THRESHOLD: 64 * 2**20}
 
 
-def keep_freed_memory() -> bool:
-    """Make glibc's malloc keep freed memory for reuse instead of returning it to the system; False where the C
-    library is not glibc. A CPU step allocates and frees tensors of tens of MB (each chunk's logits, the
-    activations): glibc serves every block over 32 MB by mmap and unmaps it when freed, so the next step
-    page-faults all of it in again, which took a quarter of an fp32 KD step here (benchmarks/README.md). Served
-    from the heap and kept, the memory is reused; it is released when the top 2 GiB of the heap lie free."""
+def _glibc(name: str) -> Any:
+    """A function of glibc's malloc, or None where the C library is another (macOS, musl)."""
     library = ctypes.util.find_library("c")
     try:
-        mallopt = ctypes.CDLL(library).mallopt if library else None
+        return getattr(ctypes.CDLL(library), name) if library else None
     except (AttributeError, OSError):
-        mallopt = None
-    if mallopt is None:
-        return False
-    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+        return None
+
+
+@contextlib.contextmanager
+def freed_memory_kept(device: torch.device):
+    """While a CPU trains, glibc's malloc keeps freed memory for reuse instead of returning it to the system. A
+    step allocates and frees tensors of tens of MB (each chunk's logits, the activations, the lm-head's gradient):
+    glibc serves every block over 32 MB by mmap and unmaps it when freed, so every step page-faulted all of it in
+    anew, a quarter of an fp32 KD step here (benchmarks/README.md). Served from the heap, the memory of one step
+    is the next one's, since steps allocate alike. Only around the steps: work that allocates unlike sizes while
+    it keeps some (a cache stage collecting its shards) fragments a heap that never unmaps, and grew one past
+    24 GiB. Afterwards glibc's settled defaults are back and the heap's free memory is returned."""
+    mallopt = _glibc("mallopt") if device.type == "cpu" else None
+    if mallopt is None or not (mallopt(_M_MMAP_MAX, 0) and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)):
+        yield
+        return
+    try:
+        yield
+    finally:
+        for parameter, value in _GLIBC_SETTLED.items():
+            mallopt(parameter, value)
+        _glibc("malloc_trim")(0)
 
 
 def native_bf16_matmul(device: torch.device) -> bool:

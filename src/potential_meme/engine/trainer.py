@@ -36,7 +36,7 @@ from .loop import EarlyStopping, accumulate_gradients
 from .models import parameter_count
 from .progress import Progress, shown_perplexity
 from .quantize import add_quantization_report, as_loaded, is_adapted, publish_adapters
-from .runtime import Runtime, start_runtime
+from .runtime import Runtime, freed_memory_kept, start_runtime
 from .sharding import clip_gradients, full_state, held_bytes, is_sharded, peak_memory_bytes, restore_copy
 from .stage_setup import set_up
 
@@ -99,7 +99,7 @@ def run_distill_stage(
     progress = Progress(runtime, total_steps, step, training.log_every_steps, f"{job.metadata.name}/{stage.name}")
     started, losses, held = time.monotonic(), [], None
     setup.objective.train()
-    with resume.Preemption() as preemption:
+    with resume.Preemption() as preemption, freed_memory_kept(runtime.device):
         while step < total_steps:
             step_started = time.monotonic()
             step_losses = accumulate_gradients(
