@@ -111,3 +111,23 @@ def test_a_large_vocabulary_takes_fewer_tokens_per_chunk(vocab, chunk_size, toke
     torch.testing.assert_close(loss, _reference(sh, sw, th, tw, labels, **kw), rtol=1e-4, atol=1e-5)
     expected_nll = torch.nn.functional.cross_entropy(sh @ sw.T, labels, ignore_index=IGNORE_INDEX, reduction="sum")
     torch.testing.assert_close(nll.float(), expected_nll, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5])
+def test_under_bf16_autocast_the_products_run_in_bf16_as_autograd_runs_them(alpha):
+    sh, sw, th, tw, labels = (tensor.float() if tensor.is_floating_point() else tensor for tensor in _inputs())
+    kw = dict(alpha=alpha, temperature=1.0, divergence="forwardKL")
+    ref_sh, ref_sw = sh.clone().requires_grad_(), sw.clone().requires_grad_()
+    got_sh, got_sw = sh.clone().requires_grad_(), sw.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = _reference(ref_sh, ref_sw, th, tw, labels, **kw)
+        loss, _, _ = chunked_kd_loss(got_sh, got_sw, th, tw, labels, chunk_size=8, **kw)
+    expected.backward()
+    loss.backward()
+    assert got_sw.grad.dtype == got_sh.grad.dtype == torch.float32
+    torch.testing.assert_close(loss, expected, rtol=1e-2, atol=1e-3)
+    torch.testing.assert_close(got_sh.grad, ref_sh.grad, rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(got_sw.grad, ref_sw.grad, rtol=2e-2, atol=2e-3)
+    fp32_sw = sw.clone().requires_grad_()
+    chunked_kd_loss(sh, fp32_sw, th, tw, labels, chunk_size=8, **kw)[0].backward()
+    assert not torch.allclose(fp32_sw.grad, got_sw.grad, rtol=1e-4, atol=1e-5)  # bf16 products did run

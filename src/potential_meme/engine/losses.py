@@ -221,7 +221,12 @@ class ChunkedKDLoss(torch.autograd.Function):
         grad_weight = torch.zeros_like(student_weight, dtype=accumulate)
         total_ce = torch.zeros((), dtype=accumulate, device=student_hidden.device)
         total_kd = torch.zeros_like(total_ce)
-        weight = student_weight.detach()
+        # Under autocast each chunk's three products run in its dtype, as autograd's would; the weight is cast
+        # once for all chunks and each chunk's gradient once for both backward products, where every product
+        # cast its operands anew (a third of a bf16 step of a small student went to those copies).
+        device = student_hidden.device.type
+        autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else student_weight.dtype
+        weight = student_weight.detach().to(autocast)
         for start in range(0, labels.shape[0], chunk_size):
             chunk_labels = labels[start : start + chunk_size]
             if not bool((chunk_labels != IGNORE_INDEX).any()):
@@ -245,7 +250,7 @@ class ChunkedKDLoss(torch.autograd.Function):
                     ce, kd = _chunk_loss_sums(logits, teacher, chunk_labels, alpha, temperature, divergence, beta)
                     chunk_loss = (alpha * ce + (1 - alpha) * kd) / valid_tokens
                     (grad_logits,) = torch.autograd.grad(chunk_loss, logits)
-            # Under autocast both products run in its dtype, as autograd's backward of a matmul would.
+            grad_logits = grad_logits.to(autocast)
             grad_hidden[start : start + chunk_size] = grad_logits @ weight
             grad_weight += grad_logits.T @ hidden
             total_ce += ce.detach()
