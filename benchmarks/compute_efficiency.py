@@ -1,8 +1,9 @@
 """How much of this machine's dense matmul rate the student's forward + backward reaches during KD training.
 
-A KD job on the real teacher (its layers halved for the student) trains a few steps; its step time,
-less the time the teacher's forward takes on the same batch, is the student's forward + backward
-(its lm-head and the chunked loss included). Its FLOPs are those of its matrix products: 2 per
+A KD job on the real teacher (its layers halved for the student) trains a few steps; its step time
+once warm (the difference of a run of 2 steps and one of 2 + --steps steps, in fresh folders), less
+the time the teacher's forward takes on the same batch, is the student's forward + backward (its
+lm-head and the chunked loss included). Its FLOPs are those of its matrix products: 2 per
 multiply-add of every linear layer and of the lm-head, forward, and twice that backward (the input's
 gradient and the weight's). The machine's rate is torch.mm timed at exactly those products' shapes
 (forward, and both backward ones), weighed by their FLOPs. Attention's own products (about 4 % of
@@ -13,6 +14,8 @@ the FLOPs at 256 tokens, causal) and every elementwise operation count as time, 
 
 from __future__ import annotations
 
+import argparse
+import tempfile
 import time
 
 import torch
@@ -25,6 +28,7 @@ from potential_meme.engine.trainer import run_job
 from common import arguments, job
 
 LAYERS = 15
+WARM_UP_STEPS = 2  # the first steps allocate the optimizer's state and the allocator's pools
 
 
 def linear_shapes(model: torch.nn.Module, layers: int, tokens: int, chunk: int) -> list[tuple[int, int, int]]:
@@ -37,13 +41,20 @@ def linear_shapes(model: torch.nn.Module, layers: int, tokens: int, chunk: int) 
     return layer * layers + [(chunk, head.shape[1], head.shape[0])] * (tokens // chunk)
 
 
-def matmul_seconds(m: int, k: int, n: int, dtype: torch.dtype, repeats: int = 3) -> float:
-    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
-    torch.mm(a, b)
-    started = time.perf_counter()
+def fastest_seconds(work, repeats: int = 5) -> float:
+    """The shortest of `repeats` timings of `work` after one untimed call: the machine's rate, not its noise."""
+    work()
+    timings = []
     for _ in range(repeats):
-        torch.mm(a, b)
-    return (time.perf_counter() - started) / repeats
+        started = time.perf_counter()
+        work()
+        timings.append(time.perf_counter() - started)
+    return min(timings)
+
+
+def matmul_seconds(m: int, k: int, n: int, dtype: torch.dtype) -> float:
+    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+    return fastest_seconds(lambda: torch.mm(a, b))
 
 
 def dense_rate(shapes: list[tuple[int, int, int]], dtype: torch.dtype, backward: bool) -> tuple[float, float]:
@@ -72,11 +83,7 @@ def teacher_forward_seconds(teacher: torch.nn.Module, batch: torch.Tensor, dtype
             for chunk in hidden.reshape(-1, hidden.shape[-1]).split(256):
                 chunk @ weight.T
 
-    once()
-    started = time.perf_counter()
-    for _ in range(3):
-        once()
-    return (time.perf_counter() - started) / 3
+    return fastest_seconds(once)
 
 
 def main() -> None:
@@ -91,23 +98,29 @@ def main() -> None:
     for precision in args.precision:
         dtype = torch.bfloat16 if precision == "bf16" else None
         teacher = load_model(reference, dtype=dtype or torch.float32).eval().requires_grad_(False)
-        planned = job(
-            f"efficiency-{precision}",
-            {"knowledge": {}},
-            args,
-            {"fromTeacher": {"numLayers": LAYERS, "layerSelection": "even"}},
-            precision=precision,
-        )
+        seconds = {}
+        for steps in (WARM_UP_STEPS, WARM_UP_STEPS + args.steps):
+            with tempfile.TemporaryDirectory() as output:
+                planned = job(
+                    f"efficiency-{precision}",
+                    {"knowledge": {}},
+                    argparse.Namespace(**{**vars(args), "steps": steps, "output": output}),
+                    {"fromTeacher": {"numLayers": LAYERS, "layerSelection": "even"}},
+                    precision=precision,
+                )
+                seconds[steps] = run_job(planned)[-1]["metrics"]["trainSeconds"]
         chunk = planned.spec.method.knowledge.chunk_size
-        metrics = run_job(planned)[-1]["metrics"]
-        step = tokens / metrics["tokensPerSecond"]
+        step = (seconds[WARM_UP_STEPS + args.steps] - seconds[WARM_UP_STEPS]) / args.steps
         teacher_seconds = teacher_forward_seconds(teacher, batch, dtype)
         student_flops, student_dense = dense_rate(
             linear_shapes(teacher, LAYERS, tokens, chunk), dtype or torch.float32, True
         )
         rate = student_flops / (step - teacher_seconds)
         rows.append((precision, step, teacher_seconds, student_flops, rate, student_flops / student_dense))
-    print(f"\nstudent {LAYERS} layers; {args.batch_size} x {args.seq_length} tokens a step; mean of {args.steps} steps")
+    print(
+        f"\nstudent {LAYERS} layers; {args.batch_size} x {args.seq_length} tokens a step; "
+        f"mean of {args.steps} steps after {WARM_UP_STEPS}"
+    )
     print(
         f"{'precision':10}{'step s':>8}{'teacher s':>10}{'student GFLOP':>15}"
         f"{'GFLOP/s':>9}{'dense GFLOP/s':>15}{'share':>7}"

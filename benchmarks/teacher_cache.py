@@ -19,7 +19,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+from transformers import AutoModelForCausalLM
+
 from potential_meme.engine.data import stdlib_documents
+from potential_meme.engine.models import load_config, load_tokenizer, resolve
 from potential_meme.engine.trainer import run_job
 
 from common import arguments, corpus_dataset, job, other_text_names, perplexity_cells, perplexity_header
@@ -40,6 +44,25 @@ def corpus_slice(characters: int, output: Path) -> Path:
     return path
 
 
+def narrow_student(teacher: str, width: int, layers: int, output: Path) -> Path:
+    """A student of the teacher's architecture and tokenizer but `width` channels (heads of the teacher's size,
+    one key-value head, an MLP 8/3 as wide) and `layers` layers, at random initialization: the size ratio of the
+    design document's 70B -> 7B pair, which a student derived from the teacher (its width and its 28M-parameter
+    embeddings kept) cannot reach."""
+    path = output / f"student-w{width}-l{layers}"
+    if not (path / "config.json").exists():
+        reference = resolve(teacher)
+        config = load_config(reference)
+        head_size = config.hidden_size // config.num_attention_heads
+        config.hidden_size, config.num_hidden_layers = width, layers
+        config.num_attention_heads, config.num_key_value_heads, config.head_dim = width // head_size, 1, head_size
+        config.intermediate_size = round(width * 8 / 3 / 64) * 64
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(config).save_pretrained(path)
+        load_tokenizer(reference).save_pretrained(path)
+    return path
+
+
 def main() -> None:
     parser = arguments(__doc__.splitlines()[0], steps=60)
     parser.add_argument("--characters", type=int, default=150_000, help="size of the corpus slice")
@@ -48,30 +71,43 @@ def main() -> None:
     parser.add_argument(
         "--temperature", type=float, default=1.0, help="of both jobs' KD (the cache keeps the top k at it)"
     )
-    parser.add_argument("--layers", type=int, default=15, help="decoder layers of the derived student")
+    parser.add_argument("--layers", type=int, default=15, help="decoder layers of the student")
+    parser.add_argument(
+        "--width",
+        type=int,
+        help="train a student of this hidden size, built at random from the teacher's config, instead of one "
+        "derived from the teacher (its width kept)",
+    )
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="training.precision")
     args = parser.parse_args()
     output = Path(args.output).resolve()
     dataset = corpus_dataset(args) | {"source": str(corpus_slice(args.characters, output))}
     student = {"fromTeacher": {"numLayers": args.layers}}
+    if args.width:
+        student = {"model": str(narrow_student(args.teacher, args.width, args.layers, output))}
     method = {"knowledge": {"temperature": args.temperature}}
     runs = {}
     for name, run_name, teacher, alpha in (
         ("online", "online", {}, 0.5),
         (
             "cached",
-            f"cached-{args.targets}-k{args.top_k}",
+            f"{args.targets}-k{args.top_k}",
             {"cache": {"topK": args.top_k, "targets": args.targets}},
             0.5,
         ),
         ("no-teacher", "no-teacher", {}, 1.0),
     ):
         planned = job(
-            f"cache-bench-{run_name}-{args.characters}-t{args.temperature:g}",
+            f"cache-bench-{run_name}-{args.characters // 1000}k-t{args.temperature:g}"
+            + (f"-w{args.width}" if args.width else "")
+            + (f"-l{args.layers}" if args.layers != 15 else "")
+            + ("" if args.precision == "auto" else f"-{args.precision}"),
             {"knowledge": method["knowledge"] | {"alpha": alpha}},
             args,
             student,
             dataset,
             teacher,
+            precision=args.precision,
         )
         runs[name] = {manifest["stage"]: manifest for manifest in run_job(planned)}
     online, cached = runs["online"]["distill"]["metrics"], runs["cached"]["distill"]["metrics"]
