@@ -10,8 +10,12 @@ measured on the same held-out split and on text of another kind. A third job tra
 on the same rows with alpha 1 (plain fine-tuning: no teacher, online or cached): its rate bounds what
 any cache can reach on this machine, and says what share of an online step the teacher's forward is.
 
+With --width the student is not derived from the teacher but built at random from its config at that hidden
+size (and --layers layers): a student as much smaller than its teacher as the design document's 7B is than
+its 70B, which the teacher's own width and embeddings keep a derived student from being.
+
     python benchmarks/teacher_cache.py [--steps 60] [--characters 150000] [--top-k 32] [--targets top|sampled]
-        [--temperature 1]
+        [--temperature 1] [--layers 15] [--width W] [--precision auto|fp32|bf16]
 """
 
 from __future__ import annotations
