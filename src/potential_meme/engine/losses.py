@@ -143,8 +143,9 @@ def _forward_kl_closed_form(
         grad.add_(plain_p, alpha=alpha * scale)
     if alpha:
         grad[rows, known] -= alpha * scale
-    if not bool(valid.all()):
-        grad[~valid] = 0
+    unlabelled = (~valid).nonzero().squeeze(-1)
+    if unlabelled.numel():  # each packed row's last token: its rows alone, where a mask would pass over them all
+        grad.index_fill_(0, unlabelled, 0.0)
     return ce, temperature**2 * kd[valid].sum(), grad
 
 
