@@ -226,8 +226,8 @@ class ChunkedKDLoss(torch.autograd.Function):
         # once for all chunks and each chunk's gradient once for both backward products, where every product
         # cast its operands anew (a third of a bf16 step of a small student went to those copies).
         device = student_hidden.device.type
-        autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else student_weight.dtype
-        weight = student_weight.detach().to(autocast)
+        products = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else student_weight.dtype
+        weight = student_weight.detach().to(products)
         for start in range(0, labels.shape[0], chunk_size):
             chunk_labels = labels[start : start + chunk_size]
             if not bool((chunk_labels != IGNORE_INDEX).any()):
@@ -251,7 +251,7 @@ class ChunkedKDLoss(torch.autograd.Function):
                     ce, kd = _chunk_loss_sums(logits, teacher, chunk_labels, alpha, temperature, divergence, beta)
                     chunk_loss = (alpha * ce + (1 - alpha) * kd) / valid_tokens
                     (grad_logits,) = torch.autograd.grad(chunk_loss, logits)
-            grad_logits = grad_logits.to(autocast)
+            grad_logits = grad_logits.to(products)
             grad_hidden[start : start + chunk_size] = grad_logits @ weight
             grad_weight += grad_logits.T @ hidden
             total_ce += ce.detach()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -109,8 +110,10 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4  # glibc's mallop
 _GLIBC_SETTLED = {_M_MMAP_MAX: 65536, _M_MMAP_THRESHOLD: 32 * 2**20, _M_TRIM_THRESHOLD: 64 * 2**20}
 
 
+@functools.cache
 def _glibc(name: str) -> Any:
-    """A function of glibc's malloc, or None where the C library is another (macOS, musl)."""
+    """A function of glibc's malloc, or None where the C library is another (macOS, musl). Looked up once: finding
+    the library may run ldconfig."""
     library = ctypes.util.find_library("c")
     try:
         return getattr(ctypes.CDLL(library), name) if library else None
@@ -124,7 +127,8 @@ def freed_memory_kept(device: torch.device):
     step allocates and frees tensors of tens of MB (each chunk's logits, the activations, the lm-head's gradient):
     glibc serves every block over 32 MB by mmap and unmaps it when freed, so every step page-faulted all of it in
     anew, a quarter of an fp32 KD step here (benchmarks/README.md). Served from the heap, the memory of one step
-    is the next one's, since steps allocate alike. Only around the steps: work that allocates unlike sizes while
+    is the next one's, since steps allocate alike (and so do the evaluations and checkpoints that recur between
+    them). Only around the training loop: work that allocates unlike sizes while
     it keeps some (a cache stage collecting its shards) fragments a heap that never unmaps, and grew one past
     24 GiB. Afterwards glibc's settled defaults are back and the heap's free memory is returned."""
     mallopt = _glibc("mallopt") if device.type == "cpu" else None
