@@ -7,25 +7,27 @@ import torch
 from potential_meme.engine.loop import accumulate_gradients
 from potential_meme.engine.models import load_model
 from potential_meme.engine.preflight import check_distillation
-from potential_meme.engine.runtime import Runtime, start_runtime
+from potential_meme.engine.runtime import BF16_CPU_FEATURES, Runtime, start_runtime
 from potential_meme.engine.stage_setup import set_up
 from potential_meme.spec import load_job
 from potential_meme.spec.plan import plan_stages
 
 
 @pytest.mark.parametrize(
-    "precision,amx,autocast,teacher",
+    "precision,features,autocast,teacher",
     [
-        ("auto", True, None, torch.bfloat16),
-        ("auto", False, None, torch.float32),
-        ("fp32", True, None, torch.float32),
-        ("bf16", False, torch.bfloat16, torch.bfloat16),
+        ("auto", {"amx_bf16"}, None, torch.bfloat16),
+        ("auto", {"avx512_bf16"}, None, torch.bfloat16),
+        ("auto", set(), None, torch.float32),
+        ("fp32", {"amx_bf16", "avx512_bf16"}, None, torch.float32),
+        ("bf16", set(), torch.bfloat16, torch.bfloat16),
     ],
 )
 def test_a_cpu_runs_the_teacher_in_bf16_only_where_it_multiplies_bf16_in_hardware(
-    monkeypatch, precision, amx, autocast, teacher
+    monkeypatch, precision, features, autocast, teacher
 ):
-    capabilities = {**torch.cpu.get_capabilities(), "amx_bf16": amx}  # the machine CI runs on may lack AMX
+    # the machine CI runs on may have either instruction set, or neither
+    capabilities = {**torch.cpu.get_capabilities(), **{feature: feature in features for feature in BF16_CPU_FEATURES}}
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     runtime = start_runtime(precision)

@@ -21,6 +21,9 @@ from .losses import IGNORE_INDEX, chunked_nll
 from .objective import hidden_states
 
 
+BF16_CPU_FEATURES = ("amx_bf16", "avx512_bf16")  # instruction sets oneDNN multiplies bf16 with
+
+
 @dataclass(frozen=True)
 class Runtime:
     rank: int
@@ -145,11 +148,13 @@ def freed_memory_kept(device: torch.device):
 
 def native_bf16_matmul(device: torch.device) -> bool:
     """Whether `device` multiplies bf16 matrices in hardware: GPUs from Ampere on, and CPUs with AMX (Intel
-    Xeon from Sapphire Rapids on), where bf16 products run about 4x as fast as fp32 ones. Elsewhere bf16 is
-    emulated and slower than fp32."""
+    Xeon from Sapphire Rapids on: bf16 products about 4x as fast as fp32 ones) or AVX512-BF16 (AMD EPYC from
+    Zen 4 on, Intel Cooper Lake: about 3x, measured on a 2-core Zen 4). Elsewhere bf16 is emulated and slower
+    than fp32."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and bool(torch.cpu.get_capabilities().get("amx_bf16"))
+    capabilities = torch.cpu.get_capabilities()
+    return device.type == "cpu" and any(capabilities.get(feature) for feature in BF16_CPU_FEATURES)
 
 
 @torch.no_grad()

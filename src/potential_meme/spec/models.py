@@ -608,8 +608,8 @@ class TrainingSpec(Model):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         default="auto",
         description="auto: bf16 autocast on GPUs that support it, fp32 otherwise, with the frozen teacher in bf16 "
-        "wherever the device multiplies bf16 in hardware (those GPUs; CPUs with AMX). fp32: everything in fp32. "
-        "bf16: bf16 autocast and a bf16 teacher on any device.",
+        "wherever the device multiplies bf16 in hardware (those GPUs; CPUs with AMX or AVX512-BF16). fp32: everything "
+        "in fp32. bf16: bf16 autocast and a bf16 teacher on any device.",
     )
     gradient_checkpointing: bool = False
     strategy: Literal["auto", "ddp", "fsdp"] = added_later(
