@@ -20,7 +20,6 @@ from .data import shifted_labels
 from .losses import IGNORE_INDEX, chunked_nll
 from .objective import hidden_states
 
-
 BF16_CPU_FEATURES = ("amx_bf16", "avx512_bf16")  # instruction sets oneDNN multiplies bf16 with
 
 
