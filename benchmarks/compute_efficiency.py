@@ -9,12 +9,16 @@ gradient and the weight's). The machine's rate is torch.mm timed at exactly thos
 (forward, and both backward ones), weighed by their FLOPs. Attention's own products (about 4 % of
 the FLOPs at 256 tokens, causal) and every elementwise operation count as time, not as FLOPs.
 
-    python benchmarks/compute_efficiency.py [--steps 8] [--precision fp32 bf16]
+    python benchmarks/compute_efficiency.py [--steps 8] [--precision fp32 bf16] [--compile]
+
+--compile adds rows with `training.compile` (decoder layers and the closed-form loss compiled), after an
+untimed step that fills inductor's cache, so that both timed runs load the same kernels.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import tempfile
 import time
 
@@ -89,17 +93,21 @@ def teacher_forward_seconds(teacher: torch.nn.Module, batch: torch.Tensor, dtype
 def main() -> None:
     parser = arguments(__doc__.splitlines()[0], steps=8)
     parser.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    parser.add_argument("--compile", action="store_true", help="also with training.compile")
     args = parser.parse_args()
     args.other_text, args.validation_sequences = [], 4
     reference = resolve(args.teacher)
     tokens = args.batch_size * args.seq_length
     batch = torch.randint(0, 49_152, (args.batch_size, args.seq_length))
     rows = []
-    for precision in args.precision:
+    for precision, compiled in itertools.product(args.precision, [False, True] if args.compile else [False]):
         dtype = torch.bfloat16 if precision == "bf16" else None
         teacher = load_model(reference, dtype=dtype or torch.float32).eval().requires_grad_(False)
+        if compiled:  # as the job compiles it: its share of a step is timed as the job runs it
+            for layer in decoder(teacher).layers:
+                layer.compile()
         seconds = {}
-        for steps in (WARM_UP_STEPS, WARM_UP_STEPS + args.steps):
+        for steps in ([1] if compiled else []) + [WARM_UP_STEPS, WARM_UP_STEPS + args.steps]:
             with tempfile.TemporaryDirectory() as output:
                 planned = job(
                     f"efficiency-{precision}",
@@ -107,6 +115,7 @@ def main() -> None:
                     argparse.Namespace(**{**vars(args), "steps": steps, "output": output}),
                     {"fromTeacher": {"numLayers": LAYERS, "layerSelection": "even"}},
                     precision=precision,
+                    compile=compiled,
                 )
                 seconds[steps] = run_job(planned)[-1]["metrics"]["trainSeconds"]
         chunk = planned.spec.method.knowledge.chunk_size
@@ -116,18 +125,19 @@ def main() -> None:
             linear_shapes(teacher, LAYERS, tokens, chunk), dtype or torch.float32, True
         )
         rate = student_flops / (step - teacher_seconds)
-        rows.append((precision, step, teacher_seconds, student_flops, rate, student_flops / student_dense))
+        label = f"{precision}{' compiled' if compiled else ''}"
+        rows.append((label, step, teacher_seconds, student_flops, rate, student_flops / student_dense))
     print(
         f"\nstudent {LAYERS} layers; {args.batch_size} x {args.seq_length} tokens a step; "
         f"mean of {args.steps} steps after {WARM_UP_STEPS}"
     )
     print(
-        f"{'precision':10}{'step s':>8}{'teacher s':>10}{'student GFLOP':>15}"
+        f"{'precision':15}{'step s':>8}{'teacher s':>10}{'student GFLOP':>15}"
         f"{'GFLOP/s':>9}{'dense GFLOP/s':>15}{'share':>7}"
     )
     for precision, step, teacher_seconds, flops, rate, dense in rows:
         print(
-            f"{precision:10}{step:>8.2f}{teacher_seconds:>10.2f}{flops / 1e9:>15.1f}"
+            f"{precision:15}{step:>8.2f}{teacher_seconds:>10.2f}{flops / 1e9:>15.1f}"
             f"{rate / 1e9:>9.1f}{dense / 1e9:>15.1f}{rate / dense:>7.1%}"
         )
 

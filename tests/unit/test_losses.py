@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from potential_meme.engine.losses import IGNORE_INDEX, chunked_kd_loss, chunked_nll, reference_kd_loss
+from potential_meme.engine.teacher_cache import top_k_targets
 
 
 def _inputs(seed=0, tokens=37, hidden=16, teacher_hidden=24, vocab=50):
@@ -131,3 +132,33 @@ def test_under_bf16_autocast_the_products_run_in_bf16_as_autograd_runs_them(alph
     fp32_sw = sw.clone().requires_grad_()
     chunked_kd_loss(sh, fp32_sw, th, tw, labels, chunk_size=8, **kw)[0].backward()
     assert not torch.allclose(fp32_sw.grad, got_sw.grad, rtol=1e-4, atol=1e-5)  # bf16 products did run
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["online", "cached"])
+def test_the_compiled_closed_form_gives_the_eager_loss_and_gradients(cached):
+    """training.compile fuses the closed-form forward KL's passes: the same values, chunks of two sizes, labelled
+    rows and rows without labels, at T = 1 (the CE shares the KD's softmax) and T = 2 (it does not)."""
+    sh, sw, th, tw, labels = (tensor.float() if tensor.is_floating_point() else tensor for tensor in _inputs())
+    graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    for alpha, temperature in [(0.5, 1.0), (0.3, 2.0)]:
+        targets = top_k_targets(th @ tw.T, k=8, temperature=temperature) if cached else None
+        results = []
+        for compiled in (False, True):
+            hidden, weight = sh.clone().requires_grad_(), sw.clone().requires_grad_()
+            loss, ce, kd = chunked_kd_loss(
+                hidden,
+                weight,
+                None if cached else th,
+                None if cached else tw,
+                labels,
+                alpha=alpha,
+                temperature=temperature,
+                chunk_size=16,  # 37 tokens: chunks of 16, 16 and 5
+                teacher_targets=targets,
+                compiled=compiled,
+            )
+            loss.backward()
+            results.append((loss.detach(), ce, kd, hidden.grad, weight.grad))
+        for eager, fused in zip(*results, strict=True):
+            torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-6)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs_before  # it did compile

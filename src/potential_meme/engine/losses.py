@@ -22,6 +22,7 @@ few chunks of logits plus one lm-head gradient, whatever the batch and sequence 
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -115,60 +116,58 @@ def _forward_kl_closed_form(
     labels: torch.Tensor,
     alpha: float,
     temperature: float,
-    scale: float,
+    row_weight: torch.Tensor,
+    grad_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(CE sum, T^2-scaled forward KL sum, `scale` times the gradient of alpha * CE + (1 - alpha) * T^2 * KL with
-    respect to the student's logits) over one chunk's valid tokens; `teacher`: its logits, or a cache's top-k
-    targets. Forward KL is the default divergence and most of a step's elementwise work: its gradient written out
+    """(CE sum, T^2-scaled forward KL sum) over one chunk's labelled tokens, and the gradient of
+    alpha * CE + (1 - alpha) * T^2 * KL with respect to the student's logits, each row weighed by `row_weight`
+    (0 where a token has no label), in `grad_dtype`; `teacher`: its logits, or a cache's top-k targets.
+    Forward KL is the default divergence and most of a step's elementwise work: its gradient written out
     (T times the gradient with respect to the softened logits, plus alpha (softmax(z) - onehot) for the CE) takes
-    a few in-place passes over the chunk's logits where autograd of the plain formula takes dozens, and every
-    constant factor is applied in one of them."""
-    valid = labels != IGNORE_INDEX
-    rows = torch.arange(labels.shape[0], device=labels.device)
-    known = labels.clamp_min(0)
+    a few in-place passes over the chunk's logits where autograd of the plain formula takes dozens, every
+    factor is applied in one of them, and nothing depends on the data's values, so that torch.compile can fuse
+    the passes into one or two loops (`training.compile`)."""
+    labelled = labels != IGNORE_INDEX
+    known = labels.clamp_min(0).unsqueeze(-1)
     student_logp = _log_softmax_at(student_logits, temperature)
     plain_logp = student_logp if temperature == 1 else _log_softmax_at(student_logits, 1.0)
-    ce = -plain_logp[rows, known][valid].sum()
+    ce = -torch.where(labelled, plain_logp.gather(-1, known).squeeze(-1), 0.0).sum()
     # At T = 1 the CE's softmax is the KD's own: (1 - alpha)(p_s - p_t) + alpha p_s = p_s - (1 - alpha) p_t,
     # one gradient with the teacher's share scaled; at other temperatures the CE's softmax is added apart.
     shared = temperature == 1
     teacher_share = 1 - alpha if shared else 1.0
-    factor = scale if shared else scale * (1 - alpha) * temperature
+    factor = (row_weight if shared else row_weight * ((1 - alpha) * temperature)).unsqueeze(-1)
     plain_p = plain_logp.exp() if alpha and not shared else None  # before student_logp is overwritten
     if isinstance(teacher, TopKTargets):
         kd, grad = _bucket_kl_and_gradient(student_logp, teacher, teacher_share, factor)
     else:
         kd, grad = _full_kl_and_gradient(student_logp, _log_softmax_at(teacher, temperature), teacher_share, factor)
     if plain_p is not None:
-        grad.add_(plain_p, alpha=alpha * scale)
+        grad.addcmul_(plain_p, row_weight.unsqueeze(-1), value=alpha)
     if alpha:
-        grad[rows, known] -= alpha * scale
-    unlabelled = (~valid).nonzero().squeeze(-1)
-    if unlabelled.numel():  # each packed row's last token: its rows alone, where a mask would pass over them all
-        grad.index_fill_(0, unlabelled, 0.0)
-    return ce, temperature**2 * kd[valid].sum(), grad
+        grad.scatter_add_(-1, known, (-alpha * row_weight).unsqueeze(-1))
+    return ce, temperature**2 * torch.where(labelled, kd, 0.0).sum(), grad.to(grad_dtype)
 
 
 def _full_kl_and_gradient(
-    student_logp: torch.Tensor, teacher_logp: torch.Tensor, teacher_share: float, factor: float
+    student_logp: torch.Tensor, teacher_logp: torch.Tensor, teacher_share: float, factor: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token KL(p_t || p_s) and factor (p_s - teacher_share p_t): with both 1, its gradient with respect to
-    the student's (softened) logits. Both inputs are overwritten."""
+    the student's (softened) logits; `factor` is per row, [N, 1]. Both inputs are overwritten."""
     teacher_p = teacher_logp.exp()
     kd = teacher_logp.sub_(student_logp).mul_(teacher_p).sum(-1)
-    grad = student_logp.exp_().sub_(teacher_p, alpha=teacher_share)
-    return kd, grad.mul_(factor) if factor != 1 else grad
+    return kd, student_logp.exp_().sub_(teacher_p, alpha=teacher_share).mul_(factor)
 
 
 def _bucket_kl_and_gradient(
-    student_logp: torch.Tensor, targets: TopKTargets, teacher_share: float, factor: float
+    student_logp: torch.Tensor, targets: TopKTargets, teacher_share: float, factor: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token KL over a cache's k + 1 outcomes (as `student_buckets` forms them) and, with `teacher_share` and
     `factor` 1, its gradient with respect to the student's (softened) logits: p_s - p_t at the top-k ids;
     elsewhere p_s (1 - t_tail / q_tail), q_tail being the student's probability outside the top k (the tail's
     share moves by the ratio, its shape is the student's own). The teacher's probabilities weigh `teacher_share`
-    in the gradient, all of which is multiplied by `factor`. `student_logp` is overwritten: its exp, with the
-    top k zeroed, is the tail whose sum q_tail is, and then the gradient."""
+    in the gradient, all of which is multiplied by `factor` (per row, [N, 1]). `student_logp` is overwritten: its
+    exp, with the top k zeroed, is the tail whose sum q_tail is, and then the gradient."""
     top_logp = student_logp.gather(-1, targets.ids)
     tail_p = student_logp.exp_().scatter_(-1, targets.ids, 0.0)
     student_rest = tail_p.sum(-1)
@@ -179,9 +178,14 @@ def _bucket_kl_and_gradient(
     tail_ratio = torch.where(
         teacher_tail > 0, teacher_tail / student_rest.clamp_min(torch.finfo(student_rest.dtype).tiny), 0.0
     )
-    grad = tail_p.mul_((factor * (1 - teacher_share * tail_ratio)).unsqueeze(-1))
+    grad = tail_p.mul_(factor * (1 - teacher_share * tail_ratio).unsqueeze(-1))
     top_gradient = factor * (top_logp.exp() - teacher_share * teacher_p[:, :-1])
     return kd, grad.scatter_(-1, targets.ids, top_gradient)
+
+
+@functools.cache
+def _compiled_closed_form():
+    return torch.compile(_forward_kl_closed_form)
 
 
 PADDING_LOGIT = -1e4  # exp() of it is 0 at any temperature in use: no teacher probability there
@@ -214,6 +218,7 @@ class ChunkedKDLoss(torch.autograd.Function):
         divergence: str,
         beta: float,
         chunk_size: int,
+        compiled: bool,  # the closed-form loss's passes fused by torch.compile
     ):
         chunk_size = tokens_per_chunk(chunk_size, student_weight.shape[0])
         valid_tokens = max(int((labels != IGNORE_INDEX).sum()), 1)
@@ -228,6 +233,7 @@ class ChunkedKDLoss(torch.autograd.Function):
         device = student_hidden.device.type
         products = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else student_weight.dtype
         weight = student_weight.detach().to(products)
+        closed_form = _compiled_closed_form() if compiled else _forward_kl_closed_form
         for start in range(0, labels.shape[0], chunk_size):
             chunk_labels = labels[start : start + chunk_size]
             if not bool((chunk_labels != IGNORE_INDEX).any()):
@@ -241,9 +247,9 @@ class ChunkedKDLoss(torch.autograd.Function):
                     teacher_hidden[start : start + chunk_size] @ teacher_weight.detach().T, weight.shape[0]
                 )
             if teacher is not None and alpha < 1 and divergence == "forwardKL":
-                logits = hidden @ weight.T
-                ce, kd, grad_logits = _forward_kl_closed_form(
-                    logits, teacher, chunk_labels, alpha, temperature, 1 / valid_tokens
+                row_weight = (chunk_labels != IGNORE_INDEX).to(accumulate) / valid_tokens
+                ce, kd, grad_logits = closed_form(
+                    hidden @ weight.T, teacher, chunk_labels, alpha, temperature, row_weight, products
                 )
             else:
                 with torch.enable_grad():
@@ -251,7 +257,7 @@ class ChunkedKDLoss(torch.autograd.Function):
                     ce, kd = _chunk_loss_sums(logits, teacher, chunk_labels, alpha, temperature, divergence, beta)
                     chunk_loss = (alpha * ce + (1 - alpha) * kd) / valid_tokens
                     (grad_logits,) = torch.autograd.grad(chunk_loss, logits)
-            grad_logits = grad_logits.to(products)
+                grad_logits = grad_logits.to(products)
             grad_hidden[start : start + chunk_size] = grad_logits @ weight
             grad_weight += grad_logits.T @ hidden
             total_ce += ce.detach()
@@ -264,7 +270,7 @@ class ChunkedKDLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_ce, _grad_kd):  # type: ignore[override]
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_loss, grad_weight * grad_loss, *([None] * 9)
+        return grad_hidden * grad_loss, grad_weight * grad_loss, *([None] * 10)
 
 
 def chunked_kd_loss(
@@ -280,6 +286,7 @@ def chunked_kd_loss(
     beta: float = 0.5,
     chunk_size: int = 256,
     teacher_targets: TopKTargets | None = None,
+    compiled: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, mean CE, mean scaled divergence) over valid tokens; hidden states are [N, H]. The teacher is
     `teacher_hidden` through `teacher_weight`, or `teacher_targets` cached at `temperature`."""
@@ -297,6 +304,7 @@ def chunked_kd_loss(
         divergence,
         beta,
         chunk_size,
+        compiled,
     )
 
 

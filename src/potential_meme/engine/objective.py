@@ -62,10 +62,13 @@ def hidden_state_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str) -
 class DistillationObjective(nn.Module):
     """Student forward + losses in one module, so DDP sees every parameter it uses (projections too)."""
 
-    def __init__(self, student: nn.Module, method: KnowledgeMethod, teacher_hidden_size: int):
+    def __init__(
+        self, student: nn.Module, method: KnowledgeMethod, teacher_hidden_size: int, compile_loss: bool = False
+    ):
         super().__init__()
         self.student = student
         self.method = method
+        self.compile_loss = compile_loss
         self.tap = None
         self.projections = nn.ModuleList()
         if isinstance(method, LayerwiseMethod):
@@ -95,6 +98,7 @@ class DistillationObjective(nn.Module):
             beta=self.method.beta,
             chunk_size=self.method.chunk_size,
             teacher_targets=teacher_targets,
+            compiled=self.compile_loss,
         )
         layer_loss = torch.zeros((), device=loss.device)
         if self.tap is not None:

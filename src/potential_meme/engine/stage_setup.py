@@ -435,7 +435,7 @@ def set_up(
     warmup_steps = int(training.warmup_ratio * total_steps)
 
     teacher_width = (teacher_model or student).config.hidden_size
-    objective = DistillationObjective(student, method, teacher_width).to(runtime.device)
+    objective = DistillationObjective(student, method, teacher_width, training.compile).to(runtime.device)
     model: nn.Module = objective
     shapes = plan_shapes(teacher_model.config if teacher_model is not None else None, student.config)
     strategy, why, plan = choose_strategy(job, shapes, runtime)

@@ -621,9 +621,11 @@ class TrainingSpec(Model):
     )
     compile: bool = added_later(
         False,
-        description="Compile each decoder layer of student and teacher with torch.compile. Measured on a 2-core "
-        "AMX CPU: the 15-layer SmolLM2 student's forward and backward 12 % faster in fp32 and 34 % in bf16, "
-        "after 10-20 s of compiling, so it pays from a few hundred steps. The quantize stage runs uncompiled.",
+        description="Compile each decoder layer of student and teacher, and the closed-form forward KL's passes "
+        "over each chunk of logits, with torch.compile. Measured on a 2-core AMX CPU: the 15-layer SmolLM2 "
+        "student's forward and backward 12 % faster in fp32 and 34 % in bf16, after 10-20 s of compiling, so it "
+        "pays from a few hundred steps; on a 2-core Zen 4, the loss over a 256-token chunk at 49,152 words "
+        "1.4-2.4x faster. The quantize stage runs its layers uncompiled.",
     )
     eval_every_steps: int | None = Field(
         default=None, ge=1, description="Held-out perplexity every N steps; the best student is the one kept."
