@@ -185,6 +185,8 @@ def _bucket_kl_and_gradient(
 
 @functools.cache
 def _compiled_closed_form():
+    """One compiled function per process: its graphs (one per teacher kind, alpha, temperature and dtype; the
+    chunk's length dynamic once a second one is seen) serve every step and every stage."""
     return torch.compile(_forward_kl_closed_form)
 
 
