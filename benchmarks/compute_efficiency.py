@@ -18,7 +18,6 @@ untimed step that fills inductor's cache, so that both timed runs load the same 
 from __future__ import annotations
 
 import argparse
-import itertools
 import tempfile
 import time
 
@@ -100,33 +99,34 @@ def main() -> None:
     tokens = args.batch_size * args.seq_length
     batch = torch.randint(0, 49_152, (args.batch_size, args.seq_length))
     rows = []
-    for precision, compiled in itertools.product(args.precision, [False, True] if args.compile else [False]):
+    for precision in args.precision:
         dtype = torch.bfloat16 if precision == "bf16" else None
         teacher = load_model(reference, dtype=dtype or torch.float32).eval().requires_grad_(False)
-        if compiled:  # as the job compiles it: its share of a step is timed as the job runs it
-            for layer in decoder(teacher).layers:
-                layer.compile()
-        seconds = {}
-        for steps in ([1] if compiled else []) + [WARM_UP_STEPS, WARM_UP_STEPS + args.steps]:
-            with tempfile.TemporaryDirectory() as output:
-                planned = job(
-                    f"efficiency-{precision}",
-                    {"knowledge": {}},
-                    argparse.Namespace(**{**vars(args), "steps": steps, "output": output}),
-                    {"fromTeacher": {"numLayers": LAYERS, "layerSelection": "even"}},
-                    precision=precision,
-                    compile=compiled,
-                )
-                seconds[steps] = run_job(planned)[-1]["metrics"]["trainSeconds"]
-        chunk = planned.spec.method.knowledge.chunk_size
-        step = (seconds[WARM_UP_STEPS + args.steps] - seconds[WARM_UP_STEPS]) / args.steps
-        teacher_seconds = teacher_forward_seconds(teacher, batch, dtype)
-        student_flops, student_dense = dense_rate(
-            linear_shapes(teacher, LAYERS, tokens, chunk), dtype or torch.float32, True
-        )
-        rate = student_flops / (step - teacher_seconds)
-        label = f"{precision}{' compiled' if compiled else ''}"
-        rows.append((label, step, teacher_seconds, student_flops, rate, student_flops / student_dense))
+        for compiled in [False, True] if args.compile else [False]:
+            if compiled:  # as the job compiles it: its share of a step is timed as the job runs it (eager first)
+                for layer in decoder(teacher).layers:
+                    layer.compile()
+            seconds = {}
+            for steps in ([1] if compiled else []) + [WARM_UP_STEPS, WARM_UP_STEPS + args.steps]:
+                with tempfile.TemporaryDirectory() as output:
+                    planned = job(
+                        f"efficiency-{precision}",
+                        {"knowledge": {}},
+                        argparse.Namespace(**{**vars(args), "steps": steps, "output": output}),
+                        {"fromTeacher": {"numLayers": LAYERS, "layerSelection": "even"}},
+                        precision=precision,
+                        compile=compiled,
+                    )
+                    seconds[steps] = run_job(planned)[-1]["metrics"]["trainSeconds"]
+            chunk = planned.spec.method.knowledge.chunk_size
+            step = (seconds[WARM_UP_STEPS + args.steps] - seconds[WARM_UP_STEPS]) / args.steps
+            teacher_seconds = teacher_forward_seconds(teacher, batch, dtype)
+            student_flops, student_dense = dense_rate(
+                linear_shapes(teacher, LAYERS, tokens, chunk), dtype or torch.float32, True
+            )
+            rate = student_flops / (step - teacher_seconds)
+            label = f"{precision}{' compiled' if compiled else ''}"
+            rows.append((label, step, teacher_seconds, student_flops, rate, student_flops / student_dense))
     print(
         f"\nstudent {LAYERS} layers; {args.batch_size} x {args.seq_length} tokens a step; "
         f"mean of {args.steps} steps after {WARM_UP_STEPS}"

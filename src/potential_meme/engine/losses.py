@@ -223,7 +223,8 @@ class ChunkedKDLoss(torch.autograd.Function):
         compiled: bool,  # the closed-form loss's passes fused by torch.compile
     ):
         chunk_size = tokens_per_chunk(chunk_size, student_weight.shape[0])
-        valid_tokens = max(int((labels != IGNORE_INDEX).sum()), 1)
+        labelled = labels != IGNORE_INDEX
+        valid_tokens = max(int(labelled.sum()), 1)
         grad_hidden = torch.zeros_like(student_hidden)
         accumulate = torch.promote_types(student_weight.dtype, torch.float32)
         grad_weight = torch.zeros_like(student_weight, dtype=accumulate)
@@ -236,9 +237,10 @@ class ChunkedKDLoss(torch.autograd.Function):
         products = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else student_weight.dtype
         weight = student_weight.detach().to(products)
         closed_form = _compiled_closed_form() if compiled else _forward_kl_closed_form
+        row_weights = labelled.to(accumulate) / valid_tokens  # the closed form's: each labelled token weighs alike
         for start in range(0, labels.shape[0], chunk_size):
             chunk_labels = labels[start : start + chunk_size]
-            if not bool((chunk_labels != IGNORE_INDEX).any()):
+            if not bool(labelled[start : start + chunk_size].any()):
                 continue
             hidden = student_hidden[start : start + chunk_size].detach()
             teacher = None
@@ -249,9 +251,14 @@ class ChunkedKDLoss(torch.autograd.Function):
                     teacher_hidden[start : start + chunk_size] @ teacher_weight.detach().T, weight.shape[0]
                 )
             if teacher is not None and alpha < 1 and divergence == "forwardKL":
-                row_weight = (chunk_labels != IGNORE_INDEX).to(accumulate) / valid_tokens
                 ce, kd, grad_logits = closed_form(
-                    hidden @ weight.T, teacher, chunk_labels, alpha, temperature, row_weight, products
+                    hidden @ weight.T,
+                    teacher,
+                    chunk_labels,
+                    alpha,
+                    temperature,
+                    row_weights[start : start + chunk_size],
+                    products,
                 )
             else:
                 with torch.enable_grad():

@@ -152,8 +152,10 @@ def native_bf16_matmul(device: torch.device) -> bool:
     than fp32."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
     capabilities = torch.cpu.get_capabilities()
-    return device.type == "cpu" and any(capabilities.get(feature) for feature in BF16_CPU_FEATURES)
+    return any(capabilities.get(feature) for feature in BF16_CPU_FEATURES)
 
 
 @torch.no_grad()
